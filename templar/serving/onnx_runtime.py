@@ -1,0 +1,31 @@
+"""ONNX Runtime sessions for exported reward models: one place that sets threads and graph optimisations, used by
+the export tool's parity check and by the served CPU scoring model, so what is checked is what is served."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from templar import contract
+
+
+def create_session(path: str | os.PathLike, *, intra_op_threads: int = 0, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # 0 lets ONNX Runtime pick one thread per physical core; one session per process keeps cores from being
+    # oversubscribed.
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(Path(path)), sess_options=options,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+def run_scores(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """[B, L] int64 ids and mask -> [B, 1] float32 scores."""
+    (scores,) = session.run([contract.SCORE], {contract.INPUT_IDS: input_ids.astype(np.int64, copy=False),
+                                                contract.ATTENTION_MASK: attention_mask.astype(np.int64, copy=False)})
+    return scores

@@ -1,0 +1,34 @@
+"""`<rm>_model` on the embedded CPU server: the exported ONNX graph run by ONNX Runtime inside a Python model.
+
+The GPU container serves the same `model.onnx` with Triton's `onnxruntime_onnx` platform instead (config.pbtxt);
+this file is used through `configs/embedded.pbtxt` because the nvidia-pytriton wheel ships only the Python backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from templar import contract
+from templar.serving.onnx_runtime import create_session, run_scores
+from templar.serving.triton_utils import model_parameters
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        self.session = create_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            ids = pb_utils.get_input_tensor_by_name(request, contract.INPUT_IDS).as_numpy()
+            mask = pb_utils.get_input_tensor_by_name(request, contract.ATTENTION_MASK).as_numpy()
+            try:
+                scores = run_scores(self.session, ids, mask)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(contract.SCORE, scores)]))
+            except Exception as exc:  # e.g. an id outside the vocabulary: fail this request, keep serving
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime: {exc}")))
+        return responses

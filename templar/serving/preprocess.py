@@ -1,0 +1,61 @@
+"""`<rm>_preprocess`: this RM's own chat template and tokenizer, inside Triton (Python backend).
+
+CONVERSATION rows -> INPUT_IDS / ATTENTION_MASK (right-padded), STATUS, NUM_TOKENS, TRUNCATED and, when asked for, TEXT.
+The tokenizer files and the template sit beside the model in `<version>/tokenizer/`; their fingerprints are checked
+against the config at load, so a hand-edited template cannot be served under the old fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from templar import contract
+from templar.chat_format import ChatFormat, fingerprint_tokenizer_dir
+from templar.serving.batching import preprocess_rows
+from templar.serving.triton_utils import model_parameters
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
+        self.chat_format = ChatFormat.from_dir(
+            folder,
+            max_length=int(params[contract.PARAM_MAX_LENGTH]),
+            special_tokens=params.get(contract.PARAM_SPECIAL_TOKENS, "escape"),
+            template_kwargs=json.loads(params.get(contract.PARAM_TEMPLATE_KWARGS) or "{}"),
+        )
+        expected = {contract.PARAM_TEMPLATE_SHA256: self.chat_format.template_sha256,
+                    contract.PARAM_TOKENIZER_SHA256: fingerprint_tokenizer_dir(folder)}
+        for key, actual in expected.items():
+            if params.get(key) != actual:
+                raise RuntimeError(f"{args['model_name']}: {key} of {folder} is {actual}, but config.pbtxt records "
+                                   f"{params.get(key)}; re-export the model instead of editing it in place")
+        pad = self.chat_format.tokenizer.pad_token_id
+        self.pad_id = 0 if pad is None else int(pad)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, contract.CONVERSATION).as_numpy().reshape(-1)
+            want_text = contract.TEXT in request.requested_output_names()
+            batch = preprocess_rows(self.chat_format, list(rows), pad_id=self.pad_id, want_text=want_text)
+            outputs = [
+                pb_utils.Tensor(contract.INPUT_IDS, batch.input_ids),
+                pb_utils.Tensor(contract.ATTENTION_MASK, batch.attention_mask),
+                pb_utils.Tensor(contract.STATUS, _strings(batch.status)),
+                pb_utils.Tensor(contract.NUM_TOKENS, batch.num_tokens.reshape(-1, 1)),
+                pb_utils.Tensor(contract.TRUNCATED, batch.truncated.reshape(-1, 1)),
+            ]
+            if want_text:
+                outputs.append(pb_utils.Tensor(contract.TEXT, _strings(batch.text)))
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+        return responses
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    return np.array([v.encode("utf-8") for v in values], dtype=np.object_).reshape(-1, 1)

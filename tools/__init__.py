@@ -1,0 +1,1 @@
+"""Command-line tools: assets, tiny models, the export tool, the embedded server (installed as templar.tools)."""

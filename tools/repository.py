@@ -1,0 +1,193 @@
+"""Writes a reward model's Triton entries into a model repository (one folder per model, as Triton expects).
+
+    <name>/                 entry point (BLS, wire contract)         config.pbtxt, 1/model.py
+    <name>_preprocess/      this RM's template + tokenizer           config.pbtxt, 1/model.py, 1/tokenizer/*
+    <name>_model/           the exported ONNX scorer                 config.pbtxt (onnxruntime_onnx, GPU container),
+                                                                     configs/embedded.pbtxt (Python + ONNX Runtime,
+                                                                     the CPU embedded server), 1/model.onnx, 1/model.py
+
+Everything is built in a staging folder beside the repository and moved in at the end, so a failed export never
+leaves a half-written model behind (and a running server never sees one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from templar import contract
+
+EMBEDDED_CONFIG_NAME = "embedded"  # `templar serve` passes --model-config-name=embedded
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass
+class EntrySettings:
+    """Serving knobs written into the generated configs (documented defaults)."""
+
+    max_batch_size: int = 256  # rows per request the entry point and the preprocess model accept
+    micro_batch_rows: int = 64  # at most this many rows per scoring call (also the scoring model's max_batch_size)
+    micro_batch_tokens: int = 16384  # at most rows * longest-row tokens per scoring call
+    queue_delay_us: int = 2000  # dynamic batcher wait for more requests
+    entry_instances: int = 2  # one preprocesses while the other waits on the scoring model
+    preprocess_instances: int = 1
+    scorer_instances: int = 1
+    intra_op_threads: int = 0  # ONNX Runtime threads in the CPU scorer; 0 = one per physical core
+    gpu_fp16: bool = False  # GPU container: TensorRT execution accelerator in FP16 instead of CUDA FP32
+
+
+@dataclass
+class RewardModelEntry:
+    name: str
+    onnx_path: Path
+    tokenizer_dir: Path  # a folder holding the tokenizer files and chat_template.jinja
+    parameters: dict[str, str]  # fingerprints, max_length, special_tokens, template_kwargs, source
+    settings: EntrySettings = field(default_factory=EntrySettings)
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.' (max 100 chars)")
+
+
+def _params(values: dict[str, str]) -> str:
+    return "".join(
+        f'parameters {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(str(v))} }} }}\n'
+        for k, v in values.items())
+
+
+def _dynamic_batching(delay_us: int) -> str:
+    return f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
+
+
+def entry_config(entry: RewardModelEntry) -> str:
+    s = entry.settings
+    return (
+        f'name: "{entry.name}"\nbackend: "python"\nmax_batch_size: {s.max_batch_size}\n'
+        f'input [ {{ name: "{contract.CONVERSATION}" data_type: TYPE_STRING dims: [ 1 ] }} ]\n'
+        "output [\n"
+        f'  {{ name: "{contract.SCORE}" data_type: TYPE_FP32 dims: [ 1 ] }},\n'
+        f'  {{ name: "{contract.STATUS}" data_type: TYPE_STRING dims: [ 1 ] }},\n'
+        f'  {{ name: "{contract.NUM_TOKENS}" data_type: TYPE_INT32 dims: [ 1 ] }},\n'
+        f'  {{ name: "{contract.TRUNCATED}" data_type: TYPE_BOOL dims: [ 1 ] }}\n'
+        "]\n"
+        f"instance_group [ {{ kind: KIND_CPU count: {s.entry_instances} }} ]\n"
+        + _dynamic_batching(s.queue_delay_us)
+        + _params({
+            **entry.parameters,
+            "preprocess_model": contract.preprocess_model_name(entry.name),
+            "scoring_model": contract.scoring_model_name(entry.name),
+            "preprocess_max_batch_size": str(s.max_batch_size),
+            "micro_batch_rows": str(s.micro_batch_rows),
+            "micro_batch_tokens": str(s.micro_batch_tokens),
+        })
+    )
+
+
+def preprocess_config(entry: RewardModelEntry) -> str:
+    s = entry.settings
+    return (
+        f'name: "{contract.preprocess_model_name(entry.name)}"\nbackend: "python"\nmax_batch_size: {s.max_batch_size}\n'
+        f'input [ {{ name: "{contract.CONVERSATION}" data_type: TYPE_STRING dims: [ 1 ] }} ]\n'
+        "output [\n"
+        f'  {{ name: "{contract.INPUT_IDS}" data_type: TYPE_INT64 dims: [ -1 ] }},\n'
+        f'  {{ name: "{contract.ATTENTION_MASK}" data_type: TYPE_INT64 dims: [ -1 ] }},\n'
+        f'  {{ name: "{contract.STATUS}" data_type: TYPE_STRING dims: [ 1 ] }},\n'
+        f'  {{ name: "{contract.NUM_TOKENS}" data_type: TYPE_INT32 dims: [ 1 ] }},\n'
+        f'  {{ name: "{contract.TRUNCATED}" data_type: TYPE_BOOL dims: [ 1 ] }},\n'
+        f'  {{ name: "{contract.TEXT}" data_type: TYPE_STRING dims: [ 1 ] }}\n'
+        "]\n"
+        f"instance_group [ {{ kind: KIND_CPU count: {s.preprocess_instances} }} ]\n"
+        + _params(entry.parameters)
+    )
+
+
+def _scorer_io() -> str:
+    return (
+        "input [\n"
+        f'  {{ name: "{contract.INPUT_IDS}" data_type: TYPE_INT64 dims: [ -1 ] }},\n'
+        f'  {{ name: "{contract.ATTENTION_MASK}" data_type: TYPE_INT64 dims: [ -1 ] }}\n'
+        "]\n"
+        f'output [ {{ name: "{contract.SCORE}" data_type: TYPE_FP32 dims: [ 1 ] }} ]\n'
+    )
+
+
+def scorer_config_gpu(entry: RewardModelEntry) -> str:
+    """For the official Triton container: ONNX Runtime backend on the GPU (CUDA, or TensorRT FP16)."""
+    s = entry.settings
+    accelerator = ""
+    if s.gpu_fp16:
+        accelerator = (
+            "optimization { execution_accelerators { gpu_execution_accelerator: [ { name: \"tensorrt\" "
+            "parameters { key: \"precision_mode\" value: \"FP16\" } "
+            "parameters { key: \"max_workspace_size_bytes\" value: \"4294967296\" } } ] } }\n")
+    return (
+        f'name: "{contract.scoring_model_name(entry.name)}"\nplatform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {s.micro_batch_rows}\n" + _scorer_io()
+        + f"instance_group [ {{ kind: KIND_GPU count: {s.scorer_instances} }} ]\n"
+        + _dynamic_batching(s.queue_delay_us) + accelerator
+    )
+
+
+def scorer_config_embedded(entry: RewardModelEntry) -> str:
+    """For the embedded CPU server (Python backend only): ONNX Runtime inside a Python model."""
+    s = entry.settings
+    return (
+        f'name: "{contract.scoring_model_name(entry.name)}"\nbackend: "python"\n'
+        f"max_batch_size: {s.micro_batch_rows}\n" + _scorer_io()
+        + f"instance_group [ {{ kind: KIND_CPU count: {s.scorer_instances} }} ]\n"
+        + _params({"intra_op_threads": str(s.intra_op_threads)})
+    )
+
+
+def _thin_model_py(module: str) -> str:
+    return (f"# Generated by `templar export`. The logic lives in {module} (shared with the trainer).\n"
+            f"from {module} import TritonPythonModel  # noqa: F401\n")
+
+
+def write_reward_model(repo: str | os.PathLike, entry: RewardModelEntry,
+                       log: Callable[[str], None] = lambda _: None) -> list[Path]:
+    """Write the three Triton entries of `entry` into `repo`, replacing older ones; returns the folders."""
+    check_name(entry.name)
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}-staging-", dir=repo.parent))
+    try:
+        pre, scorer, main = (staging / contract.preprocess_model_name(entry.name),
+                             staging / contract.scoring_model_name(entry.name), staging / entry.name)
+        (pre / "1").mkdir(parents=True)
+        (pre / "config.pbtxt").write_text(preprocess_config(entry))
+        (pre / "1" / "model.py").write_text(_thin_model_py("templar.serving.preprocess"))
+        shutil.copytree(entry.tokenizer_dir, pre / "1" / "tokenizer")
+
+        (scorer / "1").mkdir(parents=True)
+        (scorer / "configs").mkdir()
+        (scorer / "config.pbtxt").write_text(scorer_config_gpu(entry))
+        (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt").write_text(scorer_config_embedded(entry))
+        shutil.copyfile(entry.onnx_path, scorer / "1" / "model.onnx")
+        for extra in entry.onnx_path.parent.glob(entry.onnx_path.name + ".data"):  # external weights (> 2 GB)
+            shutil.copyfile(extra, scorer / "1" / extra.name)
+        (scorer / "1" / "model.py").write_text(_thin_model_py("templar.serving.onnx_scorer"))
+
+        (main / "1").mkdir(parents=True)
+        (main / "config.pbtxt").write_text(entry_config(entry))
+        (main / "1" / "model.py").write_text(_thin_model_py("templar.serving.reward_entry"))
+
+        written = []
+        for folder in (pre, scorer, main):
+            target = repo / folder.name
+            if target.exists():
+                log(f"replacing {target}")
+                old = staging / f"{folder.name}.old"
+                target.rename(old)
+            folder.rename(target)
+            written.append(target)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""`templar tiny-model`: small randomly initialised models on REAL tokenizers and chat templates.
+
+No model hub is reachable here, so the demo and the tests build their models: the tokenizer, vocabulary and chat
+template are the real ones of the family (fetched by `templar assets`); the weights are random. Each family gets its
+own backbone type so the export path is exercised on several architectures. Scores of such RMs are meaningless as
+judgements of quality, but they are deterministic functions of the exact tokens, which is what serving must preserve.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from templar.tools.assets import tokenizer_dir
+
+# family -> backbone model_type (DeepSeek-V3's own MoE architecture is out of scope: a Llama backbone on its tokenizer)
+FAMILY_BACKBONE = {
+    "qwen2_5": "qwen2",
+    "qwen3": "qwen3",
+    "llama3_1": "llama",
+    "llama3_2": "llama",
+    "gemma3": "gemma3_text",
+    "mistral_nemo": "mistral",
+    "deepseek_v3": "llama",
+}
+KINDS = ("reward", "value-head-reward", "causal-lm")
+
+
+@dataclass
+class TinySize:
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 4096
+    sliding_window: int = 64  # small on purpose: the export must handle inputs longer than the window
+
+
+def tiny_config(family: str, vocab_size: int, pad_token_id: int | None, size: TinySize, num_labels: int = 1):
+    from transformers import AutoConfig
+
+    model_type = FAMILY_BACKBONE[family]
+    extra = {}
+    if model_type in ("mistral", "gemma3_text"):
+        extra["sliding_window"] = size.sliding_window
+    if model_type == "gemma3_text":
+        extra["layer_types"] = ["sliding_attention", "full_attention"][: size.num_hidden_layers] + [
+            "full_attention"] * max(0, size.num_hidden_layers - 2)
+    return AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=size.hidden_size, num_hidden_layers=size.num_hidden_layers,
+        num_attention_heads=size.num_attention_heads, num_key_value_heads=size.num_key_value_heads,
+        head_dim=size.hidden_size // size.num_attention_heads, intermediate_size=size.intermediate_size,
+        max_position_embeddings=size.max_position_embeddings, pad_token_id=pad_token_id, num_labels=num_labels,
+        tie_word_embeddings=False, **extra)
+
+
+def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed: int = 0,
+                     size: TinySize | None = None, tokenizer: str | Path | None = None) -> Path:
+    """Create `out` with config, safetensors weights, and the family's real tokenizer + chat template."""
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if family not in FAMILY_BACKBONE:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILY_BACKBONE)}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    size = size or TinySize()
+    out = Path(out)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir(family)), local_files_only=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    config = tiny_config(family, len(tok), pad, size)
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "reward":
+        model = AutoModelForSequenceClassification.from_config(config)
+        _spread_head(model.score.weight)
+        model.save_pretrained(out, safe_serialization=True)
+    elif kind == "causal-lm":
+        config.eos_token_id = tok.eos_token_id
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(out, safe_serialization=True)
+    else:  # the layout OpenRLHF's RewardModel saves: <base_model_prefix>.* + value_head.weight, mean/std in config
+        backbone = AutoModel.from_config(config)
+        head = torch.nn.Linear(config.hidden_size, 1, bias=False)
+        _spread_head(head.weight)
+        state = {f"{backbone.base_model_prefix}.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+        state["value_head.weight"] = head.weight.detach().contiguous()
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        cfg = config.to_dict()
+        cfg.update(architectures=["RewardModel"], normalize_reward=True, mean=0.25, std=2.0)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _spread_head(weight: torch.Tensor) -> None:
+    """A wider score head than the default init, so different conversations get visibly different scores."""
+    with torch.no_grad():
+        weight.normal_(0.0, 1.0 / weight.shape[-1] ** 0.5)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--family", required=True, choices=sorted(FAMILY_BACKBONE), help="tokenizer + template")
+    parser.add_argument("--kind", default="reward", choices=KINDS)
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden-size", type=int, default=TinySize.hidden_size)
+    parser.add_argument("--layers", type=int, default=TinySize.num_hidden_layers)
+
+
+def main(args) -> int:
+    size = TinySize(hidden_size=args.hidden_size, num_hidden_layers=args.layers)
+    out = build_tiny_model(args.family, args.out, kind=args.kind, seed=args.seed, size=size)
+    print(f"wrote a {args.kind} on the {args.family} tokenizer to {out}")
+    return 0
