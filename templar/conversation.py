@@ -85,7 +85,8 @@ def parse_conversation(row: bytes | str | Mapping[str, Any]) -> Conversation:
     tools = row.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
         raise ConversationError(f"'tools' must be a list of objects, got {_kind(tools)}")
-    kwargs = row.get("template_kwargs") or {}
+    kwargs = row.get("template_kwargs")
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, Mapping):
         raise ConversationError(f"'template_kwargs' must be an object, got {_kind(kwargs)}")
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))

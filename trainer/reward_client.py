@@ -126,6 +126,10 @@ class RewardClient:
         """Start scoring in the background; `.result()` gives the RewardResult."""
         return self._run(self.score_async(conversations))
 
+    def rendered_text(self, conversations: Sequence[Any]) -> list[str]:
+        """The exact text each conversation becomes under the RM's own template (asks `<rm>_preprocess`)."""
+        return self._run(self._rendered_text_async(conversations)).result()
+
     def close(self) -> None:
         if self._loop is not None:
             self._run(self._close_async()).result()
@@ -214,6 +218,21 @@ class RewardClient:
                      self.fingerprints.get(contract.PARAM_SPECIAL_TOKENS, "?"))
             self._connected = True
             return self.fingerprints
+
+    async def _rendered_text_async(self, conversations: Sequence[Any]) -> list[str]:
+        import tritonclient.grpc.aio as grpcclient
+
+        await self.connect_async()
+        data = np.array(conversation_rows(conversations), dtype=np.object_).reshape(-1, 1)
+        conversation = grpcclient.InferInput(contract.CONVERSATION, list(data.shape), "BYTES")
+        conversation.set_data_from_numpy(data)
+        outputs = [grpcclient.InferRequestedOutput(name) for name in (contract.TEXT, contract.STATUS)]
+        result = await self._pick().client.infer(
+            contract.preprocess_model_name(self.config.model), [conversation], outputs=outputs,
+            client_timeout=self.config.request_timeout_s, headers=self.config.headers or None)
+        texts = [t.decode("utf-8") for t in result.as_numpy(contract.TEXT).reshape(-1)]
+        status = [s.decode("utf-8") for s in result.as_numpy(contract.STATUS).reshape(-1)]
+        return [text if contract.is_ok(st) else st for text, st in zip(texts, status)]
 
     def _pick(self) -> _Endpoint:
         """Least outstanding requests among endpoints not cooling down; round-robin among ties."""

@@ -1,0 +1,152 @@
+"""Shared fixtures: real tokenizers (fetched by `templar assets`), small random RMs built on them, real ONNX exports
+and a real embedded Triton server reached over real gRPC."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import contextlib  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from templar.tools.assets import fetch_all, template_path, tokenizer_dir  # noqa: E402
+from templar.tools.export_onnx import ExportOptions, export_reward_model  # noqa: E402
+from templar.tools.repository import EntrySettings  # noqa: E402
+from templar.tools.serve import EmbeddedTriton, free_port  # noqa: E402
+from templar.tools.tiny_models import build_tiny_model  # noqa: E402
+
+# Every family `templar assets` fetches; each becomes a served RM named rm_<family>.
+FAMILIES = ("qwen2_5", "qwen3", "llama3_1", "llama3_2", "gemma3", "mistral_nemo", "deepseek_v3")
+# Llama-3.2's template inserts today's date unless told otherwise: pin it on both sides.
+TEMPLATE_KWARGS = {"llama3_2": {"date_string": "26 Jul 2024"}}
+MAX_LENGTH = 1024
+# Small servers for tests: one instance per model keeps the number of stub processes down.
+TEST_SETTINGS = EntrySettings(entry_instances=1, intra_op_threads=1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def assets() -> dict[str, Path]:
+    fetch_all(progress=False)
+    return {family: tokenizer_dir(family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_rms(assets, tmp_path_factory) -> dict[str, Path]:
+    """family -> folder of a small random *ForSequenceClassification RM on that family's real tokenizer."""
+    root = tmp_path_factory.mktemp("rms")
+    return {family: build_tiny_model(family, root / family, kind="reward", seed=i)
+            for i, family in enumerate(FAMILIES)}
+
+
+@dataclass
+class ServedRepo:
+    path: Path
+    models: dict[str, Path] = field(default_factory=dict)  # served name -> source model folder
+    reports: dict = field(default_factory=dict)
+
+
+def export(model: Path, name: str, repo: Path, **kwargs) -> object:
+    kwargs.setdefault("max_length", MAX_LENGTH)
+    kwargs.setdefault("settings", TEST_SETTINGS)
+    return export_reward_model(ExportOptions(model=model, name=name, repo=repo, **kwargs), log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def served_repo(tiny_rms, tmp_path_factory) -> ServedRepo:
+    """One repository with an RM per family, plus variants: special_tokens=reject, and a Gemma-1 template (which
+    rejects a system role) supplied with --chat-template."""
+    repo = ServedRepo(tmp_path_factory.mktemp("repo") / "model_repository")
+    for family, model in tiny_rms.items():
+        name = f"rm_{family}"
+        repo.reports[name] = export(model, name, repo.path, template_kwargs=TEMPLATE_KWARGS.get(family, {}))
+        repo.models[name] = model
+    repo.reports["rm_llama3_reject"] = export(tiny_rms["llama3_1"], "rm_llama3_reject", repo.path,
+                                              special_tokens="reject")
+    repo.models["rm_llama3_reject"] = tiny_rms["llama3_1"]
+    repo.reports["rm_gemma1"] = export(tiny_rms["gemma3"], "rm_gemma1", repo.path,
+                                       chat_template=template_path("gemma"))
+    repo.models["rm_gemma1"] = tiny_rms["gemma3"]
+    return repo
+
+
+def start_server(repo: Path, **kwargs) -> EmbeddedTriton:
+    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
+    return EmbeddedTriton(repo, **ports, **kwargs).start()
+
+
+@pytest.fixture(scope="session")
+def triton(served_repo):
+    """The real tritonserver from the nvidia-pytriton wheel, serving every test RM on the CPU."""
+    server = start_server(served_repo.path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_repo(tiny_rms, tmp_path_factory) -> Path:
+    """A repository with a single RM, for tests that start and stop servers."""
+    path = tmp_path_factory.mktemp("small") / "model_repository"
+    export(tiny_rms["llama3_1"], "rm_small", path)
+    return path
+
+
+@contextlib.contextmanager
+def running(repo: Path, **kwargs):
+    server = start_server(repo, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class TorchReference:
+    """Scores from the RM's own torch modules on `tokenizer.apply_chat_template(messages)`: the ground truth the
+    served path must reproduce. The score is read at the last token. (HF's `*ForSequenceClassification.forward`
+    instead searches for the last token that is not `pad_token_id`; many RMs set pad = EOS, and then it reads the
+    token before the final EOS. `hf_logits` exposes that behaviour for the test that shows the difference.)"""
+
+    def __init__(self, model_dir: Path, template_kwargs: dict | None = None, chat_template: str | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        if chat_template is not None:
+            self.tokenizer.chat_template = chat_template
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.template_kwargs = template_kwargs or {}
+
+    def ids(self, messages) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                       **self.template_kwargs))
+
+    def score_ids(self, ids: list[int]) -> float:
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        with torch.no_grad():
+            hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            return float(self.model.score(hidden)[0])
+
+    def hf_logits(self, ids: list[int]) -> float:
+        with torch.no_grad():
+            return float(self.model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    def score(self, messages) -> float:
+        return self.score_ids(self.ids(messages))
+
+
+@pytest.fixture(scope="session")
+def references(tiny_rms) -> dict[str, TorchReference]:
+    return {family: TorchReference(tiny_rms[family], TEMPLATE_KWARGS.get(family)) for family in FAMILIES}

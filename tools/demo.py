@@ -1,0 +1,82 @@
+"""`templar demo`: two reward models with different chat templates (Llama-3 and Gemma-3), exported, served by the
+embedded Triton, and scored over gRPC on the same structured conversations. Each RM formats them its own way.
+
+The RMs are small and randomly initialised on the REAL tokenizers and templates (there is no model hub here), so the
+scores demonstrate the serving path, not judgement quality.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from templar import contract
+from templar.samples import sample_conversations
+from templar.tools.assets import fetch_all
+from templar.tools.export_onnx import ExportOptions, export_reward_model
+from templar.tools.serve import DEFAULT_PORTS, EmbeddedTriton, free_port, port_available
+from templar.tools.tiny_models import build_tiny_model
+from templar.trainer.reward_client import RewardClient, RewardClientConfig
+
+DEMO_RMS = {"rm_llama3": "llama3_1", "rm_gemma3": "gemma3"}  # served name -> tokenizer/template family
+
+
+def ensure_demo_rms(runs: Path, repo: Path, max_length: int = 1024, log=print) -> list[str]:
+    """Build and export the demo RMs unless the repository already serves these very models."""
+    fetch_all(sorted(set(DEMO_RMS.values())), progress=False)
+    for seed, (name, family) in enumerate(DEMO_RMS.items()):
+        model_dir = runs / "models" / name
+        if not (model_dir / "config.json").is_file():
+            log(f"building {name}: a small random reward model on the real {family} tokenizer and template")
+            build_tiny_model(family, model_dir, kind="reward", seed=seed)
+        config = repo / name / "config.pbtxt"
+        if config.is_file() and str(model_dir.resolve()) in config.read_text():
+            continue
+        export_reward_model(ExportOptions(model=model_dir, name=name, repo=repo, max_length=max_length),
+                            log=lambda m: log("  " + m))
+    return list(DEMO_RMS)
+
+
+def _ports(host: str) -> dict[str, int]:
+    """The default ports when free, otherwise free ones (the demo should not fail on a busy machine)."""
+    return {kind: port if port_available(host, port) else free_port(host) for kind, port in DEFAULT_PORTS.items()}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--runs", type=Path, default=Path("runs/demo"), help="where the demo models are built")
+    parser.add_argument("--repo", type=Path, default=Path("model_repository"), help="model repository to serve")
+
+
+def main(args) -> int:
+    names = ensure_demo_rms(args.runs, args.repo)
+    conversations = sample_conversations(long_words=1200)
+    ports = _ports("127.0.0.1")
+    print(f"starting the embedded Triton on {args.repo} ...", flush=True)
+    with EmbeddedTriton(args.repo, grpc_port=ports["grpc"], http_port=ports["http"],
+                        metrics_port=ports["metrics"]).start(progress=print) as server:
+        results, texts = {}, {}
+        for name in names:
+            with RewardClient(RewardClientConfig(model=name, endpoints=[server.grpc_url])) as client:
+                started = time.perf_counter()
+                results[name] = client.score(list(conversations.values()))
+                results[name].latency_s = time.perf_counter() - started
+                texts[name] = client.rendered_text([conversations["multi_turn"]])[0]
+                fingerprint = client.fingerprints.get(contract.PARAM_TEMPLATE_SHA256, "?")[:12]
+                print(f"{name}: served at {server.grpc_url}, chat_template sha256 {fingerprint}…")
+
+    print("\nScores served by Triton over gRPC (each RM applied its own chat template):\n")
+    header = f"{'conversation':14s}" + "".join(f"{n:>14s} {'tokens':>6s}" for n in names)
+    print(header)
+    for i, key in enumerate(conversations):
+        line = f"{key:14s}"
+        for name in names:
+            r = results[name]
+            mark = "*" if r.truncated[i] else " "
+            line += f"{r.scores[i]:14.4f} {r.num_tokens[i]:5d}{mark}" if r.status[i] == "ok" else f"{r.status[i]:>21s}"
+        print(line)
+    print("(* = cut from the start to fit max_length; the response end is kept)")
+    for name in names:
+        print(f"\nWhat {name} saw for 'multi_turn':\n{texts[name]!r}")
+    failed = sum(r.failed_rows for r in results.values())
+    print(f"\n{sum(len(r.status) for r in results.values())} conversations scored, {failed} failed")
+    return 0 if failed == 0 else 1

@@ -1,0 +1,40 @@
+"""`templar score`: score conversations from a JSONL file against a served reward model, over gRPC."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from templar.trainer.reward_client import RewardClient, RewardClientConfig
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint(s), comma-separated")
+    parser.add_argument("--model", required=True, help="reward model name")
+    parser.add_argument("--data", required=True, type=Path, help='JSONL, one {"messages": [...]} per line')
+    parser.add_argument("--out", type=Path, help="write results as JSONL here")
+    parser.add_argument("--show-text", action="store_true", help="also print the text the RM's template rendered")
+
+
+def main(args) -> int:
+    rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    config = RewardClientConfig(model=args.model, endpoints=args.url.split(","))
+    with RewardClient(config) as client:
+        result = client.score(rows)
+        texts = client.rendered_text(rows) if args.show_text else None
+    out = open(args.out, "w", encoding="utf-8") if args.out else None
+    print(f"{'row':>4} {'score':>10} {'tokens':>6} {'trunc':>5}  status")
+    for i, status in enumerate(result.status):
+        print(f"{i:4d} {result.scores[i]:10.4f} {result.num_tokens[i]:6d} {str(bool(result.truncated[i])):>5}  "
+              f"{status}")
+        if texts:
+            print("     " + repr(texts[i])[:400])
+        if out:
+            out.write(json.dumps({"score": None if status != "ok" else float(result.scores[i]), "status": status,
+                                  "num_tokens": int(result.num_tokens[i]),
+                                  "truncated": bool(result.truncated[i])}) + "\n")
+    if out:
+        out.close()
+    print(f"{len(rows)} rows, {result.failed_rows} failed, {result.latency_s:.2f}s", file=sys.stderr)
+    return 0 if result.failed_rows == 0 else 1
