@@ -200,7 +200,8 @@ def fetch_all(families: list[str] | None = None, *, force: bool = False, progres
     """Fetch (or re-verify) the named tokenizer families and the template set; returns what happened to each."""
     unknown = sorted(set(families or []) - set(TOKENIZERS))
     if unknown:
-        raise AssetError(f"unknown tokenizer families {unknown}; known: {', '.join(sorted(TOKENIZERS))}")
+        raise AssetError(f"unknown tokenizer family {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(sorted(TOKENIZERS))}")
     report = {}
     for family in families or list(TOKENIZERS):
         report[family] = fetch_tokenizer(family, force=force, progress=progress)[1]

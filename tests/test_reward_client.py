@@ -1,0 +1,140 @@
+"""The trainer's reward client against real servers: splitting, deadlines, retries, fail-over, fingerprints."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from templar import contract
+from templar.samples import sample_conversations
+from templar.tools.serve import EmbeddedTriton, free_port
+from templar.trainer.reward_client import FingerprintMismatchError, RewardClient, RewardClientConfig
+
+from conftest import export, running
+
+
+def rows(n: int) -> list[list[dict]]:
+    cases = list(sample_conversations(long_words=120).values())
+    return [cases[i % len(cases)] for i in range(n)]
+
+
+def inference_count(server: EmbeddedTriton, model: str) -> int:
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(model, as_json=True)
+    return int(stats["model_stats"][0].get("inference_count", 0))
+
+
+@pytest.fixture(scope="module")
+def pair(small_repo):
+    with running(small_repo) as a, running(small_repo) as b:
+        yield a, b
+
+
+def test_scores_are_split_into_bounded_requests(triton, references):
+    config = RewardClientConfig(model="rm_llama3_1", endpoints=[triton.grpc_url], rows_per_request=3, max_in_flight=2)
+    conversations = rows(10)
+    with RewardClient(config) as client:
+        result = client.score(conversations)
+        assert client.fingerprints[contract.PARAM_MAX_LENGTH] == "1024"
+    assert result.status == ["ok"] * 10 and result.failed_rows == 0
+    assert result.attempts == 4  # ceil(10 / 3) requests, no retries
+    expected = [references["llama3_1"].score(m) for m in conversations]
+    np.testing.assert_allclose(result.scores, expected, atol=1e-4)
+
+
+def test_submit_returns_at_once_and_scores_in_the_background(triton):
+    with RewardClient(RewardClientConfig(model="rm_gemma3", endpoints=[triton.grpc_url])) as client:
+        client.connect()
+        started = time.perf_counter()
+        future = client.submit(rows(64))
+        submitted = time.perf_counter() - started
+        result = future.result(timeout=300)
+    assert submitted < 0.05 < result.latency_s
+    assert result.failed_rows == 0 and len(result.scores) == 64
+
+
+def test_deadline_exceeded_is_retried_then_reported(triton):
+    config = RewardClientConfig(model="rm_qwen2_5", endpoints=[triton.grpc_url], request_timeout_s=0.0005,
+                                max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.02, rows_per_request=8)
+    with RewardClient(config) as client:
+        result = client.score(rows(8))
+    assert result.attempts == 3 and result.failed_rows == 8
+    assert np.isnan(result.scores).all()
+    assert all(s.startswith("error: reward request failed after 3 attempt(s): DEADLINE_EXCEEDED") for s in
+               result.status)
+
+
+def test_non_retryable_errors_are_not_retried(triton):
+    # the scoring model has no CONVERSATION input: the server answers INVALID_ARGUMENT, which retrying cannot fix
+    config = RewardClientConfig(model="rm_qwen2_5_model", endpoints=[triton.grpc_url], max_attempts=5)
+    with RewardClient(config) as client:
+        result = client.score(rows(2))
+    assert result.attempts == 1 and result.failed_rows == 2
+    assert "after 1 attempt(s): INVALID_ARGUMENT" in result.status[0]
+
+
+def test_a_dead_server_costs_the_rows_not_the_caller():
+    config = RewardClientConfig(model="rm_small", endpoints=[f"127.0.0.1:{free_port()}"], connect_timeout_s=1.0)
+    with RewardClient(config) as client:
+        result = client.score(rows(5))
+    assert result.failed_rows == 5 and np.isnan(result.scores).all()
+    assert "no reward endpoint serves model 'rm_small'" in result.status[0]
+
+
+def test_least_outstanding_balancing_and_fail_over(pair):
+    a, b = pair
+    config = RewardClientConfig(model="rm_small", endpoints=[a.grpc_url, b.grpc_url], rows_per_request=2,
+                                max_in_flight=4, endpoint_cooldown_s=30)
+    before = [inference_count(s, "rm_small") for s in pair]
+    with RewardClient(config) as client:
+        result = client.score(rows(48))
+        assert result.failed_rows == 0
+        shares = [inference_count(s, "rm_small") - n for s, n in zip(pair, before)]
+        assert sum(shares) == 48 and min(shares) >= 12, f"both replicas should share the load: {shares}"
+        a.stop()  # one replica goes away
+        started = time.perf_counter()
+        result = client.score(rows(16))
+        elapsed = time.perf_counter() - started
+    assert result.failed_rows == 0, result.status
+    expected = RewardClient(RewardClientConfig(model="rm_small", endpoints=[b.grpc_url])).score(rows(16)).scores
+    np.testing.assert_allclose(result.scores, expected, atol=1e-6)
+    assert elapsed < 15, "fail-over should not wait out long backoffs"
+
+
+def test_retries_ride_through_a_server_restart(small_repo):
+    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
+    config = RewardClientConfig(model="rm_small", endpoints=[f"127.0.0.1:{ports['grpc_port']}"], max_attempts=60,
+                                backoff_base_s=0.2, backoff_max_s=1.0, request_timeout_s=30, rows_per_request=4)
+    server = EmbeddedTriton(small_repo, **ports).start()
+    with RewardClient(config) as client:
+        baseline = client.score(rows(8))
+        assert baseline.failed_rows == 0
+        server.stop()
+        future = client.submit(rows(8))  # sent while nothing listens
+        time.sleep(2)
+        assert not future.done()
+        restarted = EmbeddedTriton(small_repo, **ports).start()
+        try:
+            result = future.result(timeout=300)
+        finally:
+            restarted.stop()
+    assert result.failed_rows == 0 and result.attempts > 2  # two requests, retried until the server was back
+    np.testing.assert_allclose(result.scores, baseline.scores, atol=1e-6)
+
+
+def test_replicas_serving_different_rms_are_refused(pair, tiny_rms, tmp_path):
+    other = tmp_path / "model_repository"
+    export(tiny_rms["gemma3"], "rm_small", other)  # same name, another template and tokenizer
+    a, b = pair
+    live = a if a.alive() else b
+    with running(other) as impostor:
+        with RewardClient(RewardClientConfig(model="rm_small", endpoints=[live.grpc_url, impostor.grpc_url])) as c:
+            with pytest.raises(FingerprintMismatchError, match="serve different versions"):
+                c.connect()
+    expected = {contract.PARAM_TEMPLATE_SHA256: "0" * 64}
+    with RewardClient(RewardClientConfig(model="rm_small", endpoints=[live.grpc_url],
+                                         expected_fingerprints=expected)) as client:
+        with pytest.raises(FingerprintMismatchError, match="expected '0000"):
+            client.score(rows(1))

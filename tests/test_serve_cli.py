@@ -1,0 +1,117 @@
+"""`templar serve` as users run it: a real process, real ports, real signals."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+from templar import contract
+from templar.samples import sample_conversations
+from templar.tools.serve import free_port
+
+
+class ServeProcess:
+    def __init__(self, repo: Path, ports: dict[str, int] | None = None, extra: tuple[str, ...] = ()):
+        self.ports = ports or {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+        args = [sys.executable, "-m", "templar.cli", "serve", "--repo", str(repo)]
+        args += [a for kind, port in self.ports.items() for a in (f"--{kind}-port", str(port))] + list(extra)
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if text in self.lines.get(timeout=1):
+                    return
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+        raise AssertionError(f"never saw {text!r}; output:\n{''.join(self.output)}")
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+
+def score_once(grpc_port: int) -> float:
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    data = np.array([json.dumps({"messages": sample_conversations()["single_turn"]}).encode()],
+                    dtype=np.object_).reshape(-1, 1)
+    tensor = grpcclient.InferInput(contract.CONVERSATION, [1, 1], "BYTES")
+    tensor.set_data_from_numpy(data)
+    result = client.infer("rm_small", [tensor])
+    assert result.as_numpy(contract.STATUS)[0, 0] == b"ok"
+    return float(result.as_numpy(contract.SCORE)[0, 0])
+
+
+def test_port_in_use_is_refused_with_a_clear_message(small_repo):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "templar.cli", "serve", "--repo", str(small_repo),
+                                 "--grpc-port", str(port), "--http-port", str(free_port()),
+                                 "--metrics-port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"port {port} (--grpc-port) on 127.0.0.1 is already in use" in result.stderr
+
+
+def test_missing_or_empty_repository_is_a_clear_error(tmp_path):
+    for repo, message in ((tmp_path / "nope", "does not exist"), (tmp_path, "holds no models")):
+        result = subprocess.run([sys.executable, "-m", "templar.cli", "serve", "--repo", str(repo)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_two_servers_serve_side_by_side_and_stop_without_leftovers(small_repo, stop_signal):
+    servers = [ServeProcess(small_repo), ServeProcess(small_repo)]
+    try:
+        for server in servers:
+            server.wait_for("Ctrl-C stops it.")
+        scores = [score_once(s.ports["grpc"]) for s in servers]
+        assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+        for server in servers:
+            out = "".join(server.output)
+            assert f"gRPC     127.0.0.1:{server.ports['grpc']}" in out and "3 models (rm_small, rm_small_model, rm_small_preprocess)" in out
+        # loopback only, unless told otherwise
+        triton = [p for p in servers[0].descendants() if p.name() == "tritonserver"][0]
+        listening = {(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)  # gRPC listens on a v4-mapped v6 socket
+                     for c in triton.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        assert {("127.0.0.1", port) for port in servers[0].ports.values()} == listening
+
+        first, second = servers
+        children = first.descendants()
+        assert sum("triton_python_backend_stub" in " ".join(p.cmdline()) for p in children) == 3
+        prefix = f"templar{first.process.pid}x"
+        assert any(p.name.startswith(prefix) for p in Path("/dev/shm").iterdir())
+        first.process.send_signal(stop_signal)
+        assert first.process.wait(timeout=60) == 0
+        time.sleep(0.5)
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(prefix)]
+        assert score_once(second.ports["grpc"]) == pytest.approx(scores[1], abs=1e-6)  # the other one is untouched
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+                server.process.wait(timeout=60)
