@@ -23,7 +23,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 demo: setup
-	$(BIN)/templar demo
+	$(BIN)/templar train --config configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) runs

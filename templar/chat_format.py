@@ -176,6 +176,19 @@ class ChatFormat:
             raise ConversationError("the chat template rendered the conversation to no tokens")
         return TokenizedConversation(self._truncate(ids), len(ids), len(hits))
 
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end an assistant turn: EOS, plus the token the template writes right after assistant
+        content (e.g. Qwen's <|im_end|>, Llama-3's <|eot_id|>, Gemma's <end_of_turn>)."""
+        ids = {self.tokenizer.eos_token_id} - {None}
+        sentinel = "TEMPLARENDOFTURNPROBE"
+        text = self.render(Conversation([{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}]))
+        after = text.split(sentinel, 1)[1] if sentinel in text else ""
+        if after:
+            first = self.tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+            if first and self.tokenizer.convert_ids_to_tokens(first[0]) in self.control_tokens:
+                ids.add(first[0])
+        return sorted(ids)
+
     def _truncate(self, ids: list[int]) -> list[int]:
         """Cut from the start so the response end (where the score is read) survives; keep a leading BOS."""
         if self.max_length is None or len(ids) <= self.max_length:

@@ -15,7 +15,8 @@ COMMANDS = {
     "export": ("templar.tools.export_onnx", "export a Hugging Face reward model into a Triton model repository"),
     "serve": ("templar.tools.serve", "run the embedded Triton server (CPU) on a model repository"),
     "score": ("templar.tools.score", "score conversations (JSONL) against a served reward model over gRPC"),
-    "demo": ("templar.tools.demo", "the main job: serve two reward models with different templates and score"),
+    "train": ("templar.trainer.train", "PPO training against Triton-served reward models (embedded by default)"),
+    "score-demo": ("templar.tools.score_demo", "serve a config's reward models and score sample conversations"),
 }
 
 

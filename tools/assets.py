@@ -163,6 +163,8 @@ def _install_folder(folder: Path, files: dict[str, bytes], source: dict) -> None
 
 def fetch_tokenizer(family: str, *, force: bool = False, progress: bool = True) -> tuple[Path, str]:
     """Fetch one family; returns (folder, what happened: "cached" | "fetched" | "repaired")."""
+    if family not in TOKENIZERS:
+        raise AssetError(f"unknown tokenizer family {family!r}; known: {', '.join(sorted(TOKENIZERS))}")
     spec = TOKENIZERS[family]
     folder = cache_home() / "tokenizers" / family
     existed = folder.exists()

@@ -38,6 +38,9 @@ class TinySize:
     intermediate_size: int = 128
     max_position_embeddings: int = 4096
     sliding_window: int = 64  # small on purpose: the export must handle inputs longer than the window
+    # causal LMs: a wide output layer makes the random actor opinionated (low entropy, as real LMs are); with the
+    # default init it samples almost uniformly from the whole vocabulary and PPO has nothing to sharpen
+    lm_head_std: float = 0.5
 
 
 def tiny_config(family: str, vocab_size: int, pad_token_id: int | None, size: TinySize, num_labels: int = 1):
@@ -61,8 +64,7 @@ def tiny_config(family: str, vocab_size: int, pad_token_id: int | None, size: Ti
 def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed: int = 0,
                      size: TinySize | None = None, tokenizer: str | Path | None = None) -> Path:
     """Create `out` with config, safetensors weights, and the family's real tokenizer + chat template."""
-    from safetensors.torch import save_file
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if family not in FAMILY_BACKBONE:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILY_BACKBONE)}")
@@ -73,8 +75,18 @@ def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed
     tok = AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir(family)), local_files_only=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     config = tiny_config(family, len(tok), pad, size)
-    torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():  # a seeded build must not reset the caller's random stream
+        torch.manual_seed(seed)
+        _build_and_save(kind, config, tok, out, size)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _build_and_save(kind: str, config, tok, out: Path, size: TinySize) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
     if kind == "reward":
         model = AutoModelForSequenceClassification.from_config(config)
         _spread_head(model.score.weight)
@@ -82,6 +94,8 @@ def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed
     elif kind == "causal-lm":
         config.eos_token_id = tok.eos_token_id
         model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, size.lm_head_std)
         model.save_pretrained(out, safe_serialization=True)
     else:  # the layout OpenRLHF's RewardModel saves: <base_model_prefix>.* + value_head.weight, mean/std in config
         backbone = AutoModel.from_config(config)
@@ -93,8 +107,6 @@ def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed
         cfg = config.to_dict()
         cfg.update(architectures=["RewardModel"], normalize_reward=True, mean=0.25, std=2.0)
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok.save_pretrained(str(out))
-    return out
 
 
 def _spread_head(weight: torch.Tensor) -> None:

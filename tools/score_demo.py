@@ -1,8 +1,9 @@
-"""`templar demo`: two reward models with different chat templates (Llama-3 and Gemma-3), exported, served by the
-embedded Triton, and scored over gRPC on the same structured conversations. Each RM formats them its own way.
+"""`templar score-demo`: the reward models of a training config (by default the demo's Llama-3 and Gemma-3 RMs),
+exported when missing, served by the embedded Triton, and scored over gRPC on the same structured conversations.
+Each RM formats them its own way, and the demo prints what each one saw.
 
-The RMs are small and randomly initialised on the REAL tokenizers and templates (there is no model hub here), so the
-scores demonstrate the serving path, not judgement quality.
+The demo RMs are small and randomly initialised on the REAL tokenizers and templates (there is no model hub here), so
+the scores demonstrate the serving path, not judgement quality.
 """
 
 from __future__ import annotations
@@ -12,29 +13,10 @@ from pathlib import Path
 
 from templar import contract
 from templar.samples import sample_conversations
-from templar.tools.assets import fetch_all
-from templar.tools.export_onnx import ExportOptions, export_reward_model
 from templar.tools.serve import DEFAULT_PORTS, EmbeddedTriton, free_port, port_available
-from templar.tools.tiny_models import build_tiny_model
+from templar.trainer.config import load_config
 from templar.trainer.reward_client import RewardClient, RewardClientConfig
-
-DEMO_RMS = {"rm_llama3": "llama3_1", "rm_gemma3": "gemma3"}  # served name -> tokenizer/template family
-
-
-def ensure_demo_rms(runs: Path, repo: Path, max_length: int = 1024, log=print) -> list[str]:
-    """Build and export the demo RMs unless the repository already serves these very models."""
-    fetch_all(sorted(set(DEMO_RMS.values())), progress=False)
-    for seed, (name, family) in enumerate(DEMO_RMS.items()):
-        model_dir = runs / "models" / name
-        if not (model_dir / "config.json").is_file():
-            log(f"building {name}: a small random reward model on the real {family} tokenizer and template")
-            build_tiny_model(family, model_dir, kind="reward", seed=seed)
-        config = repo / name / "config.pbtxt"
-        if config.is_file() and str(model_dir.resolve()) in config.read_text():
-            continue
-        export_reward_model(ExportOptions(model=model_dir, name=name, repo=repo, max_length=max_length),
-                            log=lambda m: log("  " + m))
-    return list(DEMO_RMS)
+from templar.trainer.train import ensure_exported
 
 
 def _ports(host: str) -> dict[str, int]:
@@ -43,16 +25,19 @@ def _ports(host: str) -> dict[str, int]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--runs", type=Path, default=Path("runs/demo"), help="where the demo models are built")
-    parser.add_argument("--repo", type=Path, default=Path("model_repository"), help="model repository to serve")
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
+                        help="training config whose reward.models (and reward.repo) to serve")
 
 
 def main(args) -> int:
-    names = ensure_demo_rms(args.runs, args.repo)
+    config = load_config(args.config)
+    ensure_exported(config, Path(config.output_dir))
+    names = [rm.name for rm in config.reward.models]
+    repo = Path(config.reward.repo)
     conversations = sample_conversations(long_words=1200)
     ports = _ports("127.0.0.1")
-    print(f"starting the embedded Triton on {args.repo} ...", flush=True)
-    with EmbeddedTriton(args.repo, grpc_port=ports["grpc"], http_port=ports["http"],
+    print(f"starting the embedded Triton on {repo} ...", flush=True)
+    with EmbeddedTriton(repo, grpc_port=ports["grpc"], http_port=ports["http"],
                         metrics_port=ports["metrics"]).start(progress=print) as server:
         results, texts = {}, {}
         for name in names:

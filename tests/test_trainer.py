@@ -1,0 +1,184 @@
+"""The PPO trainer end to end: real DeepSpeed (CPU ranks), real Triton over gRPC, real tokenizers and templates."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from templar.tools.tiny_models import build_tiny_model
+from templar.trainer.metrics import read_metrics
+from templar.trainer.reward_client import RewardClient, RewardClientConfig
+
+from conftest import running
+
+ACTOR_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_actor(assets, tmp_path_factory) -> Path:
+    return build_tiny_model("qwen2_5", tmp_path_factory.mktemp("actor") / "actor", kind="causal-lm", seed=0)
+
+
+def small_run(output_dir: Path, actor: Path, url: str | None, *extra: str, steps: int = 3) -> list[str]:
+    """Overrides for a short run against the session server's rm_llama3_1 and rm_gemma3."""
+    return [f"output_dir={output_dir}", f"models.actor={actor}", f"steps={steps}", "save_every=2",
+            *([f"reward.url={url}"] if url else []),
+            "reward.models.0.name=rm_llama3_1", "reward.models.1.name=rm_gemma3", "reward.models.1.weight=0.5",
+            "generation.max_new_tokens=8", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+            "ppo.micro_batch_size=2", "ppo.ppo_epochs=1", "ppo.actor_lr=1e-4", "ppo.critic_lr=1e-4", *extra]
+
+
+def templar_train(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "templar.cli", "train", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "templar.cli", "train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(predicate, timeout: float = 600, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric_steps(output_dir: Path) -> list[int]:
+    path = output_dir / "metrics.jsonl"
+    return [row["step"] for row in read_metrics(path)] if path.exists() else []
+
+
+def test_training_run_writes_metrics_checkpoints_and_hf_models(triton, tiny_actor, tmp_path):
+    out = tmp_path / "run"
+    result = templar_train(*small_run(out, tiny_actor, triton.grpc_url))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("step", "reward_mean", "kl_mean", "policy_loss", "value_loss", "response_length_mean",
+                "rm_latency_s", "failed_rows", "reward_wait_share", "score/rm_llama3_1", "score/rm_gemma3"):
+        assert key in rows[-1], key
+    assert all(r["failed_rows"] == 0 for r in rows)
+    assert all(0 <= r["reward_wait_share"] <= 1 for r in rows)
+    assert (out / "checkpoints" / "latest").read_text() == "step-000003"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+    assert (out / "curves.png").stat().st_size > 1000 and list((out / "tensorboard").glob("events.*"))
+    fingerprints = json.loads((out / "reward_models.json").read_text())
+    assert set(fingerprints) == {"rm_llama3_1", "rm_gemma3"} and len(fingerprints["rm_gemma3"]["tokenizer_sha256"]) == 64
+    assert "chat_template sha256" in (out / "train.log").read_text()  # the RM fingerprints are in the run's log
+    actor = AutoModelForCausalLM.from_pretrained(out / "final" / "actor")
+    assert AutoTokenizer.from_pretrained(out / "final" / "actor").chat_template
+    trained = actor.state_dict()["lm_head.weight"]
+    initial = AutoModelForCausalLM.from_pretrained(tiny_actor).state_dict()["lm_head.weight"]
+    assert not trained.equal(initial)  # PPO changed the actor
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] and summary["ranks"] == 1
+
+
+def test_each_rm_sees_its_native_rendering_of_actor_samples(triton, tiny_actor, tiny_rms, tmp_path):
+    """The text each RM's preprocessing produced for the trainer's own samples equals that RM's native rendering
+    of the conversation, and carries no actor (Qwen) special token."""
+    out = tmp_path / "run"
+    result = templar_train(*small_run(out, tiny_actor, triton.grpc_url, steps=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2]
+    conversations = [{"messages": s["messages"]} for s in samples]
+    for name, family, marker in (("rm_llama3_1", "llama3_1", "<|start_header_id|>"),
+                                 ("rm_gemma3", "gemma3", "<start_of_turn>")):
+        native = AutoTokenizer.from_pretrained(tiny_rms[family])
+        with RewardClient(RewardClientConfig(model=name, endpoints=[triton.grpc_url])) as client:
+            seen = client.rendered_text(conversations)
+        for text, conversation in zip(seen, conversations):
+            assert text == native.apply_chat_template(conversation["messages"], tokenize=False)
+            assert marker in text and not any(special in text for special in ACTOR_SPECIALS)
+            assert conversation["messages"][-1]["role"] == "assistant"
+
+
+def test_two_ranks_train_against_one_server_and_agree(triton, tiny_actor, tmp_path):
+    out = tmp_path / "run"
+    stats = grpcclient.InferenceServerClient(triton.grpc_url)
+    count = lambda: int(stats.get_inference_statistics("rm_gemma3", as_json=True)["model_stats"][0].get(  # noqa: E731
+        "inference_count", 0))
+    before = count()
+    result = templar_train("--num-ranks", "2", *small_run(out, tiny_actor, triton.grpc_url, steps=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["ranks_agree"]
+    assert len(summary["actor_sha256_per_rank"]) == 2 and len(set(summary["actor_sha256_per_rank"])) == 1
+    assert count() - before == 2 * 2 * 4  # steps x ranks x rollout rows, each rank scoring its own rollouts
+    assert sorted((out / "checkpoints" / "step-000002").glob("rank*.pt")) == [
+        out / "checkpoints" / "step-000002" / f"rank{r}.pt" for r in range(2)]
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(triton, tiny_actor, tmp_path):
+    out = tmp_path / "run"
+    args = small_run(out, tiny_actor, triton.grpc_url, steps=6)
+    first = start_train(*args)
+    try:
+        wait_until(lambda: (out / "checkpoints" / "latest").is_file(), what="the first checkpoint")
+    finally:
+        first.kill()  # no chance to clean up: the checkpoint must already be complete
+        first.wait()
+    saved = int((out / "checkpoints" / "latest").read_text().split("-")[1])
+    assert saved >= 2 and saved % 2 == 0
+    resumed = templar_train(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert f"continuing at step {saved + 1}" in log
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6]  # every step once: steps after the checkpoint were redone
+    assert json.loads((out / "summary.json").read_text())["completed"]
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step(triton, tiny_actor, tmp_path):
+    out = tmp_path / "run"
+    run = start_train(*small_run(out, tiny_actor, triton.grpc_url, steps=50))
+    wait_until(lambda: len(metric_steps(out)) >= 1, what="the first step")
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=300) == 3  # stopped early, on purpose
+    last = metric_steps(out)[-1]
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{last:06d}"
+    assert last < 50
+
+
+def test_a_dead_reward_server_costs_rows_not_the_run(small_repo, tiny_actor, tmp_path):
+    out = tmp_path / "run"
+    with running(small_repo) as server:
+        run = start_train(*small_run(out, tiny_actor, server.grpc_url, "reward.models=[{name: rm_small}]",
+                                     "reward.max_attempts=2", "reward.request_timeout_s=5", steps=5))
+        wait_until(lambda: len(metric_steps(out)) >= 2, what="two steps")
+    _, stderr = run.communicate(timeout=600)  # the server is gone from here on
+    assert run.returncode == 0, stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[0]["failed_rows"] == 0 and rows[-1]["failed_rows"] == 4 and rows[-1]["reward_mean"] is None
+    unscored = [json.loads(line) for line in (out / "unscored.rank0.jsonl").read_text().splitlines()]
+    errors = [row["errors"]["rm_small"] for row in unscored]
+    assert errors and all(e.startswith("error: reward request failed after") for e in errors)
+    # while stopping, Triton unloads its models first (NOT_FOUND, not retried); once gone: UNAVAILABLE, retried
+    assert "UNAVAILABLE" in errors[-1] and "after 2 attempt(s)" in errors[-1]
+    assert unscored[0]["messages"][-1]["role"] == "assistant"  # the rollout itself is kept for re-scoring
+    assert (out / "checkpoints" / "latest").read_text() == "step-000005"
+
+
+def test_embedded_default_exports_serves_and_stops(tiny_actor, tiny_rms, tmp_path):
+    out, repo = tmp_path / "run", tmp_path / "model_repository"
+    result = templar_train(*small_run(out, tiny_actor, None, f"reward.repo={repo}",
+                                      f"reward.models.0.path={tiny_rms['llama3_1']}",
+                                      f"reward.models.1.path={tiny_rms['gemma3']}", steps=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in repo.iterdir()) == ["rm_gemma3", "rm_gemma3_model", "rm_gemma3_preprocess",
+                                                      "rm_llama3_1", "rm_llama3_1_model", "rm_llama3_1_preprocess"]
+    assert "Started GRPCInferenceService" in (out / "tritonserver.log").read_text()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(repo) in " ".join(p.info["cmdline"] or [])]

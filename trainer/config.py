@@ -1,0 +1,213 @@
+"""Training configuration: typed dataclasses with documented defaults, loaded from YAML plus `key=value` overrides.
+
+`templar train --config FILE.yaml ppo.actor_lr=3e-4 reward.models.0.weight=0.5` — every key of the YAML file is a
+field below (nested with dots, list items by index); unknown keys and wrong types are errors that say which key.
+Model sources are folders, or `tiny:<family>`: a small randomly initialised model on that family's REAL tokenizer and
+chat template (built into OUTPUT_DIR/models/ on first use), since no model hub is reachable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+@dataclass
+class ModelsConfig:
+    actor: str = "tiny:qwen2_5"  # causal-LM folder (with tokenizer + chat template) or tiny:<family>
+    critic: str = "actor"  # "actor" = initialise from the actor's weights; or a folder on the ACTOR's tokenizer
+    actor_chat_template: str | None = None  # Jinja file overriding the actor folder's template
+    max_prompt_tokens: int = 256  # longer prompts are cut from the start (a leading BOS is kept)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # JSONL, Parquet, or a Hugging Face datasets folder; None = the built-in prompts
+    split: str = "train"  # for dataset folders that hold several splits
+    shuffle: bool = True  # reshuffled every epoch, from the run's seed
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # sampling temperature; log-probs for PPO use logits / temperature as well
+    top_p: float = 1.0
+
+
+@dataclass
+class RewardModelConfig:
+    name: str = ""  # the RM's model name in Triton
+    path: str | None = None  # RM folder or tiny:<family>; exported into reward.repo when missing there
+    weight: float = 1.0  # combined score = sum(weight * score)
+    normalize: bool = False  # normalise this RM's scores with running mean/std before weighting
+    max_length: int = 1024  # export: token limit of this RM
+
+
+@dataclass
+class RewardConfig:
+    url: str | None = None  # "host:port[,host:port...]" of a running Triton; None = embedded server, started here
+    repo: str = "model_repository"  # embedded: the repository to export into and serve
+    models: list[RewardModelConfig] = field(default_factory=list)
+    unfinished_penalty: float = 1.0  # subtracted from the score of a response that never produced EOS
+    rows_per_request: int = 16
+    max_in_flight: int = 4
+    request_timeout_s: float = 120.0
+    max_attempts: int = 6  # a row that still fails is masked out of the update and counted in failed_rows
+
+
+@dataclass
+class PPOConfig:
+    rollout_batch_size: int = 16  # prompts per rank per step
+    mini_batch_size: int = 8  # rows per optimizer step
+    micro_batch_size: int = 4  # rows per forward/backward; gradient accumulation = mini / micro
+    ppo_epochs: int = 4  # passes over each rollout batch
+    actor_lr: float = 1e-5
+    critic_lr: float = 1e-5
+    clip_range: float = 0.2  # policy ratio clip
+    clip_range_value: float = 0.2  # value clip around the rollout's values
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05  # per-token penalty -kl_coef * (logp - logp_ref)
+    adaptive_kl: bool = False  # Ziegler et al. controller: move kl_coef towards target_kl
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 0-3
+    offload: bool = False  # ZeRO-Offload: optimizer states (and parameters at stage 3) in CPU memory
+    bf16: bool = False
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    steps: int = 100
+    save_every: int = 20  # checkpoint every N steps (and at the end)
+    seed: int = 0
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> "TrainConfig":
+        p = self.ppo
+        if p.mini_batch_size % p.micro_batch_size or p.rollout_batch_size % p.mini_batch_size:
+            raise ConfigError("ppo: rollout_batch_size must be a multiple of mini_batch_size, and mini_batch_size "
+                              f"of micro_batch_size (got {p.rollout_batch_size}, {p.mini_batch_size}, "
+                              f"{p.micro_batch_size})")
+        if not self.reward.models:
+            raise ConfigError("reward.models is empty: name at least one reward model")
+        names = [m.name for m in self.reward.models]
+        if "" in names or len(set(names)) != len(names):
+            raise ConfigError(f"reward.models need distinct, non-empty names (got {names})")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
+        if self.generation.temperature <= 0:
+            raise ConfigError("generation.temperature must be > 0")
+        return self
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate dataclass `cls` from plain data, checking keys and types."""
+    if dataclasses.is_dataclass(cls):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in data.items():
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(names)}"
+                raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{hint}")
+            kwargs[key] = _build(hints[key], value, f"{where}.{key}" if where else key)
+        return cls(**kwargs)
+    origin = typing.get_origin(cls)
+    if origin is list:
+        (item,) = typing.get_args(cls)
+        if not isinstance(data, list):
+            raise ConfigError(f"{where} must be a list, got {type(data).__name__}")
+        return [_build(item, v, f"{where}.{i}") for i, v in enumerate(data)]
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(cls)
+        if data is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                return _build(option, data, where)
+    if cls is float and isinstance(data, int) and not isinstance(data, bool):
+        return float(data)
+    if cls is float and isinstance(data, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+        try:
+            return float(data)
+        except ValueError:
+            pass
+    if cls in (int, float, str, bool) and not (isinstance(data, cls) and not (cls is int and isinstance(data, bool))):
+        raise ConfigError(f"{where} must be {cls.__name__}, got {data!r}")
+    return data
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts/lists, creating what is missing (list items by index)."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for key, following in zip(keys, keys[1:] + [None]):
+        fresh = None if following is None else ([] if following.isdigit() else {})
+        if isinstance(node, list):
+            if not key.isdigit():
+                raise ConfigError(f"cannot set {dotted}: {key!r} is not a list index")
+            index = int(key)
+            node.extend([None] * (index + 1 - len(node)))
+            if following is None:
+                node[index] = value
+            elif node[index] is None:
+                node[index] = fresh
+            node = node[index]
+        elif isinstance(node, dict):
+            if following is None:
+                node[key] = value
+            elif node.get(key) is None:
+                node[key] = fresh
+            node = node[key]
+        else:
+            raise ConfigError(f"cannot set {dotted}: the part before {key!r} is a value, not a mapping or list")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file (optional) + `key.sub=value` overrides (values parsed as YAML) -> a validated TrainConfig."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    return _build(TrainConfig, tree, "").validate()
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)

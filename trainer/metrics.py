@@ -1,0 +1,76 @@
+"""Metrics per step: OUTPUT_DIR/metrics.jsonl (one JSON object per step), TensorBoard (OUTPUT_DIR/tensorboard), and a
+PNG of the reward, KL and loss curves at the end (OUTPUT_DIR/curves.png). Only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def restart_jsonl(path: Path, resume_after_step: int | None) -> None:
+    """A fresh run starts the file anew; a resumed one drops the steps logged after its checkpoint (they are redone)."""
+    if resume_after_step is None:
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_after_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLog:
+    def __init__(self, output_dir: str | Path, enabled: bool, resume_after_step: int | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._writer = None
+        if not enabled:
+            return
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            restart_jsonl(Path(output_dir) / name, resume_after_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=(resume_after_step or 0) + 1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    panels = [("reward_mean", "reward (RM score)"), ("kl_mean", "KL(actor || reference)"),
+              ("policy_loss", "policy loss"), ("value_loss", "value loss")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        values = [r.get(key) for r in rows]
+        ax.plot(steps, [math.nan if v is None else v for v in values], marker=".", linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)

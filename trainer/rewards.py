@@ -1,0 +1,133 @@
+"""Rewards from several RMs at once, each applying its own template inside Triton.
+
+The trainer builds structured conversations (prompt messages + the response as an assistant turn, never text
+templated for the actor), asks every RM in parallel, and combines: sum(weight * score), with optional per-RM running
+normalisation. A row that any RM could not score after its retries is marked invalid (masked out of the update,
+counted in `failed_rows`, written to OUTPUT_DIR/unscored.jsonl so the rollout is not lost) — never a silent zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from templar import contract
+from templar.trainer.config import RewardConfig
+from templar.trainer.reward_client import RewardClient, RewardClientConfig, RewardResult
+
+log = logging.getLogger("templar.trainer")
+Messages = list[dict[str, str]]
+
+
+def reward_conversations(prompts: list[Messages], responses: list[str]) -> list[dict]:
+    return [{"messages": list(prompt) + [{"role": "assistant", "content": text}]}
+            for prompt, text in zip(prompts, responses)]
+
+
+class RunningMoments:
+    """Mean and variance over every score seen so far (Chan et al. parallel update), for per-RM normalisation."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, count: float, total: float, total_sq: float) -> None:
+        if count == 0:
+            return
+        batch_mean = total / count
+        batch_m2 = total_sq - count * batch_mean**2
+        delta = batch_mean - self.mean
+        new_count = self.count + count
+        self.mean += delta * count / new_count
+        self.m2 += batch_m2 + delta**2 * self.count * count / new_count
+        self.count = new_count
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.count)) if self.count > 1 else 1.0
+
+    def normalize(self, values: np.ndarray) -> np.ndarray:
+        return (values - self.mean) / max(self.std, 1e-6)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+@dataclass
+class RewardBatch:
+    scores: np.ndarray  # [B] combined (weights, normalisation, unfinished penalty); NaN where invalid
+    valid: np.ndarray  # [B] bool: every RM scored the row
+    per_rm: dict[str, RewardResult]
+    latency_s: float  # slowest RM's wall time
+
+
+class RewardModels:
+    """One RewardClient per configured RM; `submit` starts them all, `collect` waits and combines."""
+
+    def __init__(self, config: RewardConfig, endpoints: list[str],
+                 allreduce_sum: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> None:
+        self.config = config
+        self.allreduce_sum = allreduce_sum  # sums normaliser statistics over ranks, so every rank agrees
+        self.clients = {
+            rm.name: RewardClient(RewardClientConfig(
+                model=rm.name, endpoints=endpoints, rows_per_request=config.rows_per_request,
+                max_in_flight=config.max_in_flight, request_timeout_s=config.request_timeout_s,
+                max_attempts=config.max_attempts))
+            for rm in config.models}
+        self.normalizers = {rm.name: RunningMoments() for rm in config.models if rm.normalize}
+
+    def connect(self) -> dict[str, dict[str, str]]:
+        return {name: client.connect() for name, client in self.clients.items()}
+
+    def submit(self, conversations: list[dict]) -> dict:
+        return {name: client.submit(conversations) for name, client in self.clients.items()}
+
+    def collect(self, pending: dict, ended: np.ndarray) -> RewardBatch:
+        results: dict[str, RewardResult] = {name: future.result() for name, future in pending.items()}
+        n = len(ended)
+        valid = np.ones(n, dtype=bool)
+        for result in results.values():
+            valid &= result.ok
+        combined = np.zeros(n, dtype=np.float64)
+        for rm in self.config.models:
+            scores = results[rm.name].scores.astype(np.float64)
+            if rm.name in self.normalizers:
+                good = scores[valid]
+                stats = self.allreduce_sum(np.array([len(good), good.sum(), (good**2).sum()], dtype=np.float64))
+                self.normalizers[rm.name].update(*stats)
+                scores = self.normalizers[rm.name].normalize(scores)
+            combined += rm.weight * scores
+        combined -= self.config.unfinished_penalty * (~ended)
+        combined[~valid] = np.nan
+        latency = max(r.latency_s for r in results.values())
+        return RewardBatch(combined, valid, results, latency)
+
+    def state_dict(self) -> dict:
+        return {name: moments.state_dict() for name, moments in self.normalizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, moments in state.items():
+            self.normalizers[name].load_state_dict(moments)
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+def record_unscored(path: Path, step: int, conversations: list[dict], batch: RewardBatch) -> int:
+    """Append the rows some RM could not score (with why), so failed rollouts can be re-scored later."""
+    rows = np.flatnonzero(~batch.valid)
+    if len(rows) == 0:
+        return 0
+    with open(path, "a", encoding="utf-8") as f:
+        for i in rows:
+            errors = {name: r.status[i] for name, r in batch.per_rm.items() if not contract.is_ok(r.status[i])}
+            f.write(json.dumps({"step": step, "errors": errors, **conversations[i]}, ensure_ascii=False) + "\n")
+    return len(rows)
