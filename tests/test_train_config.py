@@ -19,7 +19,7 @@ def test_demo_config_loads_with_overrides():
     assert [m.name for m in config.reward.models] == ["rm_llama3", "rm_gemma3"]
     assert config.reward.models[1].weight == 0.25 and config.reward.models[0].path == "tiny:llama3_1"
     assert config.reward.url == "127.0.0.1:9001" and config.deepspeed.zero_stage == 3
-    assert config.models.actor == "tiny:qwen2_5" and config.generation.max_new_tokens == 16
+    assert config.models.actor == "tiny:qwen2_5" and config.generation.max_new_tokens == 8
 
 
 @pytest.mark.parametrize("override, message", [
