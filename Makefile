@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.templar-setup
 PIP    := $(BIN)/python -m pip
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean test-tools
 
 setup: $(STAMP)
 	@# idempotent: re-verifies the cached tokenizers and templates, fetches what is missing
@@ -19,8 +19,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[embedded,dev]'
 	@touch $(STAMP)
 
-test: setup
+test: setup test-tools
 	$(BIN)/python -m pytest
+
+# The deployment tests validate docker-compose.yml with Debian's docker-compose (no Docker engine needed)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-tools:
+	@command -v docker-compose >/dev/null || { \
+	  echo "installing Debian's docker-compose (validates docker-compose.yml in the tests)"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }; }
 
 demo: setup
 	$(BIN)/templar train --config configs/demo.yaml

@@ -33,6 +33,7 @@ from templar.tools.repository import EntrySettings, RewardModelEntry, check_name
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 DEFAULT_MAX_LENGTH_CAP = 4096
+FORMATS = ("onnx", "tensorrt")
 
 
 class ExportError(RuntimeError):
@@ -47,12 +48,13 @@ class ExportOptions:
     max_length: int | None = None  # default: min(max_position_embeddings, 4096)
     chat_template: Path | None = None  # a Jinja file; overrides the folder's template
     tokenizer: Path | None = None  # a tokenizer folder, when it is not beside the weights
-    format: str = "onnx"
+    format: str = "onnx"  # "tensorrt": also build a TensorRT engine for the GPU container (needs TensorRT + a GPU)
     special_tokens: str = "escape"  # control-token strings in content: "escape" (as text) or "reject" (row error)
     template_kwargs: dict = field(default_factory=dict)  # fixed extra template variables, e.g. date_string
     value_head_prefix: str | None = None  # OpenRLHF value-head RMs; auto-detected for "value_head"
     allow_pickle: bool = False  # load *.bin/*.pt weights (pickle can run code) when no safetensors exist
     tolerance: float = 1e-4  # max |ONNX Runtime - torch| on the sample conversations
+    engine_tolerance: float | None = None  # max |TensorRT - torch|; default 1e-3 (FP32) or 5e-2 (FP16)
     opset: int = 17
     settings: EntrySettings = field(default_factory=EntrySettings)
 
@@ -232,10 +234,47 @@ class _Steps:
             self.started = None
 
 
+def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[list[int]], reference: np.ndarray,
+                          max_length: int, tmp: Path, step: _Steps, log: Callable[[str], None]) -> dict[str, str]:
+    """Build `tmp/model.plan` and check it against torch; returns the parameters to record."""
+    from templar.tools.export_tensorrt import ShapeProfile, build_engine, engine_scores, export_int32_onnx
+
+    fp16 = opts.settings.gpu_fp16
+    profile = ShapeProfile.for_serving(opts.settings.micro_batch_rows, max_length)
+    step("building the TensorRT engine (int32 ids)")
+    export_int32_onnx(scorer, tmp / "model_int32.onnx", opts.opset)
+    try:
+        build_engine(tmp / "model_int32.onnx", tmp / "model.plan", profile, fp16=fp16, log=log)
+    except RuntimeError as exc:
+        raise ExportError(str(exc)) from None
+    step(f"checking TensorRT against torch on {len(rows)} sample conversations")
+    tolerance = opts.engine_tolerance if opts.engine_tolerance is not None else (5e-2 if fp16 else 1e-3)
+    diffs = []
+    for start in range(0, len(rows), profile.max_shape[0]):
+        ids, mask = pad_batch(rows[start : start + profile.max_shape[0]])
+        served = engine_scores(tmp / "model.plan", ids, mask).astype(np.float64)
+        diffs.append(np.abs(served - reference[start : start + len(ids)]).max())
+    engine_diff = float(max(diffs))
+    log(f"      max |tensorrt - torch| = {engine_diff:.2e} ({'FP16' if fp16 else 'FP32'})")
+    if not np.isfinite(engine_diff) or engine_diff > tolerance:
+        raise ExportError(f"the TensorRT engine differs from torch by {engine_diff:.3e} > tolerance {tolerance} "
+                          "(--engine-tolerance); nothing was written")
+    return {**profile.as_parameters(), "tensorrt_precision": "fp16" if fp16 else "fp32",
+            "tensorrt_parity_max_abs_diff": f"{engine_diff:.3e}"}
+
+
 def export_reward_model(opts: ExportOptions, log: Callable[[str], None] = print) -> ExportReport:
     started = time.perf_counter()
-    if opts.format != "onnx":
-        raise ExportError(f"--format {opts.format} is not supported here; use --format onnx")
+    if opts.format not in FORMATS:
+        raise ExportError(f"unknown --format {opts.format!r}; choose from {', '.join(FORMATS)}")
+    tensorrt = opts.format == "tensorrt"
+    if tensorrt:  # fail before minutes of work, not after
+        from templar.tools.export_tensorrt import TensorRTUnavailable, require_tensorrt
+
+        try:
+            require_tensorrt()
+        except TensorRTUnavailable as exc:
+            raise ExportError(str(exc)) from None
     try:
         check_name(opts.name)
     except ValueError as exc:
@@ -243,7 +282,7 @@ def export_reward_model(opts: ExportOptions, log: Callable[[str], None] = print)
     model_dir = Path(opts.model)
     if not model_dir.is_dir():
         raise ExportError(f"model folder {model_dir} does not exist")
-    step = _Steps(6, log)
+    step = _Steps(8 if tensorrt else 6, log)
 
     step(f"loading tokenizer and chat template from {opts.tokenizer or model_dir}")
     try:
@@ -297,6 +336,7 @@ def export_reward_model(opts: ExportOptions, log: Callable[[str], None] = print)
         if not np.isfinite(max_diff) or max_diff > opts.tolerance:
             raise ExportError(f"ONNX Runtime differs from torch by {max_diff:.3e} > tolerance {opts.tolerance}; "
                               "nothing was written")
+        engine = _build_checked_engine(opts, scorer, rows, reference, max_length, tmp, step, log) if tensorrt else None
 
         step(f"writing Triton entries for {opts.name!r} into {opts.repo}")
         parameters = {
@@ -310,7 +350,11 @@ def export_reward_model(opts: ExportOptions, log: Callable[[str], None] = print)
             "model_type": config.model_type,
             "parity_max_abs_diff": f"{max_diff:.3e}",
         }
-        entry = RewardModelEntry(opts.name, onnx_path, tokenizer_dir, parameters, opts.settings)
+        if engine is not None:
+            parameters.update(engine)
+        entry = RewardModelEntry(opts.name, onnx_path, tokenizer_dir, parameters, opts.settings,
+                                 tensorrt_plan=tmp / "model.plan" if tensorrt else None,
+                                 tensorrt_max_rows=opts.settings.micro_batch_rows if tensorrt else None)
         folders = write_reward_model(opts.repo, entry, log=lambda m: log("      " + m))
         step.finish()
     report = ExportReport(opts.name, folders, max_diff, len(rows), parameters, time.perf_counter() - started)
@@ -328,7 +372,9 @@ def add_arguments(parser) -> None:
                         f"(default: min(max_position_embeddings, {DEFAULT_MAX_LENGTH_CAP}))")
     parser.add_argument("--chat-template", type=Path, help="Jinja chat template file (overrides the folder's)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder, when not beside the weights")
-    parser.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="export format")
+    parser.add_argument("--format", default="onnx", choices=FORMATS,
+                        help="onnx (default; CPU and GPU) or tensorrt (also a TensorRT engine for the GPU container; "
+                        "needs TensorRT and a GPU where the export runs)")
     parser.add_argument("--special-tokens", default="escape", choices=["escape", "reject"],
                         help="control-token strings inside content: tokenize as text (escape) or fail the row")
     parser.add_argument("--template-kwargs", type=json.loads, default={},
@@ -336,9 +382,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--value-head-prefix", help="OpenRLHF value-head RMs: the head's name (default: value_head)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow *.bin/*.pt weights (pickle runs code)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |onnxruntime - torch| allowed")
+    parser.add_argument("--engine-tolerance", type=float,
+                        help="max |tensorrt - torch| allowed (default 1e-3, or 5e-2 with --gpu-fp16)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--gpu-fp16", action="store_true",
-                        help="GPU container config: TensorRT execution accelerator in FP16")
+                        help="GPU container: FP16 (TensorRT execution accelerator for onnx; an FP16 engine for "
+                        "tensorrt)")
 
 
 def main(args) -> int:
@@ -347,7 +396,8 @@ def main(args) -> int:
                          chat_template=args.chat_template, tokenizer=args.tokenizer, format=args.format,
                          special_tokens=args.special_tokens, template_kwargs=args.template_kwargs,
                          value_head_prefix=args.value_head_prefix, allow_pickle=args.allow_pickle,
-                         tolerance=args.tolerance, opset=args.opset, settings=settings)
+                         tolerance=args.tolerance, engine_tolerance=args.engine_tolerance, opset=args.opset,
+                         settings=settings)
     try:
         export_reward_model(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     except ExportError as exc:

@@ -49,6 +49,8 @@ class RewardModelEntry:
     tokenizer_dir: Path  # a folder holding the tokenizer files and chat_template.jinja
     parameters: dict[str, str]  # fingerprints, max_length, special_tokens, template_kwargs, source
     settings: EntrySettings = field(default_factory=EntrySettings)
+    tensorrt_plan: Path | None = None  # a TensorRT engine (int32 ids) for the GPU container, beside the ONNX graph
+    tensorrt_max_rows: int | None = None  # the engine profile's largest batch
 
 
 def check_name(name: str) -> None:
@@ -86,6 +88,7 @@ def entry_config(entry: RewardModelEntry) -> str:
             "preprocess_max_batch_size": str(s.max_batch_size),
             "micro_batch_rows": str(s.micro_batch_rows),
             "micro_batch_tokens": str(s.micro_batch_tokens),
+            "scoring_ids_dtype": "int32" if entry.tensorrt_plan else "int64",
         })
     )
 
@@ -108,11 +111,11 @@ def preprocess_config(entry: RewardModelEntry) -> str:
     )
 
 
-def _scorer_io() -> str:
+def _scorer_io(ids_type: str = "TYPE_INT64") -> str:
     return (
         "input [\n"
-        f'  {{ name: "{contract.INPUT_IDS}" data_type: TYPE_INT64 dims: [ -1 ] }},\n'
-        f'  {{ name: "{contract.ATTENTION_MASK}" data_type: TYPE_INT64 dims: [ -1 ] }}\n'
+        f'  {{ name: "{contract.INPUT_IDS}" data_type: {ids_type} dims: [ -1 ] }},\n'
+        f'  {{ name: "{contract.ATTENTION_MASK}" data_type: {ids_type} dims: [ -1 ] }}\n'
         "]\n"
         f'output [ {{ name: "{contract.SCORE}" data_type: TYPE_FP32 dims: [ 1 ] }} ]\n'
     )
@@ -135,12 +138,24 @@ def scorer_config_gpu(entry: RewardModelEntry) -> str:
     )
 
 
+def scorer_config_tensorrt(entry: RewardModelEntry) -> str:
+    """For the official Triton container: the TensorRT engine (`model.plan`, int32 ids, one shape profile)."""
+    s = entry.settings
+    return (
+        f'name: "{contract.scoring_model_name(entry.name)}"\nplatform: "tensorrt_plan"\n'
+        f"max_batch_size: {entry.tensorrt_max_rows or s.micro_batch_rows}\n" + _scorer_io("TYPE_INT32")
+        + f"instance_group [ {{ kind: KIND_GPU count: {s.scorer_instances} }} ]\n"
+        + _dynamic_batching(s.queue_delay_us)
+    )
+
+
 def scorer_config_embedded(entry: RewardModelEntry) -> str:
-    """For the embedded CPU server (Python backend only): ONNX Runtime inside a Python model."""
+    """For the embedded CPU server (Python backend only): ONNX Runtime inside a Python model. Beside a TensorRT
+    engine it takes the engine's int32 ids too (the entry model sends one dtype; ONNX Runtime casts them back)."""
     s = entry.settings
     return (
         f'name: "{contract.scoring_model_name(entry.name)}"\nbackend: "python"\n'
-        f"max_batch_size: {s.micro_batch_rows}\n" + _scorer_io()
+        f"max_batch_size: {s.micro_batch_rows}\n" + _scorer_io("TYPE_INT32" if entry.tensorrt_plan else "TYPE_INT64")
         + f"instance_group [ {{ kind: KIND_CPU count: {s.scorer_instances} }} ]\n"
         + _params({"intra_op_threads": str(s.intra_op_threads)})
     )
@@ -168,7 +183,10 @@ def write_reward_model(repo: str | os.PathLike, entry: RewardModelEntry,
 
         (scorer / "1").mkdir(parents=True)
         (scorer / "configs").mkdir()
-        (scorer / "config.pbtxt").write_text(scorer_config_gpu(entry))
+        gpu_config = scorer_config_tensorrt(entry) if entry.tensorrt_plan else scorer_config_gpu(entry)
+        (scorer / "config.pbtxt").write_text(gpu_config)
+        if entry.tensorrt_plan:
+            shutil.copyfile(entry.tensorrt_plan, scorer / "1" / "model.plan")
         (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt").write_text(scorer_config_embedded(entry))
         shutil.copyfile(entry.onnx_path, scorer / "1" / "model.onnx")
         for extra in entry.onnx_path.parent.glob(entry.onnx_path.name + ".data"):  # external weights (> 2 GB)

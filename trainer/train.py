@@ -324,6 +324,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
     try:
         with reward_endpoints(config, world, output_dir) as endpoints:
             trainer = PPOTrainer(config, world, endpoints, actor_path, critic_source)
+            log.info("rank %d of %d on %s, DeepSpeed ZeRO stage %d", world.rank, world.size,
+                     next(trainer.actor.module.parameters()).device, config.deepspeed.zero_stage)
             fingerprints = trainer.rewards.connect()
             if world.is_main:
                 (output_dir / "reward_models.json").write_text(json.dumps(fingerprints, indent=2))
@@ -390,6 +392,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. steps=10")
     parser.add_argument("--num-ranks", type=int, default=1, help="data-parallel ranks (starts the deepspeed launcher)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/latest")
+    parser.add_argument("--export-only", action="store_true",
+                        help="export the configured RMs into reward.repo (those missing or changed), then exit; "
+                        "for a separately run Triton, e.g. the docker compose `export` service")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
 
 
@@ -399,6 +404,16 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"templar train: error: {exc}", file=sys.stderr)
         return 2
+    if args.export_only:
+        from templar.tools.export_onnx import ExportError
+
+        try:
+            ensure_exported(config, Path(config.output_dir))
+        except (ConfigError, ExportError) as exc:
+            print(f"templar train: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"reward models ready in {config.reward.repo}: {', '.join(m.name for m in config.reward.models)}")
+        return 0
     if args.num_ranks > 1:
         from templar.trainer.distributed import _free_port
 

@@ -28,6 +28,8 @@ class TritonPythonModel:
         self.preprocess_max_rows = int(params["preprocess_max_batch_size"])
         self.micro_batch_rows = int(params["micro_batch_rows"])
         self.micro_batch_tokens = int(params["micro_batch_tokens"])
+        # int64 for ONNX graphs; a TensorRT engine in the GPU container takes int32 ids
+        self.scoring_ids_dtype = np.dtype(params.get("scoring_ids_dtype", "int64"))
 
     def execute(self, requests):
         row_counts, rows = [], []
@@ -88,8 +90,10 @@ class TritonPythonModel:
             response = pb_utils.InferenceRequest(
                 model_name=self.scoring_model,
                 requested_output_names=[contract.SCORE],
-                inputs=[pb_utils.Tensor(contract.INPUT_IDS, np.ascontiguousarray(ids[index, :width])),
-                        pb_utils.Tensor(contract.ATTENTION_MASK, np.ascontiguousarray(mask[index, :width]))],
+                inputs=[pb_utils.Tensor(contract.INPUT_IDS, np.ascontiguousarray(
+                            ids[index, :width], dtype=self.scoring_ids_dtype)),
+                        pb_utils.Tensor(contract.ATTENTION_MASK, np.ascontiguousarray(
+                            mask[index, :width], dtype=self.scoring_ids_dtype))],
             ).exec()
             if response.has_error():
                 message = contract.error_status(f"{self.scoring_model} failed: {response.error().message()}")

@@ -1,0 +1,77 @@
+"""The GPU path: marked `gpu`, skipped without a CUDA GPU (conftest), run on a GPU machine with
+`python -m pytest -m gpu` (plus `pip install onnxruntime-gpu tensorrt` there for the ONNX Runtime CUDA and TensorRT
+tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from templar.chat_format import ChatFormat
+from templar.serving.onnx_runtime import create_session, run_scores
+from templar.tools.export_onnx import load_reward_model, pad_batch, sample_token_rows
+
+from conftest import MAX_LENGTH, export
+from test_trainer import metric_steps, small_run, templar_train, tiny_actor  # noqa: F401 (tiny_actor: a fixture)
+
+pytestmark = pytest.mark.gpu
+
+
+def _rows(model_dir) -> list[list[int]]:
+    return sample_token_rows(ChatFormat.from_dir(model_dir, max_length=MAX_LENGTH), MAX_LENGTH)
+
+
+def test_exported_onnx_on_cuda_matches_torch_on_the_gpu(tiny_rms, tmp_path):
+    import onnxruntime as ort
+
+    assert "CUDAExecutionProvider" in ort.get_available_providers(), "install onnxruntime-gpu on the GPU machine"
+    report = export(tiny_rms["llama3_1"], "rm_cuda", tmp_path / "repo")
+    session = create_session(tmp_path / "repo" / "rm_cuda_model" / "1" / "model.onnx",
+                             providers=["CUDAExecutionProvider"])
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
+    rows = _rows(tiny_rms["llama3_1"])
+    ids, mask = pad_batch(rows)
+    served = run_scores(session, ids, mask).reshape(-1)
+    scorer, _, _ = load_reward_model(tiny_rms["llama3_1"])
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        reference = np.array([scorer.cuda()(torch.tensor([r], device="cuda"),
+                                            torch.ones(1, len(r), dtype=torch.long, device="cuda")).item()
+                              for r in rows])
+    assert np.abs(served - reference).max() <= 1e-3, (served, reference)
+    assert report.max_abs_diff <= 1e-4
+
+
+def test_export_format_tensorrt_builds_a_checked_engine(tiny_rms, tmp_path):
+    pytest.importorskip("tensorrt", reason="install tensorrt on the GPU machine")
+    result = subprocess.run([sys.executable, "-m", "templar.cli", "export", "--model", str(tiny_rms["llama3_1"]),
+                             "--name", "rm_trt", "--repo", str(tmp_path / "repo"), "--format", "tensorrt",
+                             "--max-length", str(MAX_LENGTH)], capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max |tensorrt - torch|" in result.stderr
+    folder = tmp_path / "repo" / "rm_trt_model"
+    assert (folder / "1" / "model.plan").stat().st_size > 0 and (folder / "1" / "model.onnx").is_file()
+    assert 'platform: "tensorrt_plan"' in (folder / "config.pbtxt").read_text()
+    assert '"scoring_ids_dtype" value: { string_value: "int32" }' in (tmp_path / "repo" / "rm_trt" /
+                                                                        "config.pbtxt").read_text()
+    from templar.tools.export_tensorrt import engine_scores
+
+    rows = _rows(tiny_rms["llama3_1"])[:4]
+    ids, mask = pad_batch(rows)
+    onnx = run_scores(create_session(folder / "1" / "model.onnx"), ids, mask).reshape(-1)
+    assert np.abs(engine_scores(folder / "1" / "model.plan", ids, mask) - onnx).max() <= 1e-3
+
+
+def test_deepspeed_ppo_steps_on_the_gpu(triton, tiny_actor, tmp_path):
+    out = tmp_path / "run"
+    result = templar_train(*small_run(out, tiny_actor, triton.grpc_url, "deepspeed.zero_stage=2", steps=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metric_steps(out) == [1, 2]
+    assert "on cuda:0" in (out / "train.log").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["policy_loss"]) and np.isfinite(r["kl_mean"]) for r in rows)
