@@ -196,8 +196,8 @@ def test_demo_config_trains_reward_up_with_bounded_kl(tmp_path):
     quarter = len(rows) // 4
     first = sum(r["reward_mean"] for r in rows[:quarter]) / quarter
     last = sum(r["reward_mean"] for r in rows[-quarter:]) / quarter
-    assert last > first + 0.3, (first, last)
-    assert max(r["kl_mean"] for r in rows) < 50
+    assert last > first + 0.2, (first, last)  # measured: 0.96 -> 1.65 (README, Training)
+    assert max(r["kl_mean"] for r in rows) < 40  # nats per response; measured: peaks at 18, ends at 13
     assert all(r["failed_rows"] == 0 for r in rows)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert set(samples[-1]["scores"]) == {"rm_llama3", "rm_gemma3"}
