@@ -17,6 +17,9 @@ COMMANDS = {
     "score": ("templar.tools.score", "score conversations (JSONL) against a served reward model over gRPC"),
     "train": ("templar.trainer.train", "PPO training against Triton-served reward models (embedded by default)"),
     "score-demo": ("templar.tools.score_demo", "serve a config's reward models and score sample conversations"),
+    "loadtest": ("templar.tools.loadtest", "gRPC load test of a served reward model at several concurrency levels"),
+    "bench": ("templar.tools.bench", "Templar vs in-process ONNX Runtime, in-process torch and an OpenRLHF-style "
+              "HTTP server on one RM"),
 }
 
 

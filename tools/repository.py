@@ -29,16 +29,21 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 @dataclass
 class EntrySettings:
-    """Serving knobs written into the generated configs (documented defaults)."""
+    """Serving knobs written into the generated configs (documented defaults; docs/benchmarks.md has the
+    measurements behind them)."""
 
     max_batch_size: int = 256  # rows per request the entry point and the preprocess model accept
-    micro_batch_rows: int = 64  # at most this many rows per scoring call (also the scoring model's max_batch_size)
-    micro_batch_tokens: int = 16384  # at most rows * longest-row tokens per scoring call
-    queue_delay_us: int = 2000  # dynamic batcher wait for more requests
+    # Micro-batches: rows of similar length scored together. On a 2-core CPU small ones win (a few thousand token
+    # slots), and the padding cap matters when dynamic batches are small (the trainer sends a few requests at once).
+    micro_batch_rows: int = 32  # at most this many rows per scoring call (also the scoring model's max_batch_size)
+    micro_batch_tokens: int = 4096  # at most rows * longest-row tokens per scoring call
+    micro_batch_max_padding: float | None = 0.1  # cut a micro-batch before its padding share would exceed this
+    queue_delay_us: int = 2000  # dynamic batcher wait for more requests: long enough to merge a burst of requests
     entry_instances: int = 2  # one preprocesses while the other waits on the scoring model
     preprocess_instances: int = 1
     scorer_instances: int = 1
     intra_op_threads: int = 0  # ONNX Runtime threads in the CPU scorer; 0 = one per physical core
+    intra_op_spinning: bool = False  # busy-waiting between runs burns CPU a trainer on the same cores could use
     gpu_fp16: bool = False  # GPU container: TensorRT execution accelerator in FP16 instead of CUDA FP32
 
 
@@ -88,6 +93,7 @@ def entry_config(entry: RewardModelEntry) -> str:
             "preprocess_max_batch_size": str(s.max_batch_size),
             "micro_batch_rows": str(s.micro_batch_rows),
             "micro_batch_tokens": str(s.micro_batch_tokens),
+            "micro_batch_max_padding": "" if s.micro_batch_max_padding is None else str(s.micro_batch_max_padding),
             "scoring_ids_dtype": "int32" if entry.tensorrt_plan else "int64",
         })
     )
@@ -157,7 +163,8 @@ def scorer_config_embedded(entry: RewardModelEntry) -> str:
         f'name: "{contract.scoring_model_name(entry.name)}"\nbackend: "python"\n'
         f"max_batch_size: {s.micro_batch_rows}\n" + _scorer_io("TYPE_INT32" if entry.tensorrt_plan else "TYPE_INT64")
         + f"instance_group [ {{ kind: KIND_CPU count: {s.scorer_instances} }} ]\n"
-        + _params({"intra_op_threads": str(s.intra_op_threads)})
+        + _params({"intra_op_threads": str(s.intra_op_threads),
+                   "intra_op_spinning": "1" if s.intra_op_spinning else "0"})
     )
 
 

@@ -1,12 +1,16 @@
 """Batch logic of the served path, free of Triton so it can be tested and benchmarked on its own.
 
+`load_chat_format`: the RM's template and tokenizer as the preprocessing model loads them.
 `preprocess_rows`: wire rows -> right-padded token ids plus per-row status (a bad row never fails its neighbours).
 `plan_micro_batches`: group rows of similar length so the scoring model sees little padding.
+`score_in_micro_batches`: score the good rows of a batch micro-batch by micro-batch (the entry model, the benchmark).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +18,10 @@ import numpy as np
 from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import ConversationError, parse_conversation
+
+# Counters the entry model exports on Triton's metrics endpoint (per model): padding waste = 1 - tokens / slots.
+METRIC_TOKENS = "templar_scored_tokens_total"  # real tokens scored
+METRIC_SLOTS = "templar_computed_token_slots_total"  # rows * longest row, summed over micro-batches
 
 
 @dataclass
@@ -24,6 +32,18 @@ class PreprocessedBatch:
     num_tokens: np.ndarray  # [N] int32; 0 where the row failed
     truncated: np.ndarray  # [N] bool
     text: list[str] | None = None  # rendered text per row, when asked for
+
+
+def load_chat_format(folder: str | os.PathLike, params: Mapping[str, str]) -> tuple[ChatFormat, int]:
+    """(ChatFormat, pad id) for a tokenizer folder and the model-config parameters written by `templar export`."""
+    chat_format = ChatFormat.from_dir(
+        folder,
+        max_length=int(params[contract.PARAM_MAX_LENGTH]),
+        special_tokens=params.get(contract.PARAM_SPECIAL_TOKENS, "escape"),
+        template_kwargs=json.loads(params.get(contract.PARAM_TEMPLATE_KWARGS) or "{}"),
+    )
+    pad = chat_format.tokenizer.pad_token_id
+    return chat_format, 0 if pad is None else int(pad)
 
 
 def preprocess_rows(chat_format: ChatFormat, rows: Sequence[bytes | str], *, pad_id: int = 0,
@@ -59,23 +79,33 @@ def preprocess_rows(chat_format: ChatFormat, rows: Sequence[bytes | str], *, pad
     return PreprocessedBatch(input_ids, attention_mask, status, lengths, truncated, texts if want_text else None)
 
 
-def plan_micro_batches(lengths: Sequence[int], *, max_rows: int, max_tokens: int) -> list[np.ndarray]:
+def plan_micro_batches(lengths: Sequence[int], *, max_rows: int, max_tokens: int,
+                       max_padding: float | None = None) -> list[np.ndarray]:
     """Split row indices into batches of similar length.
 
     Rows are sorted by length; a batch grows while rows * longest <= max_tokens (the padded size the model
-    computes) and rows <= max_rows. A single row longer than max_tokens still gets a batch of its own.
+    computes), rows <= max_rows and, when `max_padding` is given, while the batch's padding share
+    (1 - real tokens / rows * longest) stays <= max_padding. A single row longer than max_tokens still gets a batch
+    of its own.
     """
     if max_rows < 1 or max_tokens < 1:
         raise ValueError(f"max_rows and max_tokens must be positive, got {max_rows}, {max_tokens}")
-    order = np.argsort(np.asarray(lengths), kind="stable")
+    if max_padding is not None and not 0.0 <= max_padding < 1.0:
+        raise ValueError(f"max_padding must be in [0, 1), got {max_padding}")
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
     batches: list[np.ndarray] = []
-    start = 0
+    start, real = 0, 0
     for end in range(1, len(order) + 1):
         rows = end - start
         longest = int(lengths[order[end - 1]])  # sorted ascending: the newest row is the longest
-        if end - start > 1 and (rows > max_rows or rows * longest > max_tokens):
+        too_big = rows > max_rows or rows * longest > max_tokens
+        too_padded = max_padding is not None and rows * longest > 0 and \
+            (rows * longest - real - longest) > max_padding * rows * longest
+        if rows > 1 and (too_big or too_padded):
             batches.append(order[start : end - 1])
-            start = end - 1
+            start, real = end - 1, 0
+        real += longest
     if start < len(order):
         batches.append(order[start:])
     return batches
@@ -86,3 +116,37 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[np.ndarray]) -> f
     lengths = np.asarray(lengths)
     computed = sum(len(b) * int(lengths[b].max()) for b in batches if len(b))
     return 0.0 if computed == 0 else 1.0 - float(lengths.sum()) / computed
+
+
+@dataclass
+class ScoredBatch:
+    scores: np.ndarray  # [N] float32, NaN where the row was not scored
+    tokens: int  # real tokens scored
+    slots: int  # token slots computed: rows * longest row, summed over micro-batches
+    calls: int  # micro-batches scored
+
+
+def score_in_micro_batches(batch: PreprocessedBatch, score: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
+                           max_rows: int, max_tokens: int, max_padding: float | None = None) -> ScoredBatch:
+    """Score the rows whose status is ok with `score(ids, mask) -> [B] or [B, 1]`, in length-sorted micro-batches
+    cut to their longest row. A micro-batch whose `score` raises gets the error as its rows' status (in place in
+    `batch.status`); the other micro-batches are unaffected."""
+    scores = np.full(len(batch.status), np.nan, dtype=np.float32)
+    good = np.flatnonzero([contract.is_ok(s) for s in batch.status])
+    tokens = slots = calls = 0
+    for part in plan_micro_batches(batch.num_tokens[good], max_rows=max_rows, max_tokens=max_tokens,
+                                   max_padding=max_padding):
+        index = good[part]
+        width = int(batch.num_tokens[index].max())
+        try:
+            result = score(np.ascontiguousarray(batch.input_ids[index, :width]),
+                           np.ascontiguousarray(batch.attention_mask[index, :width]))
+        except Exception as exc:  # noqa: BLE001 - becomes these rows' status, never the whole batch's failure
+            for i in index:
+                batch.status[i] = contract.error_status(str(exc))
+            continue
+        scores[index] = np.asarray(result, dtype=np.float32).reshape(-1)
+        tokens += int(batch.num_tokens[index].sum())
+        slots += width * len(index)
+        calls += 1
+    return ScoredBatch(scores, tokens, slots, calls)

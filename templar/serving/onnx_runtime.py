@@ -11,7 +11,8 @@ import numpy as np
 from templar import contract
 
 
-def create_session(path: str | os.PathLike, *, intra_op_threads: int = 0, providers: list[str] | None = None):
+def create_session(path: str | os.PathLike, *, intra_op_threads: int = 0, spinning: bool = False,
+                   providers: list[str] | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -20,6 +21,9 @@ def create_session(path: str | os.PathLike, *, intra_op_threads: int = 0, provid
     # oversubscribed.
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
+    # Without spinning, idle pool threads sleep instead of busy-waiting for the next run: between micro-batches
+    # the cores go to the tokenizer, the other Triton stubs and the trainer that shares the machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(Path(path)), sess_options=options,
                                 providers=providers or ["CPUExecutionProvider"])
 

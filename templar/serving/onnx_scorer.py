@@ -19,7 +19,8 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = create_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")))
+        self.session = create_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")),
+                                      spinning=params.get("intra_op_spinning", "0") == "1")
 
     def execute(self, requests):
         responses = []

@@ -7,15 +7,14 @@ against the config at load, so a hand-edited template cannot be served under the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
-from templar.chat_format import ChatFormat, fingerprint_tokenizer_dir
-from templar.serving.batching import preprocess_rows
+from templar.chat_format import fingerprint_tokenizer_dir
+from templar.serving.batching import load_chat_format, preprocess_rows
 from templar.serving.triton_utils import model_parameters
 
 
@@ -23,20 +22,13 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
-        self.chat_format = ChatFormat.from_dir(
-            folder,
-            max_length=int(params[contract.PARAM_MAX_LENGTH]),
-            special_tokens=params.get(contract.PARAM_SPECIAL_TOKENS, "escape"),
-            template_kwargs=json.loads(params.get(contract.PARAM_TEMPLATE_KWARGS) or "{}"),
-        )
+        self.chat_format, self.pad_id = load_chat_format(folder, params)
         expected = {contract.PARAM_TEMPLATE_SHA256: self.chat_format.template_sha256,
                     contract.PARAM_TOKENIZER_SHA256: fingerprint_tokenizer_dir(folder)}
         for key, actual in expected.items():
             if params.get(key) != actual:
                 raise RuntimeError(f"{args['model_name']}: {key} of {folder} is {actual}, but config.pbtxt records "
                                    f"{params.get(key)}; re-export the model instead of editing it in place")
-        pad = self.chat_format.tokenizer.pad_token_id
-        self.pad_id = 0 if pad is None else int(pad)
 
     def execute(self, requests):
         responses = []

@@ -5,6 +5,10 @@ tokenizer that pads each request to its own length would defeat batching in the 
 batch (all rows of all queued requests) is tokenized by `<rm>_preprocess` in one call, rows are sorted by length into
 micro-batches with little padding, each micro-batch is scored by `<rm>_model`, and scores go back to their rows.
 Rows that failed preprocessing skip the scoring model and keep their error status.
+
+Two counters on Triton's metrics endpoint show what batching achieved: `templar_scored_tokens_total` (real tokens
+scored) and `templar_computed_token_slots_total` (rows * longest row of every micro-batch), per model; padding waste
+is 1 - tokens / slots.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
-from templar.serving.batching import plan_micro_batches
+from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS, PreprocessedBatch, score_in_micro_batches
 from templar.serving.triton_utils import model_parameters
 
 _PREPROCESS_OUTPUTS = [contract.INPUT_IDS, contract.ATTENTION_MASK, contract.STATUS, contract.NUM_TOKENS,
@@ -28,6 +32,17 @@ class TritonPythonModel:
         self.preprocess_max_rows = int(params["preprocess_max_batch_size"])
         self.micro_batch_rows = int(params["micro_batch_rows"])
         self.micro_batch_tokens = int(params["micro_batch_tokens"])
+        padding = params.get("micro_batch_max_padding", "")
+        self.micro_batch_max_padding = float(padding) if padding else None
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        # The families must outlive their metrics (the stub says so), hence both are kept on the instance.
+        self._metric_families = [
+            pb_utils.MetricFamily(name=METRIC_TOKENS, description="real tokens scored by the reward model",
+                                  kind=pb_utils.MetricFamily.COUNTER),
+            pb_utils.MetricFamily(name=METRIC_SLOTS, kind=pb_utils.MetricFamily.COUNTER,
+                                  description="token slots computed (rows * longest row per micro-batch)"),
+        ]
+        self.tokens_metric, self.slots_metric = (family.Metric(labels=labels) for family in self._metric_families)
         # int64 for ONNX graphs; a TensorRT engine in the GPU container takes int32 ids
         self.scoring_ids_dtype = np.dtype(params.get("scoring_ids_dtype", "int64"))
 
@@ -38,26 +53,29 @@ class TritonPythonModel:
             row_counts.append(len(conversations))
             rows.append(conversations)
         try:
-            ids, mask, status, num_tokens, truncated = self._preprocess(np.concatenate(rows))
-            scores = self._score(ids, mask, status, num_tokens)
+            batch = self._preprocess(np.concatenate(rows))
         except _ModelFailure as exc:
             error = pb_utils.TritonError(str(exc))
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        scored = score_in_micro_batches(batch, self._score, max_rows=self.micro_batch_rows,
+                                        max_tokens=self.micro_batch_tokens, max_padding=self.micro_batch_max_padding)
+        self.tokens_metric.increment(float(scored.tokens))
+        self.slots_metric.increment(float(scored.slots))
 
         responses, start = [], 0
         for count in row_counts:
             part = slice(start, start + count)
             start += count
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(contract.SCORE, scores[part].reshape(-1, 1)),
-                pb_utils.Tensor(contract.STATUS, np.array([s.encode("utf-8") for s in status[part]],
+                pb_utils.Tensor(contract.SCORE, scored.scores[part].reshape(-1, 1)),
+                pb_utils.Tensor(contract.STATUS, np.array([s.encode("utf-8") for s in batch.status[part]],
                                                           dtype=np.object_).reshape(-1, 1)),
-                pb_utils.Tensor(contract.NUM_TOKENS, num_tokens[part].reshape(-1, 1)),
-                pb_utils.Tensor(contract.TRUNCATED, truncated[part].reshape(-1, 1)),
+                pb_utils.Tensor(contract.NUM_TOKENS, batch.num_tokens[part].reshape(-1, 1)),
+                pb_utils.Tensor(contract.TRUNCATED, batch.truncated[part].reshape(-1, 1)),
             ]))
         return responses
 
-    def _preprocess(self, rows: np.ndarray):
+    def _preprocess(self, rows: np.ndarray) -> PreprocessedBatch:
         """Tokenize all rows with the RM's own template (in chunks the preprocess model accepts)."""
         parts = []
         for start in range(0, len(rows), self.preprocess_max_rows):
@@ -71,37 +89,33 @@ class TritonPythonModel:
                 raise _ModelFailure(f"{self.preprocess_model} failed: {response.error().message()}")
             parts.append([pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in
                           _PREPROCESS_OUTPUTS])
-        width = max(p[0].shape[1] for p in parts)
-        ids = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1]))) for p in parts])
-        mask = np.concatenate([np.pad(p[1], ((0, 0), (0, width - p[1].shape[1]))) for p in parts])
-        status = [s.decode("utf-8") for p in parts for s in p[2].reshape(-1)]
-        num_tokens = np.concatenate([p[3].reshape(-1) for p in parts]).astype(np.int32)
-        truncated = np.concatenate([p[4].reshape(-1) for p in parts]).astype(bool)
-        return ids, mask, status, num_tokens, truncated
+        if len(parts) == 1:  # the usual case: no re-padding copy
+            ids, mask = parts[0][0], parts[0][1]
+        else:
+            width = max(p[0].shape[1] for p in parts)
+            ids = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1]))) for p in parts])
+            mask = np.concatenate([np.pad(p[1], ((0, 0), (0, width - p[1].shape[1]))) for p in parts])
+        return PreprocessedBatch(
+            input_ids=ids, attention_mask=mask,
+            status=[s.decode("utf-8") for p in parts for s in p[2].reshape(-1)],
+            num_tokens=np.concatenate([p[3].reshape(-1) for p in parts]).astype(np.int32),
+            truncated=np.concatenate([p[4].reshape(-1) for p in parts]).astype(bool))
 
-    def _score(self, ids: np.ndarray, mask: np.ndarray, status: list[str], num_tokens: np.ndarray) -> np.ndarray:
-        """Score the rows that preprocessed cleanly, in length-sorted micro-batches; NaN elsewhere."""
-        scores = np.full(len(status), np.nan, dtype=np.float32)
-        good = np.flatnonzero([contract.is_ok(s) for s in status])
-        for batch in plan_micro_batches(num_tokens[good], max_rows=self.micro_batch_rows,
-                                        max_tokens=self.micro_batch_tokens):
-            index = good[batch]
-            width = int(num_tokens[index].max())
-            response = pb_utils.InferenceRequest(
-                model_name=self.scoring_model,
-                requested_output_names=[contract.SCORE],
-                inputs=[pb_utils.Tensor(contract.INPUT_IDS, np.ascontiguousarray(
-                            ids[index, :width], dtype=self.scoring_ids_dtype)),
-                        pb_utils.Tensor(contract.ATTENTION_MASK, np.ascontiguousarray(
-                            mask[index, :width], dtype=self.scoring_ids_dtype))],
-            ).exec()
-            if response.has_error():
-                message = contract.error_status(f"{self.scoring_model} failed: {response.error().message()}")
-                for i in index:
-                    status[i] = message
-                continue
-            scores[index] = pb_utils.get_output_tensor_by_name(response, contract.SCORE).as_numpy().reshape(-1)
-        return scores
+    def _score(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One micro-batch on the scoring model; raising makes the error these rows' status."""
+        response = pb_utils.InferenceRequest(
+            model_name=self.scoring_model,
+            requested_output_names=[contract.SCORE],
+            inputs=[pb_utils.Tensor(contract.INPUT_IDS, ids.astype(self.scoring_ids_dtype, copy=False)),
+                    pb_utils.Tensor(contract.ATTENTION_MASK, mask.astype(self.scoring_ids_dtype, copy=False))],
+        ).exec()
+        if response.has_error():
+            raise _ModelFailure(f"{self.scoring_model} failed: {response.error().message()}")
+        return pb_utils.get_output_tensor_by_name(response, contract.SCORE).as_numpy()
+
+    def finalize(self):
+        self.tokens_metric = self.slots_metric = None  # metrics before their families (see initialize)
+        self._metric_families = []
 
 
 class _ModelFailure(RuntimeError):

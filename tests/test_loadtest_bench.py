@@ -1,0 +1,207 @@
+"""`templar loadtest` against a real Triton server over real gRPC, and `templar bench` with all four backends really
+running (embedded Triton, in-process ONNX Runtime, in-process torch, the OpenRLHF-style HTTP server in its own
+process) on a tiny RM. Speed is not asserted here (the benchmark prints and saves it); these tests check that the
+tools measure what they say, count errors by their real gRPC codes, stop by themselves, and that every backend
+produces the same scores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from templar import contract
+from templar.cli import main as cli
+from templar.serving.batching import PreprocessedBatch, plan_micro_batches, score_in_micro_batches
+from templar.tools.bench import BenchError, BenchOptions, parse_setting, run_bench
+from templar.tools.http_rm_server import HttpRewardServer
+from templar.tools.loadtest import LoadTestOptions, run
+from templar.tools.repository import EntrySettings
+from templar.tools.torch_rm import TorchRewardModel
+from templar.tools.workload import conversation_mix
+
+from conftest import running
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def server(small_repo):
+    with running(small_repo) as triton:
+        yield triton
+
+
+def _loadtest(server, tmp_path, **kwargs) -> dict:
+    kwargs.setdefault("model", "rm_small")
+    opts = LoadTestOptions(url=server.grpc_url, out=tmp_path / "load.json", quiet=True,
+                           metrics_url=server.metrics_url, **kwargs)
+    return run(opts)
+
+
+def test_loadtest_reports_every_level_and_stops_in_bounded_time(server, tmp_path):
+    started = time.monotonic()
+    report = _loadtest(server, tmp_path, concurrency=[1, 4], duration_s=1.5, batch=4, conversations=64)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2 * 1.5 + 20, f"two 1.5 s levels took {elapsed:.1f}s"
+    saved = json.loads((tmp_path / "load.json").read_text())
+    assert saved["levels"] == report["levels"] and (tmp_path / "load.png").read_bytes()[:8] == PNG_MAGIC
+    assert [level["concurrency"] for level in saved["levels"]] == [1, 4]
+    for level in saved["levels"]:
+        assert level["errors"] == {} and level["row_errors"] == 0
+        assert level["ok_requests"] == level["requests"] > 0
+        assert level["conversations"] == level["ok_rows"] and level["conversations"] <= 4 * level["requests"]
+        assert level["conversations_per_s"] == pytest.approx(level["conversations"] / level["wall_s"])
+        assert level["requests_per_s"] == pytest.approx(level["requests"] / level["wall_s"])
+        assert level["tokens_per_s"] > level["conversations_per_s"]
+        latency = level["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+        # a level stops issuing requests at its duration; the last ones finish right after
+        assert 1.5 <= level["wall_s"] < 1.5 + latency["max"] / 1e3 + 1.0
+        server_side = level["server"]  # from Triton's statistics and the entry model's padding counters
+        assert 0 < server_side["preprocess_share_of_wall"] < 1
+        assert 0 <= server_side["padding_waste"] < 1 and server_side["scoring_calls"] >= 1
+    assert saved["machine"]["cpus"] >= 1 and saved["workload"]["distinct_conversations"] == 64
+
+
+def test_loadtest_stops_after_a_request_count(server, tmp_path):
+    report = _loadtest(server, tmp_path, concurrency=[3], duration_s=None, requests=7, batch=2, warmup_requests=0)
+    level = report["levels"][0]
+    assert level["requests"] == 7 and level["conversations"] == 14
+
+
+def test_errors_are_counted_by_grpc_code(server, tmp_path):
+    missing = _loadtest(server, tmp_path, model="no_such_rm", concurrency=[2], duration_s=None, requests=5)
+    assert missing["model"] == "no_such_rm"
+    level = missing["levels"][0]
+    assert level["errors"] == {"NOT_FOUND": 5} and level["ok_requests"] == 0
+    assert level["latency_ms"]["p50"] is None and "no_such_rm" in level["error_examples"]["NOT_FOUND"]
+    # more rows than the entry's max_batch_size (256): rejected by the server, not by the client
+    too_big = _loadtest(server, tmp_path, concurrency=[1], duration_s=None, requests=2, batch=300,
+                        conversations=300, warmup_requests=0)
+    assert too_big["levels"][0]["errors"] == {"INVALID_ARGUMENT": 2}
+
+
+def test_bad_rows_are_counted_inside_ok_requests(server, tmp_path):
+    good = json.dumps(conversation_mix(1)[0])
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join([good, "{not json", good, json.dumps({"messages": [{"role": "user", "content": "?"}]})])
+                    + "\n")
+    report = _loadtest(server, tmp_path, concurrency=[1], duration_s=None, requests=2, batch=4, data=data,
+                       warmup_requests=0)
+    level = report["levels"][0]
+    assert level["errors"] == {} and level["ok_requests"] == 2
+    assert level["row_errors"] == 4 and level["ok_rows"] == 4
+    assert any("not JSON" in message for message in level["error_examples"].values())
+
+
+def test_loadtest_command_line(server, tmp_path, capsys):
+    out = tmp_path / "cli.json"
+    code = cli(["loadtest", "--url", server.grpc_url, "--model", "rm_small", "--concurrency", "2", "--requests", "3",
+                "--batch", "2", "--out", str(out)])
+    assert code == 0 and json.loads(out.read_text())["levels"][0]["requests"] == 3
+    assert cli(["loadtest", "--url", server.grpc_url, "--model", "nope", "--concurrency", "1", "--requests",
+                "1", "--out", str(out)]) == 1  # every request failed
+    assert cli(["loadtest", "--model", "rm_small", "--concurrency", "0,x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert cli(["loadtest", "--url", "127.0.0.1:1", "--model", "rm_small", "--requests", "1", "--out",
+                str(out)]) == 2
+    assert "no Triton server answers at 127.0.0.1:1" in capsys.readouterr().err
+    assert cli(["loadtest", "--url", server.grpc_url, "--model", "rm_small", "--requests", "1", "--data",
+                str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_runs_all_four_backends_with_the_same_scores(assets, tmp_path):
+    opts = BenchOptions(out=tmp_path / "bench", size="tiny", conversations=24, batch=4, concurrency=4, torch_batch=4,
+                        max_length=1024, warmup=2,
+                        settings=EntrySettings(entry_instances=1, intra_op_threads=1, micro_batch_tokens=2048))
+    report = run_bench(opts, log=lambda _: None)
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(report["summary"]))
+    assert (tmp_path / "bench" / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    assert set(saved["backends"]) == {"templar", "onnxruntime", "torch", "http"}
+    for name, backend in saved["backends"].items():
+        assert backend["conversations"] == 24 and backend["conversations_per_s"] > 0, name
+    summary = saved["summary"]
+    assert summary["reference"] == "torch"
+    assert max(summary["max_abs_diff_vs_reference"].values()) <= 1e-4
+    assert set(summary["ratios"]) == {"templar_vs_torch", "templar_vs_http", "templar_vs_onnxruntime",
+                                      "templar_vs_bare_onnxruntime"}
+    assert summary["targets"]["scores within 1e-4 of torch"]["met"]
+    served = saved["backends"]["templar"]["server"]
+    assert 0 < served["preprocess_share_of_wall"] < 1 and 0 <= served["padding_waste"] < 1
+    # identical micro-batching logic in-process and served: arrival-order batches waste more than sorted ones
+    assert saved["backends"]["torch"]["padding_waste"] > saved["backends"]["onnxruntime"]["padding_waste"]
+    assert saved["model"]["non_embedding_parameters"] < saved["model"]["parameters"]
+    assert saved["workload"]["conversations"] == 24 and saved["workload"]["max_tokens"] > saved["workload"][
+        "median_tokens"]
+
+
+def test_bench_rejects_bad_options(tmp_path):
+    with pytest.raises(BenchError, match="unknown backends"):
+        run_bench(BenchOptions(out=tmp_path, backends=["triton"]), log=lambda _: None)
+    with pytest.raises(BenchError, match="--size must be one of"):
+        run_bench(BenchOptions(out=tmp_path, size="huge", conversations=2), log=lambda _: None)
+    assert parse_setting("queue_delay_us=500") == ("queue_delay_us", 500)
+    assert parse_setting("micro_batch_max_padding=0.1") == ("micro_batch_max_padding", 0.1)
+    assert parse_setting("intra_op_spinning=true") == ("intra_op_spinning", True)
+    with pytest.raises(ValueError, match="NAME one of"):
+        parse_setting("queue_delay=5")
+    with pytest.raises(ValueError, match="takes a number"):
+        parse_setting("queue_delay_us=soon")
+
+
+def test_openrlhf_style_http_server_scores_like_the_rms_own_reference(tiny_rms, references):
+    model_dir = tiny_rms["llama3_1"]
+    conversations = conversation_mix(5, seed=3)
+    reference = references["llama3_1"]
+    expected = [reference.score(c["messages"]) for c in conversations]
+    local = TorchRewardModel(model_dir, max_length=1024)
+    texts = local.render(conversations)
+    # padded batches (left padding, as serve_rm) give the unpadded per-row scores
+    np.testing.assert_allclose(local.score_texts(texts, batch_size=3), expected, atol=1e-4)
+
+    async def post(url: str, body) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/get_reward", json=body) as response:
+                return response.status, await response.json()
+
+    with HttpRewardServer(model_dir, max_length=1024) as server:
+        status, body = asyncio.run(post(server.url, {"query": texts}))
+        assert status == 200
+        np.testing.assert_allclose(body["rewards"], expected, atol=1e-4)
+        status, body = asyncio.run(post(server.url, {"queries": texts}))
+        assert status == 400 and "query" in body["error"]
+
+
+def test_padding_budget_cuts_micro_batches():
+    # sorted 10, 11, 20, 21: [10, 11, 20] would pad 10 + 9 = 19 of 60 slots (32%) > 15%: cut before 20
+    assert [b.tolist() for b in plan_micro_batches([20, 10, 21, 11], max_rows=8, max_tokens=1000,
+                                                   max_padding=0.15)] == [[1, 3], [0, 2]]
+    assert len(plan_micro_batches([20, 10, 21, 11], max_rows=8, max_tokens=1000)) == 1
+    with pytest.raises(ValueError, match="max_padding"):
+        plan_micro_batches([1], max_rows=1, max_tokens=1, max_padding=1.0)
+
+
+def test_a_failing_micro_batch_costs_only_its_rows():
+    lengths = np.array([3, 9, 4, 8])
+    ids = np.zeros((4, 9), np.int64)
+    mask = (np.arange(9) < lengths[:, None]).astype(np.int64)
+    batch = PreprocessedBatch(ids, mask, ["ok", "ok", "error: not JSON", "ok"], lengths.astype(np.int32),
+                              np.zeros(4, bool))
+
+    def score(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if ids.shape[1] > 5:  # the scoring model fails on the long micro-batch
+            raise RuntimeError("rm_model failed: out of memory")
+        return mask.sum(1).astype(np.float32)
+
+    scored = score_in_micro_batches(batch, score, max_rows=8, max_tokens=12)
+    assert scored.scores[0] == 3 and np.isnan(scored.scores[1:]).all()
+    assert batch.status == ["ok", "error: rm_model failed: out of memory", "error: not JSON",
+                            "error: rm_model failed: out of memory"]
+    assert (scored.tokens, scored.slots, scored.calls) == (3, 3, 1)
+    assert contract.is_ok(batch.status[0])

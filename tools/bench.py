@@ -1,0 +1,611 @@
+"""`templar bench`: one reward model, one set of conversations, four ways of scoring them, side by side in one run.
+
+    templar      Templar over gRPC: the embedded Triton server, `concurrency` requests of `batch` conversations in
+                 flight (the reward client's pattern), each conversation sent once
+    onnxruntime  ONNX Runtime in-process on the same exported model, the same session settings and the same
+                 length-sorted micro-batches (`templar.serving.batching`, chunks of the entry's max_batch_size);
+                 "bare" is the time spent inside ONNX Runtime alone
+    torch        Hugging Face torch in-process, the local RM of today's RLHF frameworks: the RM's template, one padded
+                 forward per `torch_batch` conversations in arrival order, float32, sdpa attention
+    http         an OpenRLHF `serve_rm`-style server (FastAPI + uvicorn, torch forward per request) in its own
+                 process, `concurrency` clients posting `batch` RM-templated texts each
+    torch-sorted (on request) torch on Templar's micro-batches: splits the gain into batching and runtime
+
+Every backend scores the same conversations (after a short warm-up); the report gives conversations/s, ratios, the
+served path's preprocessing share and padding waste, and the largest score difference to torch. Other processes'
+CPU use during each timed phase is recorded too: on a shared machine, figures with much of it are disturbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from templar import contract
+from templar.conversation import conversation_rows
+from templar.serving.batching import (PreprocessedBatch, load_chat_format, padding_fraction, preprocess_rows,
+                                      score_in_micro_batches)
+from templar.serving.onnx_runtime import create_session, run_scores
+from templar.tools.loadtest import drive, grpc_client, machine_info, make_payloads, server_figures, snapshot
+from templar.tools.repository import EntrySettings
+from templar.tools.tiny_models import FAMILY_BACKBONE, TinySize, build_tiny_model
+from templar.tools.workload import WorkloadError, conversations_from
+
+BACKENDS = ("templar", "onnxruntime", "torch", "http")
+EXTRA_BACKENDS = ("torch-sorted",)  # on request: torch on Templar's micro-batches (where does the gain come from?)
+RM_NAME = "rm_bench"
+# "base": a CPU-sized RM (31M non-embedding parameters on a Llama backbone); "tiny": the test suite's size.
+SIZES = {
+    "base": TinySize(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                     intermediate_size=2048),
+    "tiny": TinySize(),
+}
+TARGETS = {  # name -> (ratio or share key, threshold, "min" | "max")
+    "served >= 1.5x in-process HF torch": ("templar_vs_torch", 1.5, "min"),
+    "served >= 3x OpenRLHF-style HTTP server": ("templar_vs_http", 3.0, "min"),
+    "served >= 0.9x bare in-process ONNX Runtime": ("templar_vs_bare_onnxruntime", 0.9, "min"),
+    "preprocessing <= 10% of served time": ("preprocess_share", 0.10, "max"),
+    "padding waste <= 15% of tokens": ("padding_waste", 0.15, "max"),
+    "scores within 1e-4 of torch": ("max_abs_diff_vs_torch", 1e-4, "max"),
+}
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run; the message says why."""
+
+
+@dataclass
+class BenchOptions:
+    out: Path = Path("bench-results")  # bench.json, bench.png
+    work: Path | None = None  # model, model repository and server logs (default: OUT/work)
+    model: Path | None = None  # a Hugging Face RM folder; default: a random RM of `size` on `family`'s tokenizer
+    family: str = "llama3_1"
+    size: str = "base"
+    conversations: int = 256
+    data: Path | None = None  # JSONL conversations instead of the built-in mix
+    seed: int = 0
+    batch: int = 32  # conversations per gRPC / HTTP request (the reward client's rows_per_request)
+    concurrency: int = 8  # requests in flight (the reward client's max_in_flight)
+    torch_batch: int = 8  # in-process torch micro-batch (OpenRLHF's micro_rollout_batch_size default)
+    max_length: int = 2048
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    warmup: int = 8  # conversations each backend scores before it is timed
+    settings: EntrySettings = field(default_factory=EntrySettings)
+    fusions: bool = False  # rewrite the exported graph with onnxruntime.transformers' fusions (parity-checked)
+    timeout_s: float = 900.0  # per request
+
+
+@dataclass
+class BackendResult:
+    name: str
+    description: str
+    seconds: float
+    conversations: int
+    scores: np.ndarray
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conversations_per_s(self) -> float:
+        return self.conversations / self.seconds if self.seconds > 0 else 0.0
+
+
+class CpuMonitor:
+    """CPU seconds used by processes outside this benchmark (and its children) while a phase runs."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil = psutil
+
+    def _ours(self) -> float:
+        me = self.psutil.Process()
+        total = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except self.psutil.Error:
+                pass
+        return total
+
+    def _all(self) -> float:
+        t = self.psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+    def __enter__(self) -> "CpuMonitor":
+        self.started, self.all0, self.ours0 = time.perf_counter(), self._all(), self._ours()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.started
+        self.foreign_s = max(0.0, (self._all() - self.all0) - (self._ours() - self.ours0))
+        self.foreign_share = self.foreign_s / max(1e-9, wall * (self.psutil.cpu_count() or 1))
+
+
+# -- the model ------------------------------------------------------------------------------------------------------
+def non_embedding_parameters(model_dir: Path) -> tuple[int, int]:
+    """(all parameters, parameters outside the token embedding) from the safetensors headers."""
+    from safetensors import safe_open
+
+    total = embedding = 0
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as f:
+            for key in f.keys():
+                count = int(np.prod(f.get_slice(key).get_shape()))
+                total += count
+                embedding += count if "embed_tokens" in key else 0
+    return total, total - embedding
+
+
+def prepare_model(opts: BenchOptions, work: Path, log: Callable[[str], None]) -> Path:
+    if opts.model is not None:
+        if not (opts.model / "config.json").is_file():
+            raise BenchError(f"--model {opts.model} is not a Hugging Face model folder (no config.json)")
+        return opts.model
+    if opts.size not in SIZES:
+        raise BenchError(f"--size must be one of {', '.join(SIZES)}, got {opts.size!r}")
+    if opts.family not in FAMILY_BACKBONE:
+        raise BenchError(f"--family must be one of {', '.join(FAMILY_BACKBONE)}, got {opts.family!r}")
+    folder = work / f"rm_{opts.family}_{opts.size}"
+    if not (folder / "config.json").is_file():  # deterministic (seeded), so a kept folder is the same model
+        log(f"building a random {opts.size} RM on the {opts.family} tokenizer in {folder}")
+        build_tiny_model(opts.family, folder, kind="reward", seed=opts.seed, size=SIZES[opts.size])
+    return folder
+
+
+def export(model_dir: Path, repo: Path, opts: BenchOptions, log: Callable[[str], None]):
+    from templar.tools.export_onnx import ExportError, ExportOptions, export_reward_model
+
+    try:
+        return export_reward_model(ExportOptions(model=model_dir, name=RM_NAME, repo=repo, max_length=opts.max_length,
+                                                 settings=opts.settings), log=lambda m: log("  " + m))
+    except ExportError as exc:
+        raise BenchError(f"export failed: {exc}") from None
+
+
+def apply_transformer_fusions(onnx_path: Path, model_dir: Path, check_rows: Sequence[bytes],
+                              chat_format_and_pad, tolerance: float = 1e-4) -> dict[str, Any]:
+    """Replace `onnx_path` by the graph onnxruntime.transformers' optimizer fuses (residual add + RMSNorm into
+    SkipSimplifiedLayerNormalization, ...), after checking on padded batches of `check_rows` that the scores stay
+    within `tolerance`. Returns the fused-operator counts and the largest difference."""
+    from onnxruntime.transformers import optimizer
+
+    config = json.loads((model_dir / "config.json").read_text())
+    fused = optimizer.optimize_model(str(onnx_path), model_type="gpt2", num_heads=config["num_attention_heads"],
+                                     hidden_size=config["hidden_size"], opt_level=0)
+    candidate = onnx_path.with_name("fused.onnx")
+    fused.save_model_to_file(str(candidate))
+    chat_format, pad_id = chat_format_and_pad
+    batch = preprocess_rows(chat_format, list(check_rows), pad_id=pad_id)
+    before = run_scores(create_session(onnx_path), batch.input_ids, batch.attention_mask).reshape(-1)
+    after = run_scores(create_session(candidate), batch.input_ids, batch.attention_mask).reshape(-1)
+    diff = float(np.max(np.abs(before.astype(np.float64) - after)))
+    if not diff <= tolerance:
+        candidate.unlink()
+        raise BenchError(f"the fused graph differs from the exported one by {diff:.2e} > {tolerance}")
+    candidate.replace(onnx_path)
+    return {"fused_operators": {k: v for k, v in fused.get_fused_operator_statistics().items() if v},
+            "max_abs_diff_vs_unfused": diff}
+
+
+# -- the four backends ----------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    opts: BenchOptions
+    model_dir: Path
+    repo: Path
+    rows: list[dict[str, Any]]
+    parameters: dict[str, str]  # the export's model-config parameters (max_length, template_kwargs, ...)
+    log: Callable[[str], None]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        return json.loads(self.parameters.get(contract.PARAM_TEMPLATE_KWARGS) or "{}")
+
+    def chat_format(self):
+        """(ChatFormat, pad id) exactly as the served preprocessing model loads them."""
+        folder = self.repo / contract.preprocess_model_name(RM_NAME) / "1" / "tokenizer"
+        return load_chat_format(folder, self.parameters)
+
+    @property
+    def scoring_onnx(self) -> Path:
+        return self.repo / contract.scoring_model_name(RM_NAME) / "1" / "model.onnx"
+
+    def torch_model(self):
+        if "torch" not in self.cache:
+            from templar.tools.torch_rm import TorchRewardModel
+
+            self.cache["torch"] = TorchRewardModel(self.model_dir, max_length=self.opts.max_length,
+                                                   template_kwargs=self.template_kwargs)
+        return self.cache["torch"]
+
+    def texts(self) -> list[str]:
+        """The RM-templated text of every conversation (what a client of the HTTP server sends)."""
+        if "texts" not in self.cache:
+            self.cache["texts"] = self.torch_model().render(self.rows)
+        return self.cache["texts"]
+
+
+def run_templar(ctx: Context) -> BackendResult:
+    from templar.tools.serve import EmbeddedTriton, free_port
+
+    opts = ctx.opts
+    server = EmbeddedTriton(ctx.repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                            log_file=ctx.repo.parent / "tritonserver.log")
+    ctx.log("  starting the embedded Triton server")
+    with server:
+        payloads = make_payloads(ctx.rows, opts.batch)
+        warmup = make_payloads(ctx.rows[: opts.warmup], opts.batch)
+
+        async def go():
+            client = grpc_client(server.grpc_url)
+            try:
+                await drive(client, RM_NAME, warmup, 1, timeout_s=opts.timeout_s, cycle=False)
+                before = await snapshot(client, RM_NAME, server.metrics_url)
+                with CpuMonitor() as cpu:
+                    outcomes, wall = await drive(client, RM_NAME, payloads, opts.concurrency,
+                                                 timeout_s=opts.timeout_s, cycle=False)
+                after = await snapshot(client, RM_NAME, server.metrics_url)
+            finally:
+                await client.close()
+            return outcomes, wall, cpu, server_figures(RM_NAME, before, after, wall)
+
+        outcomes, wall, cpu, figures = asyncio.run(go())
+    failed = [o for o in outcomes if o.code != "OK"]
+    if failed:
+        raise BenchError(f"{len(failed)} gRPC requests failed, e.g. {failed[0].code}: {failed[0].message}")
+    scores = np.concatenate([o.scores for o in outcomes])
+    latencies = np.array([o.latency_s for o in outcomes])
+    return BackendResult("templar", f"Templar over gRPC ({opts.concurrency} x {opts.batch}-conversation requests in "
+                         "flight)", wall, len(scores), scores,
+                         {"server": figures, "foreign_cpu_share": cpu.foreign_share,
+                          "request_latency_s": {"p50": float(np.percentile(latencies, 50)),
+                                                "p99": float(np.percentile(latencies, 99))}})
+
+
+def _in_process(ctx: Context, name: str, description: str,
+                run: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> BackendResult:
+    """The served path's steps in this process: chunks of the entry's batch size, the RM's template and tokenizer
+    (`preprocess_rows`), length-sorted micro-batches (`score_in_micro_batches`) scored by `run`."""
+    s = ctx.opts.settings
+    chat_format, pad_id = ctx.chat_format()
+    inside = {"run_s": 0.0}
+
+    def score(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        result = run(ids, mask)
+        inside["run_s"] += time.perf_counter() - started
+        return result
+
+    def score_all(rows: Sequence[bytes]) -> tuple[np.ndarray, int, int, float]:
+        scores, tokens, slots, preprocess_s = [], 0, 0, 0.0
+        for start in range(0, len(rows), s.max_batch_size):
+            began = time.perf_counter()
+            batch: PreprocessedBatch = preprocess_rows(chat_format, rows[start : start + s.max_batch_size],
+                                                       pad_id=pad_id)
+            preprocess_s += time.perf_counter() - began
+            if not all(contract.is_ok(status) for status in batch.status):
+                bad = next(status for status in batch.status if not contract.is_ok(status))
+                raise BenchError(f"a conversation failed preprocessing: {bad}")
+            scored = score_in_micro_batches(batch, score, max_rows=s.micro_batch_rows, max_tokens=s.micro_batch_tokens,
+                                            max_padding=s.micro_batch_max_padding)
+            scores.append(scored.scores)
+            tokens, slots = tokens + scored.tokens, slots + scored.slots
+        return np.concatenate(scores), tokens, slots, preprocess_s
+
+    rows = conversation_rows(ctx.rows)
+    score_all(rows[: ctx.opts.warmup])
+    inside["run_s"] = 0.0
+    with CpuMonitor() as cpu:
+        started = time.perf_counter()
+        scores, tokens, slots, preprocess_s = score_all(rows)
+        wall = time.perf_counter() - started
+    return BackendResult(name, description, wall, len(scores), scores,
+                         {"model_run_s": inside["run_s"], "preprocess_s": preprocess_s,
+                          "padding_waste": 1.0 - tokens / slots if slots else 0.0,
+                          "foreign_cpu_share": cpu.foreign_share})
+
+
+def run_onnxruntime(ctx: Context) -> BackendResult:
+    s = ctx.opts.settings
+    session = create_session(ctx.scoring_onnx, intra_op_threads=s.intra_op_threads, spinning=s.intra_op_spinning)
+    return _in_process(ctx, "onnxruntime", "ONNX Runtime in-process, same micro-batches",
+                       lambda ids, mask: run_scores(session, ids, mask))
+
+
+def run_torch_sorted(ctx: Context) -> BackendResult:
+    """Not one of the four: torch on Templar's micro-batches, to split the gain into batching and runtime."""
+    import torch
+
+    scorer = ctx.torch_model().scorer
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return scorer(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    return _in_process(ctx, "torch-sorted", "HF torch in-process on Templar's length-sorted micro-batches", run)
+
+
+def run_torch(ctx: Context) -> BackendResult:
+    model = ctx.torch_model()
+    size = ctx.opts.torch_batch
+    model.score(ctx.rows[: ctx.opts.warmup], size)
+    with CpuMonitor() as cpu:
+        started = time.perf_counter()
+        scores = model.score(ctx.rows, size)  # template + tokenize + forward, as an in-process RM does
+        wall = time.perf_counter() - started
+    lengths = [len(ids) for ids in model.tokenizer(ctx.texts(), add_special_tokens=False)["input_ids"]]
+    batches = [np.arange(i, min(i + size, len(lengths))) for i in range(0, len(lengths), size)]
+    return BackendResult("torch", f"HF torch in-process ({size} conversations per padded forward, arrival order)",
+                         wall, len(scores), scores,
+                         {"padding_waste": padding_fraction(lengths, batches), "foreign_cpu_share": cpu.foreign_share})
+
+
+def run_http(ctx: Context) -> BackendResult:
+    import aiohttp
+
+    from templar.tools.http_rm_server import HttpRewardServer
+
+    opts = ctx.opts
+    texts = ctx.texts()  # templated before timing: the trainer of such a setup already holds the text
+    chunks = [texts[i : i + opts.batch] for i in range(0, len(texts), opts.batch)]
+
+    async def post_all(parts: list[list[str]], concurrency: int, url: str) -> list[list[float]]:
+        results: list[list[float] | None] = [None] * len(parts)
+        next_index = 0
+        timeout = aiohttp.ClientTimeout(total=opts.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async def worker() -> None:
+                nonlocal next_index
+                while next_index < len(parts):
+                    index = next_index
+                    next_index += 1
+                    async with session.post(url + "/get_reward", json={"query": parts[index]}) as response:
+                        body = await response.json()
+                        if response.status != 200:
+                            raise BenchError(f"the HTTP server answered {response.status}: {body}")
+                        results[index] = body["rewards"]
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results
+
+    ctx.log("  starting the OpenRLHF-style HTTP server")
+    with HttpRewardServer(ctx.model_dir, max_length=opts.max_length, template_kwargs=ctx.template_kwargs,
+                          log_file=ctx.repo.parent / "http_server.log") as server:
+        asyncio.run(post_all([texts[: opts.warmup]], 1, server.url))
+        with CpuMonitor() as cpu:
+            started = time.perf_counter()
+            rewards = asyncio.run(post_all(chunks, opts.concurrency, server.url))
+            wall = time.perf_counter() - started
+    scores = np.array([r for part in rewards for r in part], dtype=np.float32)
+    lengths = [len(ids) for ids in ctx.torch_model().tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    batches = [np.arange(i, min(i + opts.batch, len(lengths))) for i in range(0, len(lengths), opts.batch)]
+    return BackendResult("http", f"OpenRLHF-style HTTP server ({opts.concurrency} x {opts.batch}-text requests, "
+                         "torch forward per request)", wall, len(scores), scores,
+                         {"padding_waste": padding_fraction(lengths, batches), "foreign_cpu_share": cpu.foreign_share})
+
+
+RUNNERS: dict[str, Callable[[Context], BackendResult]] = {
+    "templar": run_templar, "onnxruntime": run_onnxruntime, "torch": run_torch, "http": run_http,
+    "torch-sorted": run_torch_sorted}
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+def summarise(results: dict[str, BackendResult], ctx: Context) -> dict[str, Any]:
+    throughput = {name: r.conversations_per_s for name, r in results.items()}
+    ratios: dict[str, float] = {}
+    served = throughput.get("templar")
+    if served:
+        for other in ("torch", "http", "onnxruntime", "torch-sorted"):
+            if throughput.get(other):
+                ratios[f"templar_vs_{other}"] = served / throughput[other]
+        if "onnxruntime" in results:
+            bare = results["onnxruntime"].conversations / results["onnxruntime"].details["model_run_s"]
+            ratios["templar_vs_bare_onnxruntime"] = served / bare
+            throughput["onnxruntime_bare"] = bare
+    order = ("templar", "onnxruntime_bare", "onnxruntime", "torch-sorted", "torch", "http")
+    throughput = {name: throughput[name] for name in order if name in throughput}
+    reference_name = "torch" if "torch" in results else next(iter(results))
+    reference = results[reference_name].scores
+    diffs = {name: float(np.max(np.abs(r.scores.astype(np.float64) - reference))) for name, r in results.items()}
+    figures: dict[str, float] = dict(ratios)
+    figures[f"max_abs_diff_vs_{reference_name}"] = max(diffs.values())
+    server = results["templar"].details.get("server", {}) if "templar" in results else {}
+    if "preprocess_share_of_wall" in server:
+        figures["preprocess_share"] = server["preprocess_share_of_wall"]
+    if "padding_waste" in server:
+        figures["padding_waste"] = server["padding_waste"]
+    targets = {}
+    for name, (key, threshold, kind) in TARGETS.items():
+        if key in figures:
+            value = figures[key]
+            targets[name] = {"value": value, "threshold": threshold,
+                             "met": bool(value >= threshold if kind == "min" else value <= threshold)}
+    disturbed = {name: r.details.get("foreign_cpu_share", 0.0) for name, r in results.items()}
+    return {"throughput_conversations_per_s": throughput, "ratios": ratios,
+            "max_abs_diff_vs_reference": diffs, "reference": reference_name, "targets": targets,
+            "foreign_cpu_share": disturbed}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    throughput = report["summary"]["throughput_conversations_per_s"]
+    names = [n for n in ("templar", "onnxruntime_bare", "onnxruntime", "torch-sorted", "torch", "http")
+             if n in throughput]
+    labels = {"templar": "Templar\n(gRPC)", "onnxruntime": "ONNX Runtime\nin-process", "onnxruntime_bare":
+              "ONNX Runtime\n(bare run time)", "torch": "HF torch\nin-process", "http": "OpenRLHF-style\nHTTP",
+              "torch-sorted": "HF torch on\nsorted batches"}
+    values = [throughput[n] for n in names]
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))
+    bars = ax.bar([labels[n] for n in names], values,
+                  color=["tab:green" if n == "templar" else "tab:gray" for n in names])
+    served = throughput.get("templar")
+    for bar, name, value in zip(bars, names, values, strict=True):
+        note = f"{value:.2f}/s" + (f"\nTemplar = x{served / value:.2f}" if served and name != "templar" else "")
+        ax.annotate(note, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_ylabel("conversations / s")
+    ax.set_ylim(0, max(values) * 1.25)
+    model = report["model"]
+    ax.set_title(f"{model['non_embedding_parameters'] / 1e6:.0f}M non-embedding parameters, "
+                 f"{report['workload']['conversations']} conversations, {report['machine']['cpus']} CPU cores",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    unknown = [b for b in opts.backends if b not in BACKENDS + EXTRA_BACKENDS]
+    if unknown or not opts.backends:
+        raise BenchError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS + EXTRA_BACKENDS)}")
+    for name, value in (("--batch", opts.batch), ("--concurrency", opts.concurrency),
+                        ("--torch-batch", opts.torch_batch), ("--conversations", opts.conversations)):
+        if value < 1:
+            raise BenchError(f"{name} must be at least 1, got {value}")
+    work = opts.work or opts.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = conversations_from(opts.data, None if opts.data else opts.conversations, seed=opts.seed)
+    except WorkloadError as exc:
+        raise BenchError(str(exc)) from None
+    model_dir = prepare_model(opts, work, log)
+    total, non_embedding = non_embedding_parameters(model_dir)
+    log(f"exporting {model_dir} ({total / 1e6:.1f}M parameters, {non_embedding / 1e6:.1f}M outside the embedding)")
+    report_export = export(model_dir, work / "model_repository", opts, log)
+    ctx = Context(opts, model_dir, work / "model_repository", rows, report_export.parameters, log)
+    fusions = None
+    if opts.fusions:
+        fusions = apply_transformer_fusions(ctx.scoring_onnx, model_dir, conversation_rows(rows[:16]),
+                                            ctx.chat_format())
+        log(f"transformer fusions: {fusions}")
+    chat_format, _ = ctx.chat_format()
+    lengths = np.array(preprocess_rows(chat_format, conversation_rows(rows)).num_tokens)
+    log(f"{len(rows)} conversations, {int(lengths.sum())} tokens (mean {lengths.mean():.0f}, median "
+        f"{np.median(lengths):.0f}, max {lengths.max()})")
+
+    results: dict[str, BackendResult] = {}
+    for name in opts.backends:
+        log(f"[{name}] scoring {len(rows)} conversations ...")
+        results[name] = RUNNERS[name](ctx)
+        r = results[name]
+        log(f"[{name}] {r.conversations_per_s:.2f} conversations/s ({r.seconds:.1f}s)")
+    summary = summarise(results, ctx)
+    report = {
+        "tool": "templar bench",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "model": {"source": str(opts.model) if opts.model else f"random {opts.size} RM on {opts.family}",
+                  "parameters": total, "non_embedding_parameters": non_embedding,
+                  "export_parity_max_abs_diff": report_export.max_abs_diff, "max_length": opts.max_length,
+                  "transformer_fusions": fusions},
+        "workload": {"source": str(opts.data) if opts.data else "built-in mix (tools/workload.py)",
+                     "conversations": len(rows), "tokens": int(lengths.sum()), "mean_tokens": float(lengths.mean()),
+                     "median_tokens": float(np.median(lengths)), "max_tokens": int(lengths.max()), "seed": opts.seed},
+        "options": {"batch": opts.batch, "concurrency": opts.concurrency, "torch_batch": opts.torch_batch,
+                    "warmup": opts.warmup, "settings": dataclasses.asdict(opts.settings)},
+        "backends": {name: {"description": r.description, "seconds": r.seconds, "conversations": r.conversations,
+                            "conversations_per_s": r.conversations_per_s, **r.details}
+                     for name, r in results.items()},
+        "summary": summary,
+    }
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, opts.out / "bench.png")
+    print_summary(report, log)
+    log(f"wrote {opts.out / 'bench.json'} and {opts.out / 'bench.png'}")
+    return report
+
+
+def print_summary(report: dict[str, Any], log: Callable[[str], None]) -> None:
+    summary = report["summary"]
+    served = summary["throughput_conversations_per_s"].get("templar")
+    log("")
+    log(f"{'backend':<18}{'conv/s':>10}{'Templar is':>13}{'max |diff|':>13}{'other CPU':>11}")
+    for name, value in summary["throughput_conversations_per_s"].items():
+        ratio = f"x{served / value:.2f}" if served and name != "templar" else ""
+        diff = summary["max_abs_diff_vs_reference"].get(name.replace("_bare", ""), float("nan"))
+        foreign = summary["foreign_cpu_share"].get(name.replace("_bare", ""), 0.0)
+        log(f"{name:<18}{value:>10.2f}{ratio:>13}{diff:>13.2e}{foreign:>10.0%}")
+    for name, target in summary["targets"].items():
+        log(f"  {'MET    ' if target['met'] else 'NOT MET'}  {name}: {target['value']:.4g} "
+            f"(threshold {target['threshold']})")
+    disturbed = [n for n, share in summary["foreign_cpu_share"].items() if share > 0.05]
+    if disturbed:
+        log(f"warning: other processes used more than 5% of the CPU during {', '.join(disturbed)}; "
+            "those figures are disturbed")
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """`name=value` for an EntrySettings field, converted to the field's type."""
+    name, sep, value = text.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(EntrySettings)}
+    if not sep or name not in fields:
+        raise ValueError(f"--setting takes NAME=VALUE with NAME one of {', '.join(fields)}; got {text!r}")
+    default = getattr(EntrySettings(), name)
+    if value.lower() in ("none", "") and "None" in str(fields[name].type):
+        return name, None
+    if isinstance(default, bool):
+        if value.lower() not in ("1", "0", "true", "false"):
+            raise ValueError(f"--setting {name} takes true or false, got {value!r}")
+        return name, value.lower() in ("1", "true")
+    try:
+        return name, (float(value) if "float" in str(fields[name].type) else int(value))
+    except ValueError:
+        raise ValueError(f"--setting {name} takes a number, got {value!r}") from None
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (bench.json, bench.png)")
+    parser.add_argument("--work", type=Path, help="folder for the model, repository and logs (default: OUT/work)")
+    parser.add_argument("--model", type=Path, help="Hugging Face RM folder (default: a random RM of --size)")
+    parser.add_argument("--family", default="llama3_1", help="tokenizer + template of the random RM")
+    parser.add_argument("--size", default="base", help=f"size of the random RM: {', '.join(SIZES)}")
+    parser.add_argument("--conversations", type=int, default=256, help="size of the built-in mix")
+    parser.add_argument("--data", type=Path, help='JSONL conversations {"messages": [...]} instead of the mix')
+    parser.add_argument("--batch", type=int, default=32, help="conversations per gRPC / HTTP request")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--torch-batch", type=int, default=8, help="conversations per in-process torch forward")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of "
+                        + ", ".join(BACKENDS) + f" (default: all four), plus {', '.join(EXTRA_BACKENDS)}")
+    parser.add_argument("--warmup", type=int, default=8, help="conversations scored by each backend before timing")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a serving knob (EntrySettings), e.g. queue_delay_us=0; repeatable")
+    parser.add_argument("--fusions", action="store_true", help="apply onnxruntime.transformers' graph fusions "
+                        "to the exported model first (checked for score parity)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
+    try:
+        settings = EntrySettings(**dict(parse_setting(s) for s in args.setting))
+    except ValueError as exc:
+        print(f"templar bench: error: {exc}", file=sys.stderr)
+        return 2
+    opts = BenchOptions(out=args.out, work=args.work, model=args.model, family=args.family, size=args.size,
+                        conversations=args.conversations, data=args.data, seed=args.seed, batch=args.batch,
+                        concurrency=args.concurrency, torch_batch=args.torch_batch, max_length=args.max_length,
+                        backends=[b.strip() for b in args.backends.split(",") if b.strip()], warmup=args.warmup,
+                        settings=settings, fusions=args.fusions)
+    try:
+        report = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except BenchError as exc:
+        print(f"templar bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"throughput_conversations_per_s": report["summary"]["throughput_conversations_per_s"],
+                      "ratios": report["summary"]["ratios"]}))
+    return 0

@@ -1,0 +1,141 @@
+"""An HTTP reward server in the style of OpenRLHF's `serve_rm` (the benchmark's baseline (d)).
+
+As there: FastAPI + uvicorn, `POST /get_reward` with `{"query": [text, ...]}` answers `{"rewards": [...]}`, the
+texts are tokenized with padding and scored by one torch forward per request (in chunks of `--batch-size` when
+given), inside the async handler, so requests are served one at a time. Differences, both so that scores can be
+compared with the other backends to 1e-4: the model runs in float32 (OpenRLHF's default is bf16), and the text is
+used exactly as the RM's own chat template rendered it (serve_rm strips and re-appends the EOS string and lets the
+tokenizer add a BOS, which changes the tokens of templated text).
+
+Run it as `python -m templar.tools.http_rm_server --model DIR --port 5000`; `HttpRewardServer` starts it in a
+separate process (so the benchmark's client does not share an interpreter with it) and waits until it answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's annotations here
+from fastapi.responses import JSONResponse
+
+from templar.tools.serve import DEFAULT_HOST, _die_with_parent, free_port
+
+
+def create_app(model_dir: str | Path, *, max_length: int, batch_size: int | None,
+               template_kwargs: dict | None) -> FastAPI:
+    from templar.tools.torch_rm import TorchRewardModel
+
+    model = TorchRewardModel(model_dir, max_length=max_length, template_kwargs=template_kwargs)
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": str(model_dir), "kind": model.kind}
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        try:
+            data = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the body is not JSON"}, status_code=400)
+        queries = data.get("query") if isinstance(data, dict) else None
+        if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries) or not queries:
+            return JSONResponse({"error": 'expected {"query": [text, ...]} with at least one text'}, status_code=400)
+        # Blocking on purpose: serve_rm runs the forward inside the handler, one request at a time.
+        rewards = model.score_texts(queries, batch_size).tolist()
+        return JSONResponse({"rewards": rewards})
+
+    return app
+
+
+class HttpRewardServer:
+    """The OpenRLHF-style server in a child process; a context manager."""
+
+    def __init__(self, model_dir: str | Path, *, max_length: int = 4096, batch_size: int | None = None,
+                 template_kwargs: dict | None = None, host: str = DEFAULT_HOST, port: int | None = None,
+                 startup_timeout_s: float = 300.0, log_file: str | Path | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.host, self.port = host, port or free_port(host)
+        self.args = ["--model", str(self.model_dir), "--host", host, "--port", str(self.port),
+                     "--max-len", str(max_length), "--template-kwargs", json.dumps(template_kwargs or {})]
+        if batch_size:
+            self.args += ["--batch-size", str(batch_size)]
+        self.startup_timeout_s = startup_timeout_s
+        self.log_file = Path(log_file) if log_file else None
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "HttpRewardServer":
+        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        try:
+            self.process = subprocess.Popen([sys.executable, "-m", "templar.tools.http_rm_server", *self.args],
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                                            preexec_fn=_die_with_parent)
+        finally:
+            if self.log_file:
+                log.close()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the HTTP reward server exited with code {self.process.returncode} while "
+                                   f"starting (log: {self.log_file or 'not kept'})")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the HTTP reward server did not answer within {self.startup_timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> "HttpRewardServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m templar.tools.http_rm_server", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, type=Path, help="Hugging Face reward model folder")
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--max-len", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=None, help="texts per forward (default: the request)")
+    parser.add_argument("--template-kwargs", type=json.loads, default={})
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import uvicorn
+
+    app = create_app(args.model, max_length=args.max_len, batch_size=args.batch_size,
+                     template_kwargs=args.template_kwargs)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

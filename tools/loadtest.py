@@ -1,0 +1,442 @@
+"""`templar loadtest`: an asyncio gRPC load generator for a served reward model.
+
+For each concurrency level, `concurrency` workers send requests of `batch` conversations back to back (each waits
+for its answer before sending the next, like the trainer's reward client with `max_in_flight` requests), from a
+realistic mix of lengths (tools/workload.py) or a JSONL file. A level stops by itself after `--duration` seconds or
+`--requests` requests; requests still in flight then get at most their deadline (`--timeout`) to finish, so a level
+never runs longer than duration + timeout. Reported per level: conversations/s and requests/s, latency p50/p95/p99,
+request errors by gRPC code, rows the server answered with an error status, and (for Templar RMs) the server's
+preprocessing share and padding waste. Results: a JSON report and a PNG plot (throughput and p99 vs concurrency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from templar import contract
+from templar.conversation import conversation_rows
+from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS
+from templar.tools.workload import WorkloadError, conversation_mix, invalid_rows, read_rows
+from templar.trainer.reward_client import MAX_GRPC_MESSAGE_BYTES, _status_code
+
+DEFAULT_CONCURRENCY = (1, 4, 16, 64)
+
+
+class LoadTestError(RuntimeError):
+    """The load test cannot run; the message says why."""
+
+
+@dataclass
+class LoadTestOptions:
+    url: str = "127.0.0.1:8001"  # gRPC host:port
+    model: str = ""  # the RM's name in Triton
+    concurrency: list[int] = field(default_factory=lambda: list(DEFAULT_CONCURRENCY))
+    duration_s: float | None = 10.0  # per level; None with `requests` set: stop by count only
+    requests: int | None = None  # per level: stop after this many requests
+    batch: int = 32  # conversations per request (the reward client's rows_per_request)
+    data: Path | None = None  # JSONL conversations; default: the built-in mix
+    conversations: int = 512  # size of the built-in mix (distinct conversations cycled through)
+    timeout_s: float = 60.0  # deadline of one request
+    warmup_requests: int = 2  # per level, not measured (first-call costs, connection set-up)
+    out: Path = Path("loadtest.json")
+    plot: Path | None = None  # default: `out` with .png
+    metrics_url: str | None = None  # Triton metrics endpoint (http://host:8002/metrics) for padding waste
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class RequestOutcome:
+    index: int  # which payload was sent
+    latency_s: float
+    code: str  # "OK" or the gRPC status code name
+    message: str = ""
+    scores: np.ndarray | None = None
+    status: list[str] | None = None
+    num_tokens: np.ndarray | None = None
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int  # answered or failed within the level (warm-up excluded)
+    ok_requests: int
+    conversations: int  # rows of OK requests
+    ok_rows: int  # rows the server scored ("ok" status)
+    row_errors: int  # rows with an "error: ..." status inside OK requests
+    wall_s: float
+    conversations_per_s: float
+    requests_per_s: float
+    tokens_per_s: float
+    latency_ms: dict[str, float | None]
+    errors: dict[str, int]  # gRPC code -> failed requests
+    error_examples: dict[str, str]  # gRPC code / row error -> one message
+    server: dict[str, Any] = field(default_factory=dict)
+
+
+# -- building requests ----------------------------------------------------------------------------------------------
+def make_payloads(rows: Sequence[Any], batch: int) -> list[np.ndarray]:
+    """Wire rows cut into [batch, 1] BYTES tensors (the last one may be shorter). Rows may be dicts or raw bytes."""
+    if batch < 1:
+        raise LoadTestError(f"--batch must be at least 1, got {batch}")
+    encoded = [r if isinstance(r, bytes) else conversation_rows([r])[0] for r in rows]
+    return [np.array(encoded[i : i + batch], dtype=np.object_).reshape(-1, 1) for i in range(0, len(encoded), batch)]
+
+
+def grpc_client(url: str):
+    import tritonclient.grpc.aio as grpcclient
+
+    return grpcclient.InferenceServerClient(url, channel_args=[
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES)])
+
+
+async def send(client, model: str, payload: np.ndarray, index: int, timeout_s: float) -> RequestOutcome:
+    """One request; never raises for a server or transport error (it becomes the outcome's code)."""
+    import tritonclient.grpc.aio as grpcclient
+
+    tensor = grpcclient.InferInput(contract.CONVERSATION, list(payload.shape), "BYTES")
+    tensor.set_data_from_numpy(payload)
+    outputs = [grpcclient.InferRequestedOutput(name) for name in contract.ENTRY_OUTPUTS]
+    started = time.perf_counter()
+    try:
+        result = await client.infer(model, [tensor], outputs=outputs, client_timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - classified by gRPC code
+        message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+        return RequestOutcome(index, time.perf_counter() - started, _status_code(exc), str(message))
+    latency = time.perf_counter() - started
+    return RequestOutcome(index, latency, "OK", scores=result.as_numpy(contract.SCORE).reshape(-1),
+                          status=[s.decode("utf-8") for s in result.as_numpy(contract.STATUS).reshape(-1)],
+                          num_tokens=result.as_numpy(contract.NUM_TOKENS).reshape(-1))
+
+
+async def drive(client, model: str, payloads: Sequence[np.ndarray], concurrency: int, *, timeout_s: float,
+                duration_s: float | None = None, max_requests: int | None = None, cycle: bool = True,
+                progress: Callable[[int, float], None] | None = None) -> tuple[list[RequestOutcome], float]:
+    """`concurrency` workers send payloads (in order, cycling when `cycle`) until `duration_s` has passed or
+    `max_requests` were sent (without `cycle`: each payload once). Returns the outcomes and the wall time."""
+    if not payloads:
+        raise LoadTestError("no requests to send")
+    limit = max_requests if max_requests is not None else (None if cycle else len(payloads))
+    if limit is None and duration_s is None:
+        raise LoadTestError("a load level needs a duration or a request count")
+    outcomes: list[RequestOutcome] = []
+    next_index = 0
+    started = time.perf_counter()
+    stop_at = started + duration_s if duration_s is not None else float("inf")
+
+    async def worker() -> None:
+        nonlocal next_index
+        while time.perf_counter() < stop_at and (limit is None or next_index < limit):
+            index = next_index
+            next_index += 1
+            outcomes.append(await send(client, model, payloads[index % len(payloads)], index, timeout_s))
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            progress(len(outcomes), time.perf_counter() - started)
+
+    reporter = asyncio.ensure_future(report()) if progress else None
+    try:
+        # every request carries its own deadline, so the gather ends by stop_at + timeout_s at the latest
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        if reporter:
+            reporter.cancel()
+    return sorted(outcomes, key=lambda o: o.index), time.perf_counter() - started
+
+
+# -- server-side figures ------------------------------------------------------------------------------------------
+async def model_stats(client, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Cumulative Triton statistics per model (execution/inference counts and time in ns); {} for unknown models."""
+    out = {}
+    for name in names:
+        try:
+            stats = (await client.get_inference_statistics(name, as_json=True))["model_stats"]
+        except Exception:  # noqa: BLE001 - not a Templar RM, or no such model: no server-side figures
+            continue
+        if not stats:
+            continue
+        s = stats[0]
+        infer = s.get("inference_stats", {})
+        out[name] = {
+            "executions": int(s.get("execution_count", 0)),
+            "inferences": int(s.get("inference_count", 0)),
+            **{f"{k}_ns": int(infer.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer",
+                                                                       "compute_output", "queue")},
+        }
+    return out
+
+
+def read_counters(metrics_url: str | None, names: Sequence[str], model: str) -> dict[str, float]:
+    """Prometheus counters of `model` from Triton's metrics endpoint; {} when no URL was given or unreachable."""
+    if not metrics_url:
+        return {}
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(name + "{") and f'model="{model}"' in line:
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+@dataclass
+class ServerSnapshot:
+    stats: dict[str, dict[str, int]]  # Triton statistics of the entry, preprocess and scoring models
+    counters: dict[str, float]  # the entry model's token counters (padding waste)
+
+
+async def snapshot(client, model: str, metrics_url: str | None) -> ServerSnapshot:
+    names = (model, contract.preprocess_model_name(model), contract.scoring_model_name(model))
+    return ServerSnapshot(await model_stats(client, names), read_counters(metrics_url, (METRIC_TOKENS, METRIC_SLOTS),
+                                                                         model))
+
+
+def server_figures(model: str, before: ServerSnapshot, after: ServerSnapshot, wall_s: float) -> dict[str, Any]:
+    """Preprocessing share and padding waste of what happened between two snapshots."""
+    delta = {name: {k: after.stats[name][k] - before.stats.get(name, {}).get(k, 0) for k in after.stats[name]}
+             for name in after.stats}
+    figures: dict[str, Any] = {}
+    pre, scorer = delta.get(contract.preprocess_model_name(model)), delta.get(contract.scoring_model_name(model))
+    entry = delta.get(model)  # its compute times count once per request of a batch: only counts are used
+    busy = lambda d: (d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"]) / 1e9  # noqa: E731
+    if pre is not None and wall_s > 0:
+        figures["preprocess_s"] = busy(pre)
+        figures["preprocess_share_of_wall"] = busy(pre) / wall_s  # one preprocess instance: share of the time
+    if scorer is not None and wall_s > 0:
+        figures["scoring_s"] = busy(scorer)
+        figures["scorer_busy_share"] = busy(scorer) / wall_s
+        figures["scoring_calls"] = scorer["executions"]
+        figures["rows_per_scoring_call"] = scorer["inferences"] / max(1, scorer["executions"])
+    if entry is not None:
+        figures["entry_executions"] = entry["executions"]
+        figures["rows_per_entry_execution"] = entry["inferences"] / max(1, entry["executions"])
+    tokens = after.counters.get(METRIC_TOKENS, 0) - before.counters.get(METRIC_TOKENS, 0)
+    slots = after.counters.get(METRIC_SLOTS, 0) - before.counters.get(METRIC_SLOTS, 0)
+    if slots > 0:
+        figures["padding_waste"] = 1.0 - tokens / slots
+        figures["computed_token_slots"] = int(slots)
+    return figures
+
+
+# -- one level, the whole run -------------------------------------------------------------------------------------
+def summarise(concurrency: int, outcomes: Sequence[RequestOutcome], wall_s: float) -> LevelResult:
+    ok = [o for o in outcomes if o.code == "OK"]
+    errors = Counter(o.code for o in outcomes if o.code != "OK")
+    examples = {o.code: o.message for o in outcomes if o.code != "OK"}
+    row_status = [s for o in ok for s in o.status]
+    bad_rows = [s for s in row_status if not contract.is_ok(s)]
+    for s in bad_rows[:20]:
+        examples.setdefault("row: " + s[len(contract.ERROR_PREFIX):][:40], s)
+    rows = len(row_status)
+    tokens = int(sum(int(o.num_tokens.sum()) for o in ok))
+    latencies = np.array([o.latency_s for o in ok]) * 1e3
+    pct = (lambda q: round(float(np.percentile(latencies, q)), 2)) if len(latencies) else (lambda q: None)
+    return LevelResult(
+        concurrency=concurrency, requests=len(outcomes), ok_requests=len(ok), conversations=rows,
+        ok_rows=rows - len(bad_rows), row_errors=len(bad_rows), wall_s=wall_s,
+        conversations_per_s=rows / wall_s if wall_s > 0 else 0.0,
+        requests_per_s=len(ok) / wall_s if wall_s > 0 else 0.0, tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
+        latency_ms={"p50": pct(50), "p95": pct(95), "p99": pct(99),
+                    "mean": round(float(latencies.mean()), 2) if len(latencies) else None,
+                    "max": round(float(latencies.max()), 2) if len(latencies) else None},
+        errors=dict(errors), error_examples=examples)
+
+
+async def run_level(client, opts: LoadTestOptions, payloads: Sequence[np.ndarray], concurrency: int,
+                    log: Callable[[str], None]) -> LevelResult:
+    if opts.warmup_requests:
+        await drive(client, opts.model, payloads, min(concurrency, opts.warmup_requests), timeout_s=opts.timeout_s,
+                    max_requests=opts.warmup_requests)
+    before = await snapshot(client, opts.model, opts.metrics_url)
+
+    def progress(done: int, elapsed: float) -> None:
+        log(f"  concurrency {concurrency:>3}: {elapsed:5.1f}s  {done} requests")
+
+    outcomes, wall = await drive(client, opts.model, payloads, concurrency, timeout_s=opts.timeout_s,
+                                 duration_s=opts.duration_s, max_requests=opts.requests, progress=progress)
+    after = await snapshot(client, opts.model, opts.metrics_url)
+    result = summarise(concurrency, outcomes, wall)
+    result.server = server_figures(opts.model, before, after, wall)
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {"cpus": os.cpu_count(), "cpu_model": model or platform.processor(), "platform": platform.platform(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "load_average_1m": os.getloadavg()[0]}
+
+
+async def run_async(opts: LoadTestOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    if not opts.model:
+        raise LoadTestError("--model is required")
+    if not opts.concurrency or min(opts.concurrency) < 1:
+        raise LoadTestError(f"concurrency levels must be positive integers, got {opts.concurrency}")
+    if opts.duration_s is None and opts.requests is None:
+        raise LoadTestError("give --duration or --requests")
+    if (opts.duration_s is not None and opts.duration_s <= 0) or (opts.requests is not None and opts.requests < 1):
+        raise LoadTestError("--duration and --requests must be positive")
+    try:
+        rows = read_rows(opts.data) if opts.data else conversation_mix(opts.conversations, seed=opts.seed)
+    except (WorkloadError, ValueError) as exc:
+        raise LoadTestError(str(exc)) from None
+    if opts.data:
+        problems = invalid_rows(rows)
+        if problems:  # sent anyway: how the server answers bad rows is part of what a load test shows
+            index, problem = next(iter(problems.items()))
+            log(f"warning: {len(problems)} of {len(rows)} rows in {opts.data} are not valid conversations (e.g. row "
+                f"{index}: {problem}); the server will answer them with error statuses")
+    payloads = make_payloads(rows, opts.batch)
+    client = grpc_client(opts.url)
+    try:
+        try:
+            live = await client.is_server_live(client_timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            raise LoadTestError(f"no Triton server answers at {opts.url}: {_status_code(exc)}") from None
+        if not live:
+            raise LoadTestError(f"the server at {opts.url} is not live")
+        try:
+            ready = await client.is_model_ready(opts.model, client_timeout=10)
+        except Exception:  # noqa: BLE001
+            ready = False
+        if not ready:
+            log(f"warning: model {opts.model!r} is not ready on {opts.url}; its requests will fail (counted by code)")
+        levels = []
+        for concurrency in opts.concurrency:
+            level = await run_level(client, opts, payloads, concurrency, log)
+            levels.append(level)
+            latency = level.latency_ms
+            log(f"concurrency {concurrency:>3}: {level.conversations_per_s:8.2f} conv/s  {level.requests_per_s:7.2f} "
+                f"req/s  p50 {latency['p50']} ms  p99 {latency['p99']} ms  errors {level.errors or 0}  "
+                f"row errors {level.row_errors}")
+    finally:
+        await client.close()
+    return {
+        "tool": "templar loadtest", "url": opts.url, "model": opts.model, "batch": opts.batch,
+        "duration_s": opts.duration_s, "requests_per_level": opts.requests, "timeout_s": opts.timeout_s,
+        "workload": {"source": str(opts.data) if opts.data else "built-in mix (tools/workload.py)",
+                     "distinct_conversations": len(rows), "seed": opts.seed},
+        "machine": machine_info(), "levels": [asdict(level) for level in levels],
+    }
+
+
+def plot_levels(levels: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Throughput (conversations/s) and p99 latency against concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [level["concurrency"] for level in levels]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(x, [level["conversations_per_s"] for level in levels], "o-", color="tab:blue", label="conversations/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("conversations / s", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    right = ax.twinx()
+    p99 = np.array([level["latency_ms"]["p99"] or np.nan for level in levels], dtype=float)
+    seconds = np.nanmax(p99, initial=0.0) > 5000  # long queues read better in seconds
+    right.plot(x, p99 / 1e3 if seconds else p99, "s--", color="tab:red", label="p99 latency")
+    right.set_ylabel(f"p99 latency ({'s' if seconds else 'ms'})", color="tab:red")
+    right.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(opts: LoadTestOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    say = (lambda _: None) if opts.quiet else log
+    report = asyncio.run(run_async(opts, say))
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot = opts.plot or opts.out.with_suffix(".png")
+    plot_levels(report["levels"], plot, f"{opts.model} on {opts.url}, {opts.batch} conversations/request")
+    report["files"] = {"json": str(opts.out), "plot": str(plot)}
+    say(f"wrote {opts.out} and {plot}")
+    return report
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency takes comma-separated integers, e.g. 1,4,16,64; got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--concurrency levels must be positive, got {text!r}")
+    return levels
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint host:port")
+    parser.add_argument("--model", required=True, help="reward model name")
+    parser.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
+                        help="comma-separated concurrency levels (requests in flight)")
+    stop = parser.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=float, help="seconds per level (default 10)")
+    stop.add_argument("--requests", type=int, help="requests per level")
+    parser.add_argument("--batch", type=int, default=32, help="conversations per request")
+    parser.add_argument("--data", type=Path, help='JSONL conversations {"messages": [...]} (default: built-in mix)')
+    parser.add_argument("--conversations", type=int, default=512, help="size of the built-in mix")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of one request in seconds")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests before each level")
+    parser.add_argument("--metrics-url", help="Triton metrics endpoint, e.g. http://127.0.0.1:8002/metrics "
+                        "(adds the server's padding waste)")
+    parser.add_argument("--out", type=Path, default=Path("loadtest.json"), help="JSON report (plot beside it)")
+    parser.add_argument("--plot", type=Path, help="PNG plot (default: the report's name with .png)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in mix")
+
+
+def main(args) -> int:
+    try:
+        levels = parse_levels(args.concurrency)
+    except ValueError as exc:
+        print(f"templar loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    opts = LoadTestOptions(
+        url=args.url, model=args.model, concurrency=levels,
+        duration_s=args.duration if args.duration is not None else (None if args.requests else 10.0),
+        requests=args.requests, batch=args.batch, data=args.data, conversations=args.conversations,
+        timeout_s=args.timeout, warmup_requests=args.warmup, out=args.out, plot=args.plot,
+        metrics_url=args.metrics_url, seed=args.seed)
+    try:
+        report = run(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except LoadTestError as exc:
+        print(f"templar loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({level["concurrency"]: {k: level[k] for k in ("conversations_per_s", "requests_per_s",
+                                                                    "errors", "row_errors")}
+                      for level in report["levels"]}, indent=None))
+    return 0 if all(level["ok_requests"] for level in report["levels"]) else 1
