@@ -48,6 +48,10 @@ class ServeProcess:
                     break
         raise AssertionError(f"never saw {text!r}; output:\n{''.join(self.output)}")
 
+    def printed(self, label: str) -> str:
+        """The value of a `  label   value` line of the start-up banner."""
+        return next(line.split(None, 1)[1].strip() for line in self.output if line.startswith(f"  {label} "))
+
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.process.pid).children(recursive=True)
 
@@ -104,9 +108,12 @@ def test_two_servers_serve_side_by_side_and_stop_without_leftovers(small_repo, s
         assert sum("triton_python_backend_stub" in " ".join(p.cmdline()) for p in children) == 3
         prefix = f"templar{first.process.pid}x"
         assert any(p.name.startswith(prefix) for p in Path("/dev/shm").iterdir())
+        workdir = Path(first.printed("log")).parent  # the temporary folder of backends and log
+        assert workdir.name.startswith("templar-triton-") and workdir.is_dir()
         first.process.send_signal(stop_signal)
         assert first.process.wait(timeout=60) == 0
         time.sleep(0.5)
+        assert not workdir.exists()  # a clean stop leaves nothing in the temp folder
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(prefix)]
         assert score_once(second.ports["grpc"]) == pytest.approx(scores[1], abs=1e-6)  # the other one is untouched

@@ -572,14 +572,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (bench.json, bench.png)")
     parser.add_argument("--work", type=Path, help="folder for the model, repository and logs (default: OUT/work)")
     parser.add_argument("--model", type=Path, help="Hugging Face RM folder (default: a random RM of --size)")
-    parser.add_argument("--family", default="llama3_1", help="tokenizer + template of the random RM")
-    parser.add_argument("--size", default="base", help=f"size of the random RM: {', '.join(SIZES)}")
-    parser.add_argument("--conversations", type=int, default=256, help="size of the built-in mix")
-    parser.add_argument("--data", type=Path, help='JSONL conversations {"messages": [...]} instead of the mix')
-    parser.add_argument("--batch", type=int, default=32, help="conversations per gRPC / HTTP request")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    parser.add_argument("--torch-batch", type=int, default=8, help="conversations per in-process torch forward")
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--family", default="llama3_1",
+                        help="tokenizer + template of the random RM (default: %(default)s)")
+    parser.add_argument("--size", default="base",
+                        help=f"size of the random RM: {', '.join(SIZES)} (default: %(default)s)")
+    parser.add_argument("--conversations", type=int, default=256,
+                        help="size of the built-in mix (default: %(default)s)")
+    parser.add_argument("--data", type=Path,
+                        help='JSONL conversations {"messages": [...]} instead of the mix (all its rows)')
+    parser.add_argument("--batch", type=int, default=32,
+                        help="conversations per gRPC / HTTP request (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    parser.add_argument("--torch-batch", type=int, default=8,
+                        help="conversations per in-process torch forward (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=2048, help="the RM's token limit (default: %(default)s)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of "
                         + ", ".join(BACKENDS) + f" (default: all four), plus {', '.join(EXTRA_BACKENDS)}")
     parser.add_argument("--warmup", type=int, default=8, help="conversations scored by each backend before timing")

@@ -205,10 +205,19 @@ class ServerSnapshot:
     counters: dict[str, float]  # the entry model's token counters (padding waste)
 
 
-async def snapshot(client, model: str, metrics_url: str | None) -> ServerSnapshot:
+async def snapshot(client, model: str, metrics_url: str | None, settle_s: float = 2.0) -> ServerSnapshot:
+    """Triton's statistics and the token counters. A model's statistics are recorded when its execute() returns,
+    which can be just after the client got its answer: wait (up to `settle_s`) until two reads agree."""
     names = (model, contract.preprocess_model_name(model), contract.scoring_model_name(model))
-    return ServerSnapshot(await model_stats(client, names), read_counters(metrics_url, (METRIC_TOKENS, METRIC_SLOTS),
-                                                                         model))
+    stats = await model_stats(client, names)
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        again = await model_stats(client, names)
+        if again == stats:
+            break
+        stats = again
+    return ServerSnapshot(stats, read_counters(metrics_url, (METRIC_TOKENS, METRIC_SLOTS), model))
 
 
 def server_figures(model: str, before: ServerSnapshot, after: ServerSnapshot, wall_s: float) -> dict[str, Any]:
@@ -400,17 +409,19 @@ def parse_levels(text: str) -> list[int]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint host:port")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint host:port (default: %(default)s)")
     parser.add_argument("--model", required=True, help="reward model name")
     parser.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
-                        help="comma-separated concurrency levels (requests in flight)")
+                        help="comma-separated concurrency levels, requests in flight (default: %(default)s)")
     stop = parser.add_mutually_exclusive_group()
-    stop.add_argument("--duration", type=float, help="seconds per level (default 10)")
+    stop.add_argument("--duration", type=float, help="seconds per level (10 when neither this nor --requests)")
     stop.add_argument("--requests", type=int, help="requests per level")
-    parser.add_argument("--batch", type=int, default=32, help="conversations per request")
+    parser.add_argument("--batch", type=int, default=32, help="conversations per request (default: %(default)s)")
     parser.add_argument("--data", type=Path, help='JSONL conversations {"messages": [...]} (default: built-in mix)')
-    parser.add_argument("--conversations", type=int, default=512, help="size of the built-in mix")
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of one request in seconds")
+    parser.add_argument("--conversations", type=int, default=512,
+                        help="size of the built-in mix (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="deadline of one request in seconds (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests before each level")
     parser.add_argument("--metrics-url", help="Triton metrics endpoint, e.g. http://127.0.0.1:8002/metrics "
                         "(adds the server's padding waste)")

@@ -90,6 +90,7 @@ class EmbeddedTriton:
         self.shm_prefix = f"templar{os.getpid()}x{secrets.token_hex(4)}_"
         self._workdir: Path | None = None
         self._log_file = Path(log_file) if log_file else None
+        self._log_in_workdir = log_file is None  # a fresh temporary log per start()
         self.process: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
@@ -143,7 +144,7 @@ class EmbeddedTriton:
         backends = self._workdir / "backends"
         shutil.copytree(server_dir / "backends", backends)
         shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
-        if self._log_file is None:
+        if self._log_in_workdir:
             self._log_file = self._workdir / "tritonserver.log"
         env = dict(os.environ)
         libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -210,6 +211,7 @@ class EmbeddedTriton:
         """Graceful SIGTERM, then SIGKILL for whatever is left of the process group; frees shared memory."""
         with self._lock:
             process, self.process = self.process, None
+            died_by_itself = process is not None and process.poll() is not None
             if process is not None:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
@@ -226,8 +228,13 @@ class EmbeddedTriton:
             for segment in Path("/dev/shm").glob(self.shm_prefix + "*"):
                 segment.unlink(missing_ok=True)
             if self._workdir is not None:
-                # keep the log when it lives in the work folder and the caller may still want it
-                shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+                # a log in the work folder is kept only when the server died by itself (someone will want to read
+                # it); otherwise the folder goes, so repeated runs leave nothing behind in the temp folder
+                if self._log_in_workdir and died_by_itself:
+                    shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+                else:
+                    shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
 
     def __enter__(self) -> "EmbeddedTriton":
         return self.start() if self.process is None else self
@@ -264,7 +271,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
-    parser.add_argument("--log-file", type=Path, help="tritonserver log (default: a temporary file)")
+    parser.add_argument("--log-file", type=Path, help="tritonserver log (default: a temporary file, kept only if the server dies)")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the models")
 
 
