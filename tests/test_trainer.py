@@ -156,7 +156,8 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(triton, tiny_actor, tmp_
 
 def test_a_dead_reward_server_costs_rows_not_the_run(small_repo, tiny_actor, tmp_path):
     out = tmp_path / "run"
-    with running(small_repo) as server:
+    # the log goes to tmp_path: a server that died is otherwise left with its log in /tmp for someone to read
+    with running(small_repo, log_file=tmp_path / "tritonserver.log") as server:
         run = start_train(*small_run(out, tiny_actor, server.grpc_url, "reward.models=[{name: rm_small}]",
                                      "reward.max_attempts=2", "reward.request_timeout_s=5", steps=5))
         wait_until(lambda: len(metric_steps(out)) >= 2, what="two steps")
