@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import queue
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +21,7 @@ import tritonclient.grpc as grpcclient
 
 from templar import contract
 from templar.samples import sample_conversations
-from templar.tools.serve import free_port
+from templar.tools.serve import EmbeddedTriton, ServerError, free_port
 
 
 class ServeProcess:
@@ -122,3 +124,32 @@ def test_two_servers_serve_side_by_side_and_stop_without_leftovers(small_repo, s
             if server.process.poll() is None:
                 server.process.send_signal(signal.SIGTERM)
                 server.process.wait(timeout=60)
+
+
+def test_a_server_that_dies_keeps_its_log_for_reading(small_repo):
+    server = ServeProcess(small_repo)
+    try:
+        server.wait_for("Ctrl-C stops it.")
+        log = Path(server.printed("log"))
+        triton = [p for p in server.descendants() if p.name() == "tritonserver"][0]
+        triton.kill()  # a crash, not a stop
+        assert server.process.wait(timeout=60) == 1
+        assert "tritonserver stopped unexpectedly" in "".join(server.output)
+        assert "Started GRPCInferenceService" in log.read_text()  # the log survives the failure
+        assert not (log.parent / "backends").exists()  # the copied backends do not
+    finally:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(timeout=60)
+    shutil.rmtree(log.parent)
+
+
+def test_a_server_that_never_gets_ready_names_its_kept_log(small_repo):
+    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
+    server = EmbeddedTriton(small_repo, **ports, startup_timeout_s=0.5)
+    with pytest.raises(ServerError, match=r"was not ready after 0s \(log: ") as failure:
+        server.start()
+    log = Path(re.search(r"\(log: (\S+)\)", str(failure.value)).group(1))
+    assert log.is_file() and log.parent.name.startswith("templar-triton-")
+    assert not server.alive()
+    shutil.rmtree(log.parent)

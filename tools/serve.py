@@ -174,7 +174,7 @@ class EmbeddedTriton:
         try:
             self._wait_ready(progress)
         except BaseException:
-            self.stop()
+            self.stop(keep_log=True)  # a server that never got ready is a failure someone will want to read
             raise
         return self
 
@@ -183,8 +183,8 @@ class EmbeddedTriton:
         last_note = 0.0
         while time.monotonic() < deadline:
             if not self.alive():
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting:\n"
-                                  + self.log_tail())
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting "
+                                  f"(log: {self._log_file}):\n" + self.log_tail())
             if _http_status(f"{self.http_url}/v2/health/ready") == 200:
                 not_ready = [m for m in self.repository_index() if m.get("state") != "READY"]
                 if not not_ready:
@@ -193,7 +193,8 @@ class EmbeddedTriton:
                 progress("waiting for the models to load ...")
                 last_note = time.monotonic()
             time.sleep(0.25)
-        raise ServerError(f"tritonserver was not ready after {self.startup_timeout_s:.0f}s:\n" + self.log_tail())
+        raise ServerError(f"tritonserver was not ready after {self.startup_timeout_s:.0f}s (log: {self._log_file}):\n"
+                          + self.log_tail())
 
     def repository_index(self) -> list[dict]:
         request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
@@ -207,8 +208,9 @@ class EmbeddedTriton:
             text = []
         return "\n".join(text[-lines:])
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Graceful SIGTERM, then SIGKILL for whatever is left of the process group; frees shared memory."""
+    def stop(self, timeout_s: float = 30.0, keep_log: bool = False) -> None:
+        """Graceful SIGTERM, then SIGKILL for whatever is left of the process group; frees shared memory.
+        A temporary log is kept when the server died by itself or `keep_log` is set, and removed otherwise."""
         with self._lock:
             process, self.process = self.process, None
             died_by_itself = process is not None and process.poll() is not None
@@ -228,9 +230,9 @@ class EmbeddedTriton:
             for segment in Path("/dev/shm").glob(self.shm_prefix + "*"):
                 segment.unlink(missing_ok=True)
             if self._workdir is not None:
-                # a log in the work folder is kept only when the server died by itself (someone will want to read
-                # it); otherwise the folder goes, so repeated runs leave nothing behind in the temp folder
-                if self._log_in_workdir and died_by_itself:
+                # a log in the work folder is kept only after a failure (someone will want to read it); otherwise
+                # the folder goes, so repeated runs leave nothing behind in the temp folder
+                if self._log_in_workdir and (died_by_itself or keep_log):
                     shutil.rmtree(self._workdir / "backends", ignore_errors=True)
                 else:
                     shutil.rmtree(self._workdir, ignore_errors=True)
@@ -271,7 +273,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
-    parser.add_argument("--log-file", type=Path, help="tritonserver log (default: a temporary file, kept only if the server dies)")
+    parser.add_argument("--log-file", type=Path,
+                        help="tritonserver log (default: a temporary file, kept only if the server fails)")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the models")
 
 
