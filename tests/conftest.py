@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from templar.tools.assets import fetch_all, template_path, tokenizer_dir  # noqa: E402
 from templar.tools.export_onnx import ExportOptions, export_reward_model  # noqa: E402
 from templar.tools.repository import EntrySettings  # noqa: E402
-from templar.tools.serve import EmbeddedTriton, free_port  # noqa: E402
+from templar.tools.serve import EmbeddedTriton, free_server_ports  # noqa: E402
 from templar.tools.tiny_models import build_tiny_model  # noqa: E402
 
 # Every family `templar assets` fetches; each becomes a served RM named rm_<family>.
@@ -85,8 +85,7 @@ def served_repo(tiny_rms, tmp_path_factory) -> ServedRepo:
 
 
 def start_server(repo: Path, **kwargs) -> EmbeddedTriton:
-    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
-    return EmbeddedTriton(repo, **ports, **kwargs).start()
+    return EmbeddedTriton(repo, **free_server_ports(), **kwargs).start()
 
 
 @pytest.fixture(scope="session")

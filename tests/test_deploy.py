@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2
 
 from templar import contract
 from templar.tools.repository import EntrySettings, RewardModelEntry, scorer_config_tensorrt
-from templar.tools.serve import free_port
+from templar.tools.serve import free_ports
 
 from conftest import export
 
@@ -96,7 +96,7 @@ def _local(command: list[str], paths: dict[str, str]) -> list[str]:
 def test_cpu_profile_commands_export_serve_pass_the_healthcheck_and_train(tmp_path):
     """What `COMPOSE_PROFILES=cpu docker compose up` runs, run here with the same commands (no Docker engine)."""
     services = compose_config("COMPOSE_PROFILES=cpu")["services"]
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     paths = {"/models": str(tmp_path / "model_repository"), "/runs": str(tmp_path / "runs"),
              "triton:8001": f"127.0.0.1:{grpc}"}
     cli = [sys.executable, "-m", "templar.cli"]

@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 
 from templar import contract
 from templar.samples import sample_conversations
-from templar.tools.serve import EmbeddedTriton, free_port
+from templar.tools.serve import EmbeddedTriton, free_port, free_server_ports
 from templar.trainer.reward_client import FingerprintMismatchError, RewardClient, RewardClientConfig
 
 from conftest import export, running
@@ -104,7 +104,7 @@ def test_least_outstanding_balancing_and_fail_over(pair):
 
 
 def test_retries_ride_through_a_server_restart(small_repo):
-    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
+    ports = free_server_ports()
     config = RewardClientConfig(model="rm_small", endpoints=[f"127.0.0.1:{ports['grpc_port']}"], max_attempts=60,
                                 backoff_base_s=0.2, backoff_max_s=1.0, request_timeout_s=30, rows_per_request=4)
     server = EmbeddedTriton(small_repo, **ports).start()

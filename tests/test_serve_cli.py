@@ -21,12 +21,12 @@ import tritonclient.grpc as grpcclient
 
 from templar import contract
 from templar.samples import sample_conversations
-from templar.tools.serve import EmbeddedTriton, ServerError, free_port
+from templar.tools.serve import EmbeddedTriton, ServerError, free_ports, free_server_ports
 
 
 class ServeProcess:
     def __init__(self, repo: Path, ports: dict[str, int] | None = None, extra: tuple[str, ...] = ()):
-        self.ports = ports or {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+        self.ports = ports or dict(zip(("grpc", "http", "metrics"), free_ports(3)))
         args = [sys.executable, "-m", "templar.cli", "serve", "--repo", str(repo)]
         args += [a for kind, port in self.ports.items() for a in (f"--{kind}-port", str(port))] + list(extra)
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -74,9 +74,10 @@ def test_port_in_use_is_refused_with_a_clear_message(small_repo):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        http, metrics = free_ports(2)
         result = subprocess.run([sys.executable, "-m", "templar.cli", "serve", "--repo", str(small_repo),
-                                 "--grpc-port", str(port), "--http-port", str(free_port()),
-                                 "--metrics-port", str(free_port())], capture_output=True, text=True, timeout=120)
+                                 "--grpc-port", str(port), "--http-port", str(http),
+                                 "--metrics-port", str(metrics)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert f"port {port} (--grpc-port) on 127.0.0.1 is already in use" in result.stderr
 
@@ -145,8 +146,7 @@ def test_a_server_that_dies_keeps_its_log_for_reading(small_repo):
 
 
 def test_a_server_that_never_gets_ready_names_its_kept_log(small_repo):
-    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
-    server = EmbeddedTriton(small_repo, **ports, startup_timeout_s=0.5)
+    server = EmbeddedTriton(small_repo, **free_server_ports(), startup_timeout_s=0.5)
     with pytest.raises(ServerError, match=r"was not ready after 0s \(log: ") as failure:
         server.start()
     log = Path(re.search(r"\(log: (\S+)\)", str(failure.value)).group(1))

@@ -237,11 +237,10 @@ class Context:
 
 
 def run_templar(ctx: Context) -> BackendResult:
-    from templar.tools.serve import EmbeddedTriton, free_port
+    from templar.tools.serve import EmbeddedTriton, free_server_ports
 
     opts = ctx.opts
-    server = EmbeddedTriton(ctx.repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                            log_file=ctx.repo.parent / "tritonserver.log")
+    server = EmbeddedTriton(ctx.repo, **free_server_ports(), log_file=ctx.repo.parent / "tritonserver.log")
     ctx.log("  starting the embedded Triton server")
     with server:
         payloads = make_payloads(ctx.rows, opts.batch)

@@ -60,10 +60,26 @@ def port_available(host: str, port: int) -> bool:
     return True
 
 
+def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
+    """`count` distinct free ports. The sockets are held until all are chosen: ports picked one at a time can repeat
+    (the kernel may hand out a just-released port again), and a server given one port twice refuses to start."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_server_ports(host: str = DEFAULT_HOST) -> dict[str, int]:
+    """Distinct free gRPC, HTTP and metrics ports, as EmbeddedTriton's keyword arguments."""
+    return dict(zip(("grpc_port", "http_port", "metrics_port"), free_ports(3, host)))
 
 
 def _die_with_parent() -> None:

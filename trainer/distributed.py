@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from templar.tools.serve import free_port
 from templar.trainer.config import TrainConfig
 
 
@@ -27,19 +27,13 @@ class World:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed() -> World:
     """Join the launcher's process group (deepspeed / torchrun set RANK etc.), or make a world of one."""
     import deepspeed
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
         from deepspeed.accelerator import get_accelerator
 

@@ -93,14 +93,14 @@ def reward_endpoints(config: TrainConfig, world: World, output_dir: Path):
     if config.reward.url:
         yield [u.strip() for u in config.reward.url.split(",")]
         return
-    from templar.tools.serve import EmbeddedTriton, free_port
+    from templar.tools.serve import EmbeddedTriton, free_server_ports
 
     server, url, error = None, None, None
     if world.is_main:
         try:
             ensure_exported(config, output_dir)
-            server = EmbeddedTriton(config.reward.repo, grpc_port=free_port(), http_port=free_port(),
-                                    metrics_port=free_port(), log_file=output_dir / "tritonserver.log")
+            server = EmbeddedTriton(config.reward.repo, **free_server_ports(),
+                                    log_file=output_dir / "tritonserver.log")
             server.start(progress=log.info)
             url = server.grpc_url
             log.info("embedded Triton serving %s on %s", config.reward.repo, url)
@@ -415,10 +415,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"reward models ready in {config.reward.repo}: {', '.join(m.name for m in config.reward.models)}")
         return 0
     if args.num_ranks > 1:
-        from templar.trainer.distributed import _free_port
+        from templar.tools.serve import free_port
 
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_ranks),
-                   "--master_port", str(_free_port()), "--no_local_rank", "--module", "templar.trainer.train"]
+                   "--master_port", str(free_port()), "--no_local_rank", "--module", "templar.trainer.train"]
         command += (["--config", str(args.config)] if args.config else []) + list(args.overrides)
         command += ["--resume"] if args.resume else []
         return subprocess.call(command)
