@@ -153,3 +153,10 @@ def test_a_server_that_never_gets_ready_names_its_kept_log(small_repo):
     assert log.is_file() and log.parent.name.startswith("templar-triton-")
     assert not server.alive()
     shutil.rmtree(log.parent)
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = free_ports(64)  # held together while chosen: no port can come back twice
+    assert len(set(ports)) == 64
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # released again for the server that will use it
