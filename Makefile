@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.templar-setup
 PIP    := $(BIN)/python -m pip
 
-.PHONY: setup test demo clean test-tools
+.PHONY: setup test test-fast lint demo clean test-tools
 
 setup: $(STAMP)
 	@# idempotent: re-verifies the cached tokenizers and templates, fetches what is missing
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[embedded,dev]'
 	@touch $(STAMP)
 
-test: setup test-tools
+test: setup test-tools lint
 	$(BIN)/python -m pytest
+
+# The unit tests alone (no Triton, no ONNX export, no training run): under a minute
+test-fast: setup lint
+	$(BIN)/python -m pytest -m "not integration and not gpu"
+
+lint: setup
+	$(BIN)/ruff check templar trainer tools tests
 
 # The deployment tests validate docker-compose.yml with Debian's docker-compose (no Docker engine needed)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -25,6 +25,7 @@ import jinja2
 import jinja2.nodes
 
 from templar.conversation import Conversation, ConversationError
+from templar.errors import ConfigError
 
 SPECIAL_TOKEN_POLICIES = ("escape", "reject")
 TEMPLATE_FILE = "chat_template.jinja"
@@ -33,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json")
 
 
-class MissingChatTemplateError(ValueError):
+class MissingChatTemplateError(ConfigError):
     """The tokenizer folder has no chat template and none was given."""
 
 
@@ -86,7 +87,7 @@ class ChatFormat:
     def __init__(self, tokenizer: Any, *, chat_template: str | None = None, template_kwargs: dict | None = None,
                  max_length: int | None = None, special_tokens: str = "escape") -> None:
         if special_tokens not in SPECIAL_TOKEN_POLICIES:
-            raise ValueError(f"special_tokens must be one of {SPECIAL_TOKEN_POLICIES}, got {special_tokens!r}")
+            raise ConfigError(f"special_tokens must be one of {SPECIAL_TOKEN_POLICIES}, got {special_tokens!r}")
         template = chat_template if chat_template is not None else tokenizer.chat_template
         if isinstance(template, dict):  # a folder with several named templates: the default one scores
             template = template.get("default")
@@ -94,7 +95,7 @@ class ChatFormat:
             raise MissingChatTemplateError(
                 "the tokenizer has no chat template; pass one with --chat-template FILE (a Jinja file)")
         if max_length is not None and max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
+            raise ConfigError(f"max_length must be at least 2, got {max_length}")
         self.tokenizer = tokenizer
         self.chat_template: str = template
         tokenizer.chat_template = template
@@ -109,7 +110,7 @@ class ChatFormat:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, *, chat_template_file: str | os.PathLike | None = None,
-                 **kwargs: Any) -> "ChatFormat":
+                 **kwargs: Any) -> ChatFormat:
         """Load a tokenizer folder offline; `chat_template_file` overrides the folder's own template."""
         from transformers import AutoTokenizer  # heavy import, only where a tokenizer is really loaded
 

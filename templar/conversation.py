@@ -12,18 +12,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from templar.errors import DataError
+
+Messages = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
 ROLES = ("system", "user", "assistant")
 # Variables the serving side sets itself; a client may not override them through template_kwargs.
-RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"})
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt",
+                                      "continue_final_message"})
 
 
-class ConversationError(ValueError):
+class ConversationError(DataError):
     """A row that is not a well-formed conversation; the message says what is wrong."""
 
 
 @dataclass(frozen=True)
 class Conversation:
-    messages: list[dict[str, str]]
+    messages: Messages
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -36,7 +40,7 @@ class Conversation:
         return json.dumps(row, ensure_ascii=False)
 
 
-def validate_messages(messages: Any, *, final_role: str | None = "assistant") -> list[dict[str, str]]:
+def validate_messages(messages: Any, *, final_role: str | None = "assistant") -> Messages:
     """Check a list of chat messages and return them as plain {"role", "content"} dicts.
 
     `final_role="assistant"` is the reward contract (the last message is the response being scored); prompts for

@@ -37,7 +37,7 @@ def sample_conversations(long_words: int = 600) -> dict[str, list[dict[str, str]
         ],
         "unicode": [
             {"role": "user", "content": "Traduis « bonjour » en japonais et en arabe, s'il te plaît 🙏"},
-            {"role": "assistant", "content": "日本語: こんにちは — العربية: مرحبا 👋 (Ελληνικά: γειά σου; emoji: 🧪🚀)"},
+            {"role": "assistant", "content": "日本語: こんにちは — العربية: مرحبا 👋 (Ελληνικά: γειά σου; emoji: 🧪🚀)"},  # noqa: E501
         ],
         "whitespace": [
             {"role": "user", "content": "   lots   of\tspace \n\n\n and trailing newlines \n\n"},

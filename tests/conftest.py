@@ -3,10 +3,9 @@ and a real embedded Triton server reached over real gRPC."""
 
 from __future__ import annotations
 
-import os
+from templar.environment import use_offline_defaults
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+use_offline_defaults()  # before transformers is imported anywhere
 
 import contextlib  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -15,11 +14,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from templar.tools.assets import fetch_all, template_path, tokenizer_dir  # noqa: E402
-from templar.tools.export_onnx import ExportOptions, export_reward_model  # noqa: E402
-from templar.tools.repository import EntrySettings  # noqa: E402
-from templar.tools.serve import EmbeddedTriton, free_server_ports  # noqa: E402
-from templar.tools.tiny_models import build_tiny_model  # noqa: E402
+from templar.assets import fetch_all, template_path, tokenizer_dir  # noqa: E402
+from templar.embedded_server import EmbeddedTriton, free_server_ports  # noqa: E402
+from templar.export.exporter import ExportOptions, export_reward_model  # noqa: E402
+from templar.export.repository import EntrySettings  # noqa: E402
+from templar.tiny_models import build_tiny_model  # noqa: E402
 
 # Every family `templar assets` fetches; each becomes a served RM named rm_<family>.
 FAMILIES = ("qwen2_5", "qwen3", "llama3_1", "llama3_2", "gemma3", "mistral_nemo", "deepseek_v3")
@@ -30,12 +29,16 @@ MAX_LENGTH = 1024
 TEST_SETTINGS = EntrySettings(entry_instances=1, intra_op_threads=1)
 
 
+# Fixtures that export ONNX or start Triton: a test using one is an integration test (left out by `make test-fast`).
+INTEGRATION_FIXTURES = {"served_repo", "triton", "small_repo"}
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 
 
@@ -51,6 +54,12 @@ def tiny_rms(assets, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rms")
     return {family: build_tiny_model(family, root / family, kind="reward", seed=i)
             for i, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def tiny_actor(assets, tmp_path_factory) -> Path:
+    """A small random causal LM on the real Qwen2.5 tokenizer and template (the trainer tests' actor)."""
+    return build_tiny_model("qwen2_5", tmp_path_factory.mktemp("actor") / "actor", kind="causal-lm", seed=0)
 
 
 @dataclass

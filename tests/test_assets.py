@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from templar.tools import assets as assets_module
-from templar.tools.assets import AssetError, cache_home, fetch_all, fetch_tokenizer, tokenizer_dir
+from templar.assets import AssetError, cache_home, fetch_all, fetch_tokenizer, tokenizer_dir
 
 
 def test_second_run_only_verifies(assets):

@@ -10,7 +10,8 @@ import pytest
 from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import parse_conversation
-from templar.serving.batching import padding_fraction, plan_micro_batches, preprocess_rows
+from templar.serving.batching import (PreprocessedBatch, padding_fraction, plan_micro_batches, preprocess_rows,
+                                      score_in_micro_batches)
 
 
 def test_micro_batches_cover_every_row_once_and_respect_limits():
@@ -54,3 +55,32 @@ def test_bad_rows_do_not_cost_the_good_ones(assets):
     assert batch.input_ids.shape == (5, n) and batch.input_ids[0].tolist() == expected
     assert batch.attention_mask[1].sum() == 0 and (batch.input_ids[1] == 7).all()
     assert batch.text[0] == chat.render(conversation) and batch.text[1] == ""
+
+
+def test_padding_budget_cuts_micro_batches():
+    # sorted 10, 11, 20, 21: [10, 11, 20] would pad 10 + 9 = 19 of 60 slots (32%) > 15%: cut before 20
+    assert [b.tolist() for b in plan_micro_batches([20, 10, 21, 11], max_rows=8, max_tokens=1000,
+                                                   max_padding=0.15)] == [[1, 3], [0, 2]]
+    assert len(plan_micro_batches([20, 10, 21, 11], max_rows=8, max_tokens=1000)) == 1
+    with pytest.raises(ValueError, match="max_padding"):
+        plan_micro_batches([1], max_rows=1, max_tokens=1, max_padding=1.0)
+
+
+def test_a_failing_micro_batch_costs_only_its_rows():
+    lengths = np.array([3, 9, 4, 8])
+    ids = np.zeros((4, 9), np.int64)
+    mask = (np.arange(9) < lengths[:, None]).astype(np.int64)
+    batch = PreprocessedBatch(ids, mask, ["ok", "ok", "error: not JSON", "ok"], lengths.astype(np.int32),
+                              np.zeros(4, bool))
+
+    def score(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if ids.shape[1] > 5:  # the scoring model fails on the long micro-batch
+            raise RuntimeError("rm_model failed: out of memory")
+        return mask.sum(1).astype(np.float32)
+
+    scored = score_in_micro_batches(batch, score, max_rows=8, max_tokens=12)
+    assert scored.scores[0] == 3 and np.isnan(scored.scores[1:]).all()
+    assert batch.status == ["ok", "error: rm_model failed: out of memory", "error: not JSON",
+                            "error: rm_model failed: out of memory"]
+    assert (scored.tokens, scored.slots, scored.calls) == (3, 3, 1)
+    assert contract.is_ok(batch.status[0])

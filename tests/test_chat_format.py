@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from templar.chat_format import ChatFormat, MissingChatTemplateError, fingerprint_tokenizer_dir
 from templar.conversation import Conversation, ConversationError
 from templar.samples import sample_conversations
-from templar.tools.assets import template_path
+from templar.assets import template_path
 
 from conftest import FAMILIES, TEMPLATE_KWARGS
 

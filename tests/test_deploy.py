@@ -23,10 +23,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from templar import contract
-from templar.tools.repository import EntrySettings, RewardModelEntry, scorer_config_tensorrt
-from templar.tools.serve import free_ports
+from templar.export.repository import EntrySettings, RewardModelEntry, scorer_config_tensorrt
+from templar.embedded_server import free_ports
 
 from conftest import export
+
+pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -39,7 +41,8 @@ PYTHON_MODEL_MODULES = ("templar.serving.preprocess", "templar.serving.reward_en
 def compose_config(*env: str) -> dict:
     """`docker-compose config` (the resolved file, .env applied) as a dict."""
     tool = shutil.which("docker-compose")
-    assert tool, "docker-compose not found: `make test` installs Debian's docker-compose (apt-get install docker-compose)"
+    assert tool, ("docker-compose not found: `make test` installs Debian's docker-compose "
+                  "(apt-get install docker-compose)")
     result = subprocess.run(["env", *env, tool, "--project-directory", str(ROOT), "-f", str(COMPOSE), "config"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -57,7 +60,8 @@ def test_compose_file_validates_and_wires_gpu_triton_to_the_trainer():
     for service in (triton, trainer):
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert {p["target"] if isinstance(p, dict) else int(p.split(":")[-1]) for p in triton["ports"]} == {8000, 8001, 8002}
+    published = {p["target"] if isinstance(p, dict) else int(p.split(":")[-1]) for p in triton["ports"]}
+    assert published == {8000, 8001, 8002}
     assert any(v.endswith("/model_repository:/models:ro") for v in triton["volumes"])
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"]) and triton["shm_size"]
     assert trainer["depends_on"] == {"triton": {"condition": "service_healthy"}}
@@ -228,7 +232,8 @@ def test_triton_dockerfile_installs_what_the_python_models_import_at_the_pinned_
     needed = {distributions[name][0].lower() for name in imports}
     assert {"numpy", "transformers", "jinja2", "onnxruntime"} <= needed
     lines = _pip_install_lines(TRITON_DOCKERFILE)
-    installed = {a.lower() for line in lines for a in line if not a.startswith("-") and a not in (".", "constraints.txt")}
+    installed = {a.lower() for line in lines for a in line
+                 if not a.startswith("-") and a not in (".", "constraints.txt")}
     assert needed <= installed, f"the Python models import {sorted(needed - installed)}, which the image lacks"
     assert any(line[:2] == ["-c", "constraints.txt"] for line in lines)  # the project's pins apply
     pins = _pins()
@@ -255,8 +260,8 @@ def test_a_tensorrt_repository_still_serves_on_the_embedded_cpu_server(tiny_rms,
     them too, so the same repository serves on both. (The engine itself needs a GPU to build: here the plan file is
     a placeholder, which the CPU config never opens; tests/test_gpu.py builds a real one.)"""
     from templar.samples import sample_conversations
-    from templar.tools.repository import write_reward_model
-    from templar.trainer.reward_client import RewardClient, RewardClientConfig
+    from templar.export.repository import write_reward_model
+    from templar.reward_client import RewardClient, RewardClientConfig
 
     from conftest import TEST_SETTINGS, running
 

@@ -16,12 +16,15 @@ from tritonclient.grpc import model_config_pb2
 from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation
+from templar.errors import ExportError
 from templar.samples import sample_conversations
+from templar.serving.batching import right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
-from templar.tools.export_onnx import ExportError, pad_batch
-from templar.tools.tiny_models import TinySize, build_tiny_model
+from templar.tiny_models import TinySize, build_tiny_model
 
 from conftest import FAMILIES, export
+
+pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
 
 def _configs(repo, name):
@@ -52,7 +55,8 @@ def test_every_family_exports_with_parity_and_valid_configs(served_repo, family)
     assert len(params[contract.PARAM_TOKENIZER_SHA256]) == 64
     gpu = text_format.Parse((repo / contract.scoring_model_name(name) / "config.pbtxt").read_text(),
                             model_config_pb2.ModelConfig())
-    assert gpu.platform == "onnxruntime_onnx" and gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert gpu.platform == "onnxruntime_onnx"
+    assert gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
 
 
 def test_value_head_rm_from_openrlhf(assets, tmp_path):
@@ -73,7 +77,7 @@ def test_value_head_rm_from_openrlhf(assets, tmp_path):
     with torch.no_grad():
         expected = [float((backbone(input_ids=torch.tensor([r])).last_hidden_state[0, -1]
                            @ state["value_head.weight"][0] - config.mean) / config.std) for r in rows]
-    ids, mask = pad_batch(rows)
+    ids, mask = right_pad(rows)
     session = create_session(repo / "rm_vh_model" / "1" / "model.onnx")
     served = run_scores(session, ids, mask).reshape(-1)
     np.testing.assert_allclose(served, expected, atol=1e-4)
@@ -110,7 +114,7 @@ def test_a_causal_lm_is_not_a_reward_model(assets, tmp_path):
 def test_two_labels_is_not_a_reward_model(assets, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from templar.tools.tiny_models import tiny_config
+    from templar.tiny_models import tiny_config
 
     tok = AutoTokenizer.from_pretrained(str(assets["llama3_1"]))
     model = AutoModelForSequenceClassification.from_config(tiny_config("llama3_1", len(tok), 0, TinySize(),

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from templar.chat_format import ChatFormat
+from templar.export.exporter import sample_token_rows
+from templar.export.scorer import load_reward_model
+from templar.serving.batching import right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
-from templar.tools.export_onnx import load_reward_model, pad_batch, sample_token_rows
 
 from conftest import MAX_LENGTH, export
-from test_trainer import metric_steps, small_run, templar_train, tiny_actor  # noqa: F401 (tiny_actor: a fixture)
+from test_trainer import metric_steps, small_run, templar_train
 
 pytestmark = pytest.mark.gpu
 
@@ -35,7 +37,7 @@ def test_exported_onnx_on_cuda_matches_torch_on_the_gpu(tiny_rms, tmp_path):
                              providers=["CUDAExecutionProvider"])
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     rows = _rows(tiny_rms["llama3_1"])
-    ids, mask = pad_batch(rows)
+    ids, mask = right_pad(rows)
     served = run_scores(session, ids, mask).reshape(-1)
     scorer, _, _ = load_reward_model(tiny_rms["llama3_1"])
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -59,10 +61,10 @@ def test_export_format_tensorrt_builds_a_checked_engine(tiny_rms, tmp_path):
     assert 'platform: "tensorrt_plan"' in (folder / "config.pbtxt").read_text()
     assert '"scoring_ids_dtype" value: { string_value: "int32" }' in (tmp_path / "repo" / "rm_trt" /
                                                                         "config.pbtxt").read_text()
-    from templar.tools.export_tensorrt import engine_scores
+    from templar.export.tensorrt import engine_scores
 
     rows = _rows(tiny_rms["llama3_1"])[:4]
-    ids, mask = pad_batch(rows)
+    ids, mask = right_pad(rows)
     onnx = run_scores(create_session(folder / "1" / "model.onnx"), ids, mask).reshape(-1)
     assert np.abs(engine_scores(folder / "1" / "model.plan", ids, mask) - onnx).max() <= 1e-3
 

@@ -14,17 +14,17 @@ import aiohttp
 import numpy as np
 import pytest
 
-from templar import contract
 from templar.cli import main as cli
-from templar.serving.batching import PreprocessedBatch, plan_micro_batches, score_in_micro_batches
 from templar.tools.bench import BenchError, BenchOptions, parse_setting, run_bench
 from templar.tools.http_rm_server import HttpRewardServer
 from templar.tools.loadtest import LoadTestOptions, run
-from templar.tools.repository import EntrySettings
+from templar.export.repository import EntrySettings
 from templar.tools.torch_rm import TorchRewardModel
 from templar.tools.workload import conversation_mix
 
 from conftest import running
+
+pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -176,32 +176,3 @@ def test_openrlhf_style_http_server_scores_like_the_rms_own_reference(tiny_rms, 
         np.testing.assert_allclose(body["rewards"], expected, atol=1e-4)
         status, body = asyncio.run(post(server.url, {"queries": texts}))
         assert status == 400 and "query" in body["error"]
-
-
-def test_padding_budget_cuts_micro_batches():
-    # sorted 10, 11, 20, 21: [10, 11, 20] would pad 10 + 9 = 19 of 60 slots (32%) > 15%: cut before 20
-    assert [b.tolist() for b in plan_micro_batches([20, 10, 21, 11], max_rows=8, max_tokens=1000,
-                                                   max_padding=0.15)] == [[1, 3], [0, 2]]
-    assert len(plan_micro_batches([20, 10, 21, 11], max_rows=8, max_tokens=1000)) == 1
-    with pytest.raises(ValueError, match="max_padding"):
-        plan_micro_batches([1], max_rows=1, max_tokens=1, max_padding=1.0)
-
-
-def test_a_failing_micro_batch_costs_only_its_rows():
-    lengths = np.array([3, 9, 4, 8])
-    ids = np.zeros((4, 9), np.int64)
-    mask = (np.arange(9) < lengths[:, None]).astype(np.int64)
-    batch = PreprocessedBatch(ids, mask, ["ok", "ok", "error: not JSON", "ok"], lengths.astype(np.int32),
-                              np.zeros(4, bool))
-
-    def score(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if ids.shape[1] > 5:  # the scoring model fails on the long micro-batch
-            raise RuntimeError("rm_model failed: out of memory")
-        return mask.sum(1).astype(np.float32)
-
-    scored = score_in_micro_batches(batch, score, max_rows=8, max_tokens=12)
-    assert scored.scores[0] == 3 and np.isnan(scored.scores[1:]).all()
-    assert batch.status == ["ok", "error: rm_model failed: out of memory", "error: not JSON",
-                            "error: rm_model failed: out of memory"]
-    assert (scored.tokens, scored.slots, scored.calls) == (3, 3, 1)
-    assert contract.is_ok(batch.status[0])

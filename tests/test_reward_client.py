@@ -10,10 +10,12 @@ import tritonclient.grpc as grpcclient
 
 from templar import contract
 from templar.samples import sample_conversations
-from templar.tools.serve import EmbeddedTriton, free_port, free_server_ports
-from templar.trainer.reward_client import FingerprintMismatchError, RewardClient, RewardClientConfig
+from templar.embedded_server import EmbeddedTriton, free_port, free_server_ports
+from templar.reward_client import FingerprintMismatchError, RewardClient, RewardClientConfig
 
 from conftest import export, running
+
+pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
 
 def rows(n: int) -> list[list[dict]]:

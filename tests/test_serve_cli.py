@@ -21,7 +21,9 @@ import tritonclient.grpc as grpcclient
 
 from templar import contract
 from templar.samples import sample_conversations
-from templar.tools.serve import EmbeddedTriton, ServerError, free_ports, free_server_ports
+from templar.embedded_server import EmbeddedTriton, ServerError, free_ports, free_server_ports
+
+pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
 
 class ServeProcess:
@@ -99,7 +101,8 @@ def test_two_servers_serve_side_by_side_and_stop_without_leftovers(small_repo, s
         assert scores[0] == pytest.approx(scores[1], abs=1e-6)
         for server in servers:
             out = "".join(server.output)
-            assert f"gRPC     127.0.0.1:{server.ports['grpc']}" in out and "3 models (rm_small, rm_small_model, rm_small_preprocess)" in out
+            assert f"gRPC     127.0.0.1:{server.ports['grpc']}" in out
+            assert "3 models (rm_small, rm_small_model, rm_small_preprocess)" in out
         # loopback only, unless told otherwise
         triton = [p for p in servers[0].descendants() if p.name() == "tritonserver"][0]
         listening = {(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)  # gRPC listens on a v4-mapped v6 socket

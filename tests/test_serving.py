@@ -14,9 +14,11 @@ from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation
 from templar.samples import sample_conversations
-from templar.tools.assets import template_path, tokenizer_dir
+from templar.assets import template_path, tokenizer_dir
 
 from conftest import FAMILIES, MAX_LENGTH, TorchReference
+
+pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
 
 def infer(server, model, rows, outputs=contract.ENTRY_OUTPUTS):

@@ -15,18 +15,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from templar.tools.tiny_models import build_tiny_model
 from templar.trainer.metrics import read_metrics
-from templar.trainer.reward_client import RewardClient, RewardClientConfig
+from templar.reward_client import RewardClient, RewardClientConfig
 
 from conftest import running
 
+pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
+
 ACTOR_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-
-
-@pytest.fixture(scope="session")
-def tiny_actor(assets, tmp_path_factory) -> Path:
-    return build_tiny_model("qwen2_5", tmp_path_factory.mktemp("actor") / "actor", kind="causal-lm", seed=0)
 
 
 def small_run(output_dir: Path, actor: Path, url: str | None, *extra: str, steps: int = 3) -> list[str]:
@@ -77,7 +73,8 @@ def test_training_run_writes_metrics_checkpoints_and_hf_models(triton, tiny_acto
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
     assert (out / "curves.png").stat().st_size > 1000 and list((out / "tensorboard").glob("events.*"))
     fingerprints = json.loads((out / "reward_models.json").read_text())
-    assert set(fingerprints) == {"rm_llama3_1", "rm_gemma3"} and len(fingerprints["rm_gemma3"]["tokenizer_sha256"]) == 64
+    assert set(fingerprints) == {"rm_llama3_1", "rm_gemma3"}
+    assert len(fingerprints["rm_gemma3"]["tokenizer_sha256"]) == 64
     assert "chat_template sha256" in (out / "train.log").read_text()  # the RM fingerprints are in the run's log
     actor = AutoModelForCausalLM.from_pretrained(out / "final" / "actor")
     assert AutoTokenizer.from_pretrained(out / "final" / "actor").chat_template

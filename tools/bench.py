@@ -18,6 +18,7 @@ CPU use during each timed phase is recorded too: on a shared machine, figures wi
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
@@ -32,13 +33,14 @@ import numpy as np
 
 from templar import contract
 from templar.conversation import conversation_rows
+from templar.errors import TemplarError
+from templar.export.repository import EntrySettings
 from templar.serving.batching import (PreprocessedBatch, load_chat_format, padding_fraction, preprocess_rows,
                                       score_in_micro_batches)
 from templar.serving.onnx_runtime import create_session, run_scores
+from templar.tiny_models import FAMILY_BACKBONE, TinySize, build_tiny_model
 from templar.tools.loadtest import drive, grpc_client, machine_info, make_payloads, server_figures, snapshot
-from templar.tools.repository import EntrySettings
-from templar.tools.tiny_models import FAMILY_BACKBONE, TinySize, build_tiny_model
-from templar.tools.workload import WorkloadError, conversations_from
+from templar.tools.workload import conversations_from
 
 BACKENDS = ("templar", "onnxruntime", "torch", "http")
 EXTRA_BACKENDS = ("torch-sorted",)  # on request: torch on Templar's micro-batches (where does the gain come from?)
@@ -59,7 +61,7 @@ TARGETS = {  # name -> (ratio or share key, threshold, "min" | "max")
 }
 
 
-class BenchError(RuntimeError):
+class BenchError(TemplarError):
     """The benchmark cannot run; the message says why."""
 
 
@@ -121,7 +123,7 @@ class CpuMonitor:
         t = self.psutil.cpu_times()
         return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
-    def __enter__(self) -> "CpuMonitor":
+    def __enter__(self) -> CpuMonitor:
         self.started, self.all0, self.ours0 = time.perf_counter(), self._all(), self._ours()
         return self
 
@@ -163,13 +165,10 @@ def prepare_model(opts: BenchOptions, work: Path, log: Callable[[str], None]) ->
 
 
 def export(model_dir: Path, repo: Path, opts: BenchOptions, log: Callable[[str], None]):
-    from templar.tools.export_onnx import ExportError, ExportOptions, export_reward_model
+    from templar.export.exporter import ExportOptions, export_reward_model
 
-    try:
-        return export_reward_model(ExportOptions(model=model_dir, name=RM_NAME, repo=repo, max_length=opts.max_length,
-                                                 settings=opts.settings), log=lambda m: log("  " + m))
-    except ExportError as exc:
-        raise BenchError(f"export failed: {exc}") from None
+    return export_reward_model(ExportOptions(model=model_dir, name=RM_NAME, repo=repo, max_length=opts.max_length,
+                                             settings=opts.settings), log=lambda m: log("  " + m))
 
 
 def apply_transformer_fusions(onnx_path: Path, model_dir: Path, check_rows: Sequence[bytes],
@@ -237,7 +236,7 @@ class Context:
 
 
 def run_templar(ctx: Context) -> BackendResult:
-    from templar.tools.serve import EmbeddedTriton, free_server_ports
+    from templar.embedded_server import EmbeddedTriton, free_server_ports
 
     opts = ctx.opts
     server = EmbeddedTriton(ctx.repo, **free_server_ports(), log_file=ctx.repo.parent / "tritonserver.log")
@@ -399,7 +398,7 @@ RUNNERS: dict[str, Callable[[Context], BackendResult]] = {
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
-def summarise(results: dict[str, BackendResult], ctx: Context) -> dict[str, Any]:
+def summarise(results: dict[str, BackendResult]) -> dict[str, Any]:
     throughput = {name: r.conversations_per_s for name, r in results.items()}
     ratios: dict[str, float] = {}
     served = throughput.get("templar")
@@ -477,10 +476,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
             raise BenchError(f"{name} must be at least 1, got {value}")
     work = opts.work or opts.out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    try:
-        rows = conversations_from(opts.data, None if opts.data else opts.conversations, seed=opts.seed)
-    except WorkloadError as exc:
-        raise BenchError(str(exc)) from None
+    rows = conversations_from(opts.data, None if opts.data else opts.conversations, seed=opts.seed)
     model_dir = prepare_model(opts, work, log)
     total, non_embedding = non_embedding_parameters(model_dir)
     log(f"exporting {model_dir} ({total / 1e6:.1f}M parameters, {non_embedding / 1e6:.1f}M outside the embedding)")
@@ -502,7 +498,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         results[name] = RUNNERS[name](ctx)
         r = results[name]
         log(f"[{name}] {r.conversations_per_s:.2f} conversations/s ({r.seconds:.1f}s)")
-    summary = summarise(results, ctx)
+    summary = summarise(results)
     report = {
         "tool": "templar bench",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -549,68 +545,64 @@ def print_summary(report: dict[str, Any], log: Callable[[str], None]) -> None:
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
-    """`name=value` for an EntrySettings field, converted to the field's type."""
+    """`name=value` for an EntrySettings field, converted to the field's type (argparse type of --setting)."""
     name, sep, value = text.partition("=")
     fields = {f.name: f for f in dataclasses.fields(EntrySettings)}
     if not sep or name not in fields:
-        raise ValueError(f"--setting takes NAME=VALUE with NAME one of {', '.join(fields)}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes NAME=VALUE with NAME one of {', '.join(fields)}; got {text!r}")
     default = getattr(EntrySettings(), name)
     if value.lower() in ("none", "") and "None" in str(fields[name].type):
         return name, None
     if isinstance(default, bool):
         if value.lower() not in ("1", "0", "true", "false"):
-            raise ValueError(f"--setting {name} takes true or false, got {value!r}")
+            raise argparse.ArgumentTypeError(f"{name} takes true or false, got {value!r}")
         return name, value.lower() in ("1", "true")
     try:
         return name, (float(value) if "float" in str(fields[name].type) else int(value))
     except ValueError:
-        raise ValueError(f"--setting {name} takes a number, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"{name} takes a number, got {value!r}") from None
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (bench.json, bench.png)")
+    d = BenchOptions
+    parser.add_argument("--out", type=Path, default=d.out, help="output folder: bench.json, bench.png "
+                        "(default: %(default)s)")
     parser.add_argument("--work", type=Path, help="folder for the model, repository and logs (default: OUT/work)")
     parser.add_argument("--model", type=Path, help="Hugging Face RM folder (default: a random RM of --size)")
-    parser.add_argument("--family", default="llama3_1",
+    parser.add_argument("--family", default=d.family, choices=sorted(FAMILY_BACKBONE),
                         help="tokenizer + template of the random RM (default: %(default)s)")
-    parser.add_argument("--size", default="base",
-                        help=f"size of the random RM: {', '.join(SIZES)} (default: %(default)s)")
-    parser.add_argument("--conversations", type=int, default=256,
+    parser.add_argument("--size", default=d.size, choices=sorted(SIZES),
+                        help="size of the random RM (default: %(default)s)")
+    parser.add_argument("--conversations", type=int, default=d.conversations,
                         help="size of the built-in mix (default: %(default)s)")
     parser.add_argument("--data", type=Path,
                         help='JSONL conversations {"messages": [...]} instead of the mix (all its rows)')
-    parser.add_argument("--batch", type=int, default=32,
+    parser.add_argument("--batch", type=int, default=d.batch,
                         help="conversations per gRPC / HTTP request (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
-    parser.add_argument("--torch-batch", type=int, default=8,
+    parser.add_argument("--concurrency", type=int, default=d.concurrency,
+                        help="requests in flight (default: %(default)s)")
+    parser.add_argument("--torch-batch", type=int, default=d.torch_batch,
                         help="conversations per in-process torch forward (default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=2048, help="the RM's token limit (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=d.max_length,
+                        help="the RM's token limit (default: %(default)s)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of "
                         + ", ".join(BACKENDS) + f" (default: all four), plus {', '.join(EXTRA_BACKENDS)}")
-    parser.add_argument("--warmup", type=int, default=8, help="conversations scored by each backend before timing")
-    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--warmup", type=int, default=d.warmup,
+                        help="conversations scored by each backend before timing (default: %(default)s)")
+    parser.add_argument("--setting", type=parse_setting, action="append", default=[], metavar="NAME=VALUE",
                         help="override a serving knob (EntrySettings), e.g. queue_delay_us=0; repeatable")
     parser.add_argument("--fusions", action="store_true", help="apply onnxruntime.transformers' graph fusions "
                         "to the exported model first (checked for score parity)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
 
 
 def main(args) -> int:
-    try:
-        settings = EntrySettings(**dict(parse_setting(s) for s in args.setting))
-    except ValueError as exc:
-        print(f"templar bench: error: {exc}", file=sys.stderr)
-        return 2
     opts = BenchOptions(out=args.out, work=args.work, model=args.model, family=args.family, size=args.size,
                         conversations=args.conversations, data=args.data, seed=args.seed, batch=args.batch,
                         concurrency=args.concurrency, torch_batch=args.torch_batch, max_length=args.max_length,
                         backends=[b.strip() for b in args.backends.split(",") if b.strip()], warmup=args.warmup,
-                        settings=settings, fusions=args.fusions)
-    try:
-        report = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except BenchError as exc:
-        print(f"templar bench: error: {exc}", file=sys.stderr)
-        return 2
+                        settings=EntrySettings(**dict(args.setting)), fusions=args.fusions)
+    report = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({"throughput_conversations_per_s": report["summary"]["throughput_conversations_per_s"],
                       "ratios": report["summary"]["ratios"]}))
     return 0

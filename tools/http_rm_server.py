@@ -27,7 +27,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's annotations here
 from fastapi.responses import JSONResponse
 
-from templar.tools.serve import DEFAULT_HOST, _die_with_parent, free_port
+from templar.embedded_server import DEFAULT_HOST, die_with_parent, free_port
+from templar.environment import use_offline_defaults
 
 
 def create_app(model_dir: str | Path, *, max_length: int, batch_size: int | None,
@@ -77,13 +78,13 @@ class HttpRewardServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "HttpRewardServer":
+    def start(self) -> HttpRewardServer:
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen([sys.executable, "-m", "templar.tools.http_rm_server", *self.args],
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-                                            preexec_fn=_die_with_parent)
+                                            env=use_offline_defaults(dict(os.environ)),
+                                            preexec_fn=die_with_parent)
         finally:
             if self.log_file:
                 log.close()
@@ -112,7 +113,7 @@ class HttpRewardServer:
                 process.kill()
                 process.wait()
 
-    def __enter__(self) -> "HttpRewardServer":
+    def __enter__(self) -> HttpRewardServer:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc) -> None:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="texts per forward (default: the request)")
     parser.add_argument("--template-kwargs", type=json.loads, default={})
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    use_offline_defaults()
     import uvicorn
 
     app = create_app(args.model, max_length=args.max_len, batch_size=args.batch_size,

@@ -11,6 +11,7 @@ preprocessing share and padding waste. Results: a JSON report and a PNG plot (th
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -26,16 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from templar import contract
+from templar import contract, wire
 from templar.conversation import conversation_rows
+from templar.errors import TemplarError
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS
-from templar.tools.workload import WorkloadError, conversation_mix, invalid_rows, read_rows
-from templar.trainer.reward_client import MAX_GRPC_MESSAGE_BYTES, _status_code
+from templar.tools.workload import conversation_mix, invalid_rows, read_rows
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 
 
-class LoadTestError(RuntimeError):
+class LoadTestError(TemplarError):
     """The load test cannot run; the message says why."""
 
 
@@ -93,34 +94,26 @@ def make_payloads(rows: Sequence[Any], batch: int) -> list[np.ndarray]:
     if batch < 1:
         raise LoadTestError(f"--batch must be at least 1, got {batch}")
     encoded = [r if isinstance(r, bytes) else conversation_rows([r])[0] for r in rows]
-    return [np.array(encoded[i : i + batch], dtype=np.object_).reshape(-1, 1) for i in range(0, len(encoded), batch)]
+    return [contract.encode_strings(encoded[i : i + batch]) for i in range(0, len(encoded), batch)]
 
 
 def grpc_client(url: str):
-    import tritonclient.grpc.aio as grpcclient
-
-    return grpcclient.InferenceServerClient(url, channel_args=[
-        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES)])
+    """No fast reconnect: a load test reports a dead server, it does not wait for it."""
+    return wire.aio_client(url, fast_reconnect=False)
 
 
 async def send(client, model: str, payload: np.ndarray, index: int, timeout_s: float) -> RequestOutcome:
     """One request; never raises for a server or transport error (it becomes the outcome's code)."""
-    import tritonclient.grpc.aio as grpcclient
-
-    tensor = grpcclient.InferInput(contract.CONVERSATION, list(payload.shape), "BYTES")
-    tensor.set_data_from_numpy(payload)
-    outputs = [grpcclient.InferRequestedOutput(name) for name in contract.ENTRY_OUTPUTS]
     started = time.perf_counter()
     try:
-        result = await client.infer(model, [tensor], outputs=outputs, client_timeout=timeout_s)
+        result = await client.infer(model, wire.conversation_inputs(payload), outputs=wire.requested_outputs(),
+                                    client_timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - classified by gRPC code
-        message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
-        return RequestOutcome(index, time.perf_counter() - started, _status_code(exc), str(message))
+        return RequestOutcome(index, time.perf_counter() - started, wire.status_code(exc), wire.error_message(exc))
     latency = time.perf_counter() - started
-    return RequestOutcome(index, latency, "OK", scores=result.as_numpy(contract.SCORE).reshape(-1),
-                          status=[s.decode("utf-8") for s in result.as_numpy(contract.STATUS).reshape(-1)],
-                          num_tokens=result.as_numpy(contract.NUM_TOKENS).reshape(-1))
+    decoded = wire.decode_entry(result)
+    return RequestOutcome(index, latency, "OK", scores=decoded.scores, status=decoded.status,
+                          num_tokens=decoded.num_tokens)
 
 
 async def drive(client, model: str, payloads: Sequence[np.ndarray], concurrency: int, *, timeout_s: float,
@@ -314,10 +307,7 @@ async def run_async(opts: LoadTestOptions, log: Callable[[str], None]) -> dict[s
         raise LoadTestError("give --duration or --requests")
     if (opts.duration_s is not None and opts.duration_s <= 0) or (opts.requests is not None and opts.requests < 1):
         raise LoadTestError("--duration and --requests must be positive")
-    try:
-        rows = read_rows(opts.data) if opts.data else conversation_mix(opts.conversations, seed=opts.seed)
-    except (WorkloadError, ValueError) as exc:
-        raise LoadTestError(str(exc)) from None
+    rows = read_rows(opts.data) if opts.data else conversation_mix(opts.conversations, seed=opts.seed)
     if opts.data:
         problems = invalid_rows(rows)
         if problems:  # sent anyway: how the server answers bad rows is part of what a load test shows
@@ -330,7 +320,7 @@ async def run_async(opts: LoadTestOptions, log: Callable[[str], None]) -> dict[s
         try:
             live = await client.is_server_live(client_timeout=10)
         except Exception as exc:  # noqa: BLE001
-            raise LoadTestError(f"no Triton server answers at {opts.url}: {_status_code(exc)}") from None
+            raise LoadTestError(f"no Triton server answers at {opts.url}: {wire.status_code(exc)}") from None
         if not live:
             raise LoadTestError(f"the server at {opts.url} is not live")
         try:
@@ -399,54 +389,51 @@ def run(opts: LoadTestOptions, log: Callable[[str], None] = print) -> dict[str, 
 
 
 def parse_levels(text: str) -> list[int]:
+    """argparse type of --concurrency: comma-separated positive integers."""
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--concurrency takes comma-separated integers, e.g. 1,4,16,64; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers, e.g. 1,4,16,64; got {text!r}") from None
     if not levels or min(levels) < 1:
-        raise ValueError(f"--concurrency levels must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"levels must be positive, got {text!r}")
     return levels
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint host:port (default: %(default)s)")
+    d = LoadTestOptions
+    parser.add_argument("--url", default=d.url, help="gRPC endpoint host:port (default: %(default)s)")
     parser.add_argument("--model", required=True, help="reward model name")
-    parser.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
-                        help="comma-separated concurrency levels, requests in flight (default: %(default)s)")
+    parser.add_argument("--concurrency", type=parse_levels, default=list(DEFAULT_CONCURRENCY),
+                        help="comma-separated concurrency levels, requests in flight (default: "
+                        f"{','.join(map(str, DEFAULT_CONCURRENCY))})")
     stop = parser.add_mutually_exclusive_group()
-    stop.add_argument("--duration", type=float, help="seconds per level (10 when neither this nor --requests)")
+    stop.add_argument("--duration", type=float, help=f"seconds per level ({d.duration_s:g} when neither this nor "
+                      "--requests)")
     stop.add_argument("--requests", type=int, help="requests per level")
-    parser.add_argument("--batch", type=int, default=32, help="conversations per request (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=d.batch, help="conversations per request (default: %(default)s)")
     parser.add_argument("--data", type=Path, help='JSONL conversations {"messages": [...]} (default: built-in mix)')
-    parser.add_argument("--conversations", type=int, default=512,
+    parser.add_argument("--conversations", type=int, default=d.conversations,
                         help="size of the built-in mix (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0,
+    parser.add_argument("--timeout", type=float, default=d.timeout_s,
                         help="deadline of one request in seconds (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests before each level")
+    parser.add_argument("--warmup", type=int, default=d.warmup_requests,
+                        help="unmeasured requests before each level (default: %(default)s)")
     parser.add_argument("--metrics-url", help="Triton metrics endpoint, e.g. http://127.0.0.1:8002/metrics "
                         "(adds the server's padding waste)")
-    parser.add_argument("--out", type=Path, default=Path("loadtest.json"), help="JSON report (plot beside it)")
+    parser.add_argument("--out", type=Path, default=d.out, help="JSON report, plot beside it (default: %(default)s)")
     parser.add_argument("--plot", type=Path, help="PNG plot (default: the report's name with .png)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in mix")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the built-in mix (default: %(default)s)")
 
 
 def main(args) -> int:
-    try:
-        levels = parse_levels(args.concurrency)
-    except ValueError as exc:
-        print(f"templar loadtest: error: {exc}", file=sys.stderr)
-        return 2
     opts = LoadTestOptions(
-        url=args.url, model=args.model, concurrency=levels,
-        duration_s=args.duration if args.duration is not None else (None if args.requests else 10.0),
+        url=args.url, model=args.model, concurrency=args.concurrency,
+        duration_s=args.duration if args.duration is not None else (None if args.requests else
+                                                                     LoadTestOptions.duration_s),
         requests=args.requests, batch=args.batch, data=args.data, conversations=args.conversations,
         timeout_s=args.timeout, warmup_requests=args.warmup, out=args.out, plot=args.plot,
         metrics_url=args.metrics_url, seed=args.seed)
-    try:
-        report = run(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except LoadTestError as exc:
-        print(f"templar loadtest: error: {exc}", file=sys.stderr)
-        return 2
+    report = run(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({level["concurrency"]: {k: level[k] for k in ("conversations_per_s", "requests_per_s",
                                                                     "errors", "row_errors")}
                       for level in report["levels"]}, indent=None))

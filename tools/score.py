@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from templar.trainer.reward_client import RewardClient, RewardClientConfig
+from templar.reward_client import RewardClient, RewardClientConfig
+from templar.tools.workload import load_conversations
 
 
 def add_arguments(parser) -> None:
@@ -18,7 +19,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = load_conversations(args.data)  # checked before connecting: a bad file names its line
     config = RewardClientConfig(model=args.model, endpoints=args.url.split(","))
     with RewardClient(config) as client:
         result = client.score(rows)

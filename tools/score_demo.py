@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 from templar import contract
+from templar.embedded_server import DEFAULT_PORTS, EmbeddedTriton, free_port, port_available
+from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations
-from templar.tools.serve import DEFAULT_PORTS, EmbeddedTriton, free_port, port_available
 from templar.trainer.config import load_config
-from templar.trainer.reward_client import RewardClient, RewardClientConfig
-from templar.trainer.train import ensure_exported
+from templar.trainer.reward_server import ensure_exported
 
 
 def _ports(host: str) -> dict[str, int]:

@@ -18,7 +18,7 @@ import torch
 
 from templar.chat_format import ChatFormat
 from templar.conversation import parse_conversation
-from templar.tools.export_onnx import load_reward_model
+from templar.export.scorer import load_reward_model
 
 
 class TorchRewardModel:

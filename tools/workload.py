@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from templar.conversation import ConversationError, parse_conversation
+from templar.errors import DataError
 from templar.samples import sample_conversations
 from templar.trainer.data import load_prompts
 
 
-class WorkloadError(ValueError):
+class WorkloadError(DataError):
     """The conversation file cannot be used; the message names the file and the row."""
 
 
@@ -48,7 +49,7 @@ def _word_pool() -> list[str]:
 def conversation_mix(count: int, *, seed: int = 0, options: MixOptions | None = None) -> list[dict[str, Any]]:
     """`count` wire rows {"messages": [...]} with mixed lengths, deterministic for a seed."""
     if count < 1:
-        raise ValueError(f"the mix needs at least one conversation, got {count}")
+        raise WorkloadError(f"the mix needs at least one conversation, got {count}")
     options = options or MixOptions()
     rng = np.random.default_rng(seed)
     prompts = load_prompts()

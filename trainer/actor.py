@@ -8,17 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from templar.chat_format import ChatFormat
-from templar.conversation import Conversation
+from templar.conversation import Conversation, Messages
+from templar.modeling import position_ids
 from templar.trainer.config import GenerationConfig
-from templar.trainer.models import position_ids
 from templar.trainer.ppo import token_logprobs
-
-Messages = list[dict[str, str]]
 
 
 @dataclass
 class Rollout:
-    prompts: list[Messages]
     query_ids: torch.Tensor  # [B, Lq] left-padded, the actor's template with the generation prompt
     query_mask: torch.Tensor  # [B, Lq]
     response_ids: torch.Tensor  # [B, Lr] right-padded after the first stop token
@@ -54,7 +51,8 @@ def cut_at_stop(tokens: torch.Tensor, stop_ids: list[int], pad_id: int) -> tuple
     return torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id)), mask, ended
 
 
-def decode_responses(chat: ChatFormat, response_ids: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor) -> list[str]:
+def decode_responses(chat: ChatFormat, response_ids: torch.Tensor, mask: torch.Tensor,
+                     ended: torch.Tensor) -> list[str]:
     """Plain text of each response: the stop token dropped, special tokens skipped."""
     texts = []
     for ids, m, done in zip(response_ids, mask, ended):
@@ -75,7 +73,7 @@ def generate(model, chat: ChatFormat, prompts: list[Messages], gen: GenerationCo
                             synced_gpus=synced_gpus)
     response_ids, response_mask, ended = cut_at_stop(output[:, query_ids.shape[1]:], stop_ids, pad_id)
     texts = decode_responses(chat, response_ids, response_mask, ended)
-    return Rollout(prompts, query_ids, query_mask, response_ids, response_mask, ended, texts)
+    return Rollout(query_ids, query_mask, response_ids, response_mask, ended, texts)
 
 
 def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
@@ -86,7 +84,8 @@ def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
     return token_logprobs(logits, sequences[:, -response_length:], temperature)
 
 
-def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
+def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                    response_length: int) -> torch.Tensor:
     """V(state before each response token), [B, Lr], from the critic's per-token head."""
     values = critic(input_ids=sequences, attention_mask=attention_mask,
                     position_ids=position_ids(attention_mask)).logits[..., 0]

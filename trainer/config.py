@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
+from templar.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names it."""
+__all__ = ["ConfigError", "TrainConfig", "load_config", "to_dict"]  # ConfigError is re-exported for callers
 
 
 @dataclass
@@ -107,7 +107,7 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         p = self.ppo
         if p.mini_batch_size % p.micro_batch_size or p.rollout_batch_size % p.mini_batch_size:
             raise ConfigError("ppo: rollout_batch_size must be a multiple of mini_batch_size, and mini_batch_size "

@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from templar.conversation import ConversationError, validate_messages
+from templar.conversation import ConversationError, Messages, validate_messages
+from templar.errors import DataError
 
-Messages = list[dict[str, str]]
 
-
-class PromptDataError(ValueError):
+class PromptDataError(DataError):
     """A prompt row is not a conversation; the message names the row."""
 
 
@@ -38,19 +37,6 @@ def prompt_messages(record: Any) -> Messages:
 
 
 def _records(path: Path, split: str) -> list[Any]:
-    if path.is_dir():
-        import datasets
-
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise PromptDataError(f"{path} has no split {split!r} (has {', '.join(loaded)})")
-            loaded = loaded[split]
-        return list(loaded)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
     if path.suffix in (".jsonl", ".json"):
         records = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -60,7 +46,30 @@ def _records(path: Path, split: str) -> list[Any]:
                 except json.JSONDecodeError as exc:
                     raise PromptDataError(f"{path} line {number}: not JSON ({exc.msg})") from None
         return records
-    raise PromptDataError(f"{path}: unsupported prompt data (use .jsonl, .parquet or a datasets folder)")
+    if not path.is_dir() and path.suffix != ".parquet":
+        raise PromptDataError(f"{path}: unsupported prompt data (use .jsonl, .parquet or a datasets folder)")
+    try:
+        return _table_records(path, split)
+    except PromptDataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: say which, and what the reader said
+        raise PromptDataError(f"{path}: cannot read it as {'a datasets folder' if path.is_dir() else 'Parquet'} "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def _table_records(path: Path, split: str) -> list[Any]:
+    if path.is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise PromptDataError(f"{path} has no split {split!r} (has {', '.join(loaded)})")
+            loaded = loaded[split]
+        return list(loaded)
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
 
 
 def load_prompts(path: str | Path | None = None, split: str = "train") -> list[Messages]:

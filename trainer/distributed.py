@@ -6,14 +6,19 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from templar.tools.serve import free_port
+from templar.embedded_server import free_port
+from templar.errors import TemplarError
 from templar.trainer.config import TrainConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,6 @@ def _unlink_deepspeed_shm(world: World) -> None:
     segment.unlink(missing_ok=True)
 
 
-def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    name = get_accelerator().device_name()
-    return torch.device(name if name == "cpu" else f"{name}:{get_accelerator().current_device()}")
-
-
 def deepspeed_config(config: TrainConfig) -> dict:
     ppo, ds = config.ppo, config.deepspeed
     zero: dict = {"stage": ds.zero_stage}
@@ -93,6 +91,26 @@ def allreduce_sum(values: np.ndarray) -> np.ndarray:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(tensor)
     return tensor.numpy()
+
+
+def run_on_main(world: World, work: Callable[[], T]) -> T:
+    """`work()` on rank 0, its result broadcast to every rank. If it raises, rank 0 raises the error and every other
+    rank an error of the same class with the same message (a TemplarError stays one), so no rank waits forever at
+    the next collective for a rank that gave up."""
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = work()
+        except Exception as exc:
+            error = exc
+    told = broadcast_object((result, None if error is None else (type(error), str(error))))
+    if error is not None:
+        raise error
+    result, failure = told
+    if failure is not None:
+        kind, message = failure
+        raise kind(message) if issubclass(kind, TemplarError) else RuntimeError(f"rank 0 failed: {message}")
+    return result
 
 
 def broadcast_object(obj, src: int = 0):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from templar.chat_format import fingerprint_tokenizer_dir
-from templar.trainer.config import ConfigError
+from templar.errors import ConfigError
 
 log = logging.getLogger("templar.trainer")
 
@@ -72,8 +72,3 @@ def load_critic(source: str, actor_path: str | Path) -> nn.Module:
         if getattr(head, "bias", None) is not None:
             nn.init.zeros_(head.bias)
     return disable_dropout(critic)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Pad-aware positions: left-padded prompts start at 0 on their first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -3,7 +3,8 @@
 The trainer builds structured conversations (prompt messages + the response as an assistant turn, never text
 templated for the actor), asks every RM in parallel, and combines: sum(weight * score), with optional per-RM running
 normalisation. A row that any RM could not score after its retries is marked invalid (masked out of the update,
-counted in `failed_rows`, written to OUTPUT_DIR/unscored.jsonl so the rollout is not lost) — never a silent zero.
+counted in `failed_rows`, written to OUTPUT_DIR/unscored.rank<r>.jsonl so the rollout is not lost) — never a silent
+zero.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from templar import contract
+from templar.conversation import Messages
+from templar.reward_client import RewardClient, RewardClientConfig, RewardResult
 from templar.trainer.config import RewardConfig
-from templar.trainer.reward_client import RewardClient, RewardClientConfig, RewardResult
 
 log = logging.getLogger("templar.trainer")
-Messages = list[dict[str, str]]
 
 
 def reward_conversations(prompts: list[Messages], responses: list[str]) -> list[dict]:

@@ -1,6 +1,7 @@
 """Batch logic of the served path, free of Triton so it can be tested and benchmarked on its own.
 
 `load_chat_format`: the RM's template and tokenizer as the preprocessing model loads them.
+`right_pad`: token rows -> padded ids and attention mask (the served path, the export's parity check).
 `preprocess_rows`: wire rows -> right-padded token ids plus per-row status (a bad row never fails its neighbours).
 `plan_micro_batches`: group rows of similar length so the scoring model sees little padding.
 `score_in_micro_batches`: score the good rows of a batch micro-batch by micro-batch (the entry model, the benchmark).
@@ -24,6 +25,19 @@ METRIC_TOKENS = "templar_scored_tokens_total"  # real tokens scored
 METRIC_SLOTS = "templar_computed_token_slots_total"  # rows * longest row, summed over micro-batches
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None) -> tuple[np.ndarray,
+                                                                                               np.ndarray]:
+    """Token rows -> ([N, W] int64 ids right-padded with pad_id, [N, W] int64 attention mask); W = the longest row
+    (at least 1) unless given."""
+    width = max(1, max(map(len, rows), default=0)) if width is None else width
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 @dataclass
 class PreprocessedBatch:
     input_ids: np.ndarray  # [N, L] int64, right-padded with pad_id
@@ -32,6 +46,19 @@ class PreprocessedBatch:
     num_tokens: np.ndarray  # [N] int32; 0 where the row failed
     truncated: np.ndarray  # [N] bool
     text: list[str] | None = None  # rendered text per row, when asked for
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[PreprocessedBatch]) -> PreprocessedBatch:
+        """Batches of rows one after the other, re-padded (with 0, under a 0 mask) to the widest."""
+        if len(parts) == 1:  # the usual case: no re-padding copy
+            return parts[0]
+        width = max(p.input_ids.shape[1] for p in parts)
+        widen = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731
+        texts = [t for p in parts for t in p.text] if all(p.text is not None for p in parts) else None
+        return cls(np.concatenate([widen(p.input_ids) for p in parts]),
+                   np.concatenate([widen(p.attention_mask) for p in parts]),
+                   [s for p in parts for s in p.status], np.concatenate([p.num_tokens for p in parts]),
+                   np.concatenate([p.truncated for p in parts]), texts)
 
 
 def load_chat_format(folder: str | os.PathLike, params: Mapping[str, str]) -> tuple[ChatFormat, int]:
@@ -70,12 +97,7 @@ def preprocess_rows(chat_format: ChatFormat, rows: Sequence[bytes | str], *, pad
         ids_per_row.append(ids)
         texts.append(text)
     lengths = np.array([len(ids) for ids in ids_per_row], dtype=np.int32)
-    width = max(1, int(lengths.max(initial=0)))
-    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, ids in enumerate(ids_per_row):
-        input_ids[i, : len(ids)] = ids
-        attention_mask[i, : len(ids)] = 1
+    input_ids, attention_mask = right_pad(ids_per_row, pad_id)
     return PreprocessedBatch(input_ids, attention_mask, status, lengths, truncated, texts if want_text else None)
 
 

@@ -12,12 +12,13 @@ import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.serving.onnx_runtime import create_session, run_scores
-from templar.serving.triton_utils import model_parameters
+from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
+        self.score_dtype = output_dtypes(args)[contract.SCORE]
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = create_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")),
                                       spinning=params.get("intra_op_spinning", "0") == "1")
@@ -28,7 +29,7 @@ class TritonPythonModel:
             ids = pb_utils.get_input_tensor_by_name(request, contract.INPUT_IDS).as_numpy()
             mask = pb_utils.get_input_tensor_by_name(request, contract.ATTENTION_MASK).as_numpy()
             try:
-                scores = run_scores(self.session, ids, mask)
+                scores = run_scores(self.session, ids, mask).astype(self.score_dtype, copy=False)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(contract.SCORE, scores)]))
             except Exception as exc:  # e.g. an id outside the vocabulary: fail this request, keep serving
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime: {exc}")))

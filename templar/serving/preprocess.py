@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.chat_format import fingerprint_tokenizer_dir
 from templar.serving.batching import load_chat_format, preprocess_rows
-from templar.serving.triton_utils import model_parameters
+from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
+        self.dtypes = output_dtypes(args)
         folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         self.chat_format, self.pad_id = load_chat_format(folder, params)
         expected = {contract.PARAM_TEMPLATE_SHA256: self.chat_format.template_sha256,
@@ -36,18 +36,12 @@ class TritonPythonModel:
             rows = pb_utils.get_input_tensor_by_name(request, contract.CONVERSATION).as_numpy().reshape(-1)
             want_text = contract.TEXT in request.requested_output_names()
             batch = preprocess_rows(self.chat_format, list(rows), pad_id=self.pad_id, want_text=want_text)
-            outputs = [
-                pb_utils.Tensor(contract.INPUT_IDS, batch.input_ids),
-                pb_utils.Tensor(contract.ATTENTION_MASK, batch.attention_mask),
-                pb_utils.Tensor(contract.STATUS, _strings(batch.status)),
-                pb_utils.Tensor(contract.NUM_TOKENS, batch.num_tokens.reshape(-1, 1)),
-                pb_utils.Tensor(contract.TRUNCATED, batch.truncated.reshape(-1, 1)),
-            ]
+            values = {contract.INPUT_IDS: batch.input_ids, contract.ATTENTION_MASK: batch.attention_mask,
+                      contract.STATUS: contract.encode_strings(batch.status),
+                      contract.NUM_TOKENS: batch.num_tokens.reshape(-1, 1),
+                      contract.TRUNCATED: batch.truncated.reshape(-1, 1)}
             if want_text:
-                outputs.append(pb_utils.Tensor(contract.TEXT, _strings(batch.text)))
-            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+                values[contract.TEXT] = contract.encode_strings(batch.text)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(name, value.astype(self.dtypes[name], copy=False)) for name, value in values.items()]))
         return responses
-
-
-def _strings(values: list[str]) -> np.ndarray:
-    return np.array([v.encode("utf-8") for v in values], dtype=np.object_).reshape(-1, 1)

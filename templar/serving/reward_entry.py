@@ -18,15 +18,13 @@ import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS, PreprocessedBatch, score_in_micro_batches
-from templar.serving.triton_utils import model_parameters
-
-_PREPROCESS_OUTPUTS = [contract.INPUT_IDS, contract.ATTENTION_MASK, contract.STATUS, contract.NUM_TOKENS,
-                       contract.TRUNCATED]
+from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
+        self.dtypes = output_dtypes(args)
         self.preprocess_model = params["preprocess_model"]
         self.scoring_model = params["scoring_model"]
         self.preprocess_max_rows = int(params["preprocess_max_batch_size"])
@@ -66,13 +64,11 @@ class TritonPythonModel:
         for count in row_counts:
             part = slice(start, start + count)
             start += count
+            values = {contract.SCORE: scored.scores[part], contract.STATUS: contract.encode_strings(batch.status[part]),
+                      contract.NUM_TOKENS: batch.num_tokens[part], contract.TRUNCATED: batch.truncated[part]}
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(contract.SCORE, scored.scores[part].reshape(-1, 1)),
-                pb_utils.Tensor(contract.STATUS, np.array([s.encode("utf-8") for s in batch.status[part]],
-                                                          dtype=np.object_).reshape(-1, 1)),
-                pb_utils.Tensor(contract.NUM_TOKENS, batch.num_tokens[part].reshape(-1, 1)),
-                pb_utils.Tensor(contract.TRUNCATED, batch.truncated[part].reshape(-1, 1)),
-            ]))
+                pb_utils.Tensor(name, value.reshape(-1, 1).astype(self.dtypes[name], copy=False))
+                for name, value in values.items()]))
         return responses
 
     def _preprocess(self, rows: np.ndarray) -> PreprocessedBatch:
@@ -82,24 +78,18 @@ class TritonPythonModel:
             chunk = rows[start : start + self.preprocess_max_rows].reshape(-1, 1)
             response = pb_utils.InferenceRequest(
                 model_name=self.preprocess_model,
-                requested_output_names=_PREPROCESS_OUTPUTS,
+                requested_output_names=list(contract.PREPROCESS_FOR_SCORING),
                 inputs=[pb_utils.Tensor(contract.CONVERSATION, chunk)],
             ).exec()
             if response.has_error():
                 raise _ModelFailure(f"{self.preprocess_model} failed: {response.error().message()}")
-            parts.append([pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in
-                          _PREPROCESS_OUTPUTS])
-        if len(parts) == 1:  # the usual case: no re-padding copy
-            ids, mask = parts[0][0], parts[0][1]
-        else:
-            width = max(p[0].shape[1] for p in parts)
-            ids = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1]))) for p in parts])
-            mask = np.concatenate([np.pad(p[1], ((0, 0), (0, width - p[1].shape[1]))) for p in parts])
-        return PreprocessedBatch(
-            input_ids=ids, attention_mask=mask,
-            status=[s.decode("utf-8") for p in parts for s in p[2].reshape(-1)],
-            num_tokens=np.concatenate([p[3].reshape(-1) for p in parts]).astype(np.int32),
-            truncated=np.concatenate([p[4].reshape(-1) for p in parts]).astype(bool))
+            out = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+                   for name in contract.PREPROCESS_FOR_SCORING}
+            parts.append(PreprocessedBatch(
+                input_ids=out[contract.INPUT_IDS], attention_mask=out[contract.ATTENTION_MASK],
+                status=contract.decode_strings(out[contract.STATUS]),
+                num_tokens=out[contract.NUM_TOKENS].reshape(-1), truncated=out[contract.TRUNCATED].reshape(-1)))
+        return PreprocessedBatch.concatenate(parts)
 
     def _score(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One micro-batch on the scoring model; raising makes the error these rows' status."""

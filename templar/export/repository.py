@@ -21,7 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from templar import contract
+from templar.errors import ExportError
 
 EMBEDDED_CONFIG_NAME = "embedded"  # `templar serve` passes --model-config-name=embedded
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -60,7 +63,7 @@ class RewardModelEntry:
 
 def check_name(name: str) -> None:
     if not NAME_PATTERN.match(name):
-        raise ValueError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.' (max 100 chars)")
+        raise ExportError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.' (max 100 chars)")
 
 
 def _params(values: dict[str, str]) -> str:
@@ -69,23 +72,37 @@ def _params(values: dict[str, str]) -> str:
         for k, v in values.items())
 
 
+def _tensors(kind: str, specs: tuple[contract.TensorSpec, ...]) -> str:
+    rows = ",\n".join(f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ {", ".join(map(str, t.dims))} ] }}'
+                      for t in specs)
+    return f"{kind} [\n{rows}\n]\n"
+
+
+def _header(name: str, signature: contract.Signature, max_batch_size: int, runtime: str) -> str:
+    """name, backend/platform, max_batch_size and the inputs/outputs, as the contract's table declares them."""
+    return (f'name: "{name}"\n{runtime}\nmax_batch_size: {max_batch_size}\n'
+            + _tensors("input", signature.inputs) + _tensors("output", signature.outputs))
+
+
+def _instances(kind: str, count: int) -> str:
+    return f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
+
+
 def _dynamic_batching(delay_us: int) -> str:
     return f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
 
 
+def scorer_signature(entry: RewardModelEntry) -> contract.Signature:
+    """A TensorRT engine takes int32 ids; an ONNX graph int64."""
+    return contract.scorer_signature("TYPE_INT32" if entry.tensorrt_plan else "TYPE_INT64")
+
+
 def entry_config(entry: RewardModelEntry) -> str:
     s = entry.settings
+    ids_type = scorer_signature(entry).inputs[0].dtype.numpy
     return (
-        f'name: "{entry.name}"\nbackend: "python"\nmax_batch_size: {s.max_batch_size}\n'
-        f'input [ {{ name: "{contract.CONVERSATION}" data_type: TYPE_STRING dims: [ 1 ] }} ]\n'
-        "output [\n"
-        f'  {{ name: "{contract.SCORE}" data_type: TYPE_FP32 dims: [ 1 ] }},\n'
-        f'  {{ name: "{contract.STATUS}" data_type: TYPE_STRING dims: [ 1 ] }},\n'
-        f'  {{ name: "{contract.NUM_TOKENS}" data_type: TYPE_INT32 dims: [ 1 ] }},\n'
-        f'  {{ name: "{contract.TRUNCATED}" data_type: TYPE_BOOL dims: [ 1 ] }}\n'
-        "]\n"
-        f"instance_group [ {{ kind: KIND_CPU count: {s.entry_instances} }} ]\n"
-        + _dynamic_batching(s.queue_delay_us)
+        _header(entry.name, contract.ENTRY, s.max_batch_size, 'backend: "python"')
+        + _instances("KIND_CPU", s.entry_instances) + _dynamic_batching(s.queue_delay_us)
         + _params({
             **entry.parameters,
             "preprocess_model": contract.preprocess_model_name(entry.name),
@@ -94,37 +111,16 @@ def entry_config(entry: RewardModelEntry) -> str:
             "micro_batch_rows": str(s.micro_batch_rows),
             "micro_batch_tokens": str(s.micro_batch_tokens),
             "micro_batch_max_padding": "" if s.micro_batch_max_padding is None else str(s.micro_batch_max_padding),
-            "scoring_ids_dtype": "int32" if entry.tensorrt_plan else "int64",
+            "scoring_ids_dtype": np.dtype(ids_type).name,  # what `<rm>_model` takes (its config says the same)
         })
     )
 
 
 def preprocess_config(entry: RewardModelEntry) -> str:
     s = entry.settings
-    return (
-        f'name: "{contract.preprocess_model_name(entry.name)}"\nbackend: "python"\nmax_batch_size: {s.max_batch_size}\n'
-        f'input [ {{ name: "{contract.CONVERSATION}" data_type: TYPE_STRING dims: [ 1 ] }} ]\n'
-        "output [\n"
-        f'  {{ name: "{contract.INPUT_IDS}" data_type: TYPE_INT64 dims: [ -1 ] }},\n'
-        f'  {{ name: "{contract.ATTENTION_MASK}" data_type: TYPE_INT64 dims: [ -1 ] }},\n'
-        f'  {{ name: "{contract.STATUS}" data_type: TYPE_STRING dims: [ 1 ] }},\n'
-        f'  {{ name: "{contract.NUM_TOKENS}" data_type: TYPE_INT32 dims: [ 1 ] }},\n'
-        f'  {{ name: "{contract.TRUNCATED}" data_type: TYPE_BOOL dims: [ 1 ] }},\n'
-        f'  {{ name: "{contract.TEXT}" data_type: TYPE_STRING dims: [ 1 ] }}\n'
-        "]\n"
-        f"instance_group [ {{ kind: KIND_CPU count: {s.preprocess_instances} }} ]\n"
-        + _params(entry.parameters)
-    )
-
-
-def _scorer_io(ids_type: str = "TYPE_INT64") -> str:
-    return (
-        "input [\n"
-        f'  {{ name: "{contract.INPUT_IDS}" data_type: {ids_type} dims: [ -1 ] }},\n'
-        f'  {{ name: "{contract.ATTENTION_MASK}" data_type: {ids_type} dims: [ -1 ] }}\n'
-        "]\n"
-        f'output [ {{ name: "{contract.SCORE}" data_type: TYPE_FP32 dims: [ 1 ] }} ]\n'
-    )
+    return (_header(contract.preprocess_model_name(entry.name), contract.PREPROCESS, s.max_batch_size,
+                    'backend: "python"')
+            + _instances("KIND_CPU", s.preprocess_instances) + _params(entry.parameters))
 
 
 def scorer_config_gpu(entry: RewardModelEntry) -> str:
@@ -136,36 +132,37 @@ def scorer_config_gpu(entry: RewardModelEntry) -> str:
             "optimization { execution_accelerators { gpu_execution_accelerator: [ { name: \"tensorrt\" "
             "parameters { key: \"precision_mode\" value: \"FP16\" } "
             "parameters { key: \"max_workspace_size_bytes\" value: \"4294967296\" } } ] } }\n")
-    return (
-        f'name: "{contract.scoring_model_name(entry.name)}"\nplatform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {s.micro_batch_rows}\n" + _scorer_io()
-        + f"instance_group [ {{ kind: KIND_GPU count: {s.scorer_instances} }} ]\n"
-        + _dynamic_batching(s.queue_delay_us) + accelerator
-    )
+    return (_header(contract.scoring_model_name(entry.name), contract.scorer_signature(), s.micro_batch_rows,
+                    'platform: "onnxruntime_onnx"')
+            + _instances("KIND_GPU", s.scorer_instances) + _dynamic_batching(s.queue_delay_us) + accelerator)
 
 
 def scorer_config_tensorrt(entry: RewardModelEntry) -> str:
     """For the official Triton container: the TensorRT engine (`model.plan`, int32 ids, one shape profile)."""
     s = entry.settings
-    return (
-        f'name: "{contract.scoring_model_name(entry.name)}"\nplatform: "tensorrt_plan"\n'
-        f"max_batch_size: {entry.tensorrt_max_rows or s.micro_batch_rows}\n" + _scorer_io("TYPE_INT32")
-        + f"instance_group [ {{ kind: KIND_GPU count: {s.scorer_instances} }} ]\n"
-        + _dynamic_batching(s.queue_delay_us)
-    )
+    return (_header(contract.scoring_model_name(entry.name), scorer_signature(entry),
+                    entry.tensorrt_max_rows or s.micro_batch_rows, 'platform: "tensorrt_plan"')
+            + _instances("KIND_GPU", s.scorer_instances) + _dynamic_batching(s.queue_delay_us))
 
 
 def scorer_config_embedded(entry: RewardModelEntry) -> str:
     """For the embedded CPU server (Python backend only): ONNX Runtime inside a Python model. Beside a TensorRT
     engine it takes the engine's int32 ids too (the entry model sends one dtype; ONNX Runtime casts them back)."""
     s = entry.settings
-    return (
-        f'name: "{contract.scoring_model_name(entry.name)}"\nbackend: "python"\n'
-        f"max_batch_size: {s.micro_batch_rows}\n" + _scorer_io("TYPE_INT32" if entry.tensorrt_plan else "TYPE_INT64")
-        + f"instance_group [ {{ kind: KIND_CPU count: {s.scorer_instances} }} ]\n"
-        + _params({"intra_op_threads": str(s.intra_op_threads),
-                   "intra_op_spinning": "1" if s.intra_op_spinning else "0"})
-    )
+    return (_header(contract.scoring_model_name(entry.name), scorer_signature(entry), s.micro_batch_rows,
+                    'backend: "python"')
+            + _instances("KIND_CPU", s.scorer_instances)
+            + _params({"intra_op_threads": str(s.intra_op_threads),
+                       "intra_op_spinning": "1" if s.intra_op_spinning else "0"}))
+
+
+def read_parameters(config_path: str | os.PathLike) -> dict[str, str]:
+    """The `parameters` of a config.pbtxt (parsed with Triton's own model-config schema)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(Path(config_path).read_text(), model_config_pb2.ModelConfig())
+    return {key: value.string_value for key, value in config.parameters.items()}
 
 
 def _thin_model_py(module: str) -> str:

@@ -8,7 +8,6 @@ for the container, while the embedded CPU server keeps running the ONNX graph (a
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,15 @@ import torch
 from torch import nn
 
 from templar import contract
+from templar.errors import ExportError
+from templar.export.scorer import trace_to_onnx
 
 INSTALL_HINT = ("install TensorRT's Python package on a machine with an NVIDIA GPU and driver, e.g. "
                 "`pip install tensorrt`, or export with --format onnx (the GPU container then runs the ONNX graph "
                 "with ONNX Runtime's CUDA or TensorRT execution accelerator)")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(ExportError):
     """TensorRT (or a CUDA GPU for it) is missing; the message says what to install."""
 
 
@@ -37,7 +38,7 @@ class ShapeProfile:
     max_shape: tuple[int, int]
 
     @classmethod
-    def for_serving(cls, max_rows: int, max_length: int) -> "ShapeProfile":
+    def for_serving(cls, max_rows: int, max_length: int) -> ShapeProfile:
         """Tuned for the entry model's length-sorted micro-batches: full batches of typical RLHF lengths."""
         return cls((1, 1), (max(1, max_rows // 2), min(512, max_length)), (max_rows, max_length))
 
@@ -72,12 +73,7 @@ class Int32Ids(nn.Module):
 
 def export_int32_onnx(scorer: nn.Module, path: Path, opset: int, example_rows: int = 2, example_len: int = 8) -> None:
     ids = torch.ones(example_rows, example_len, dtype=torch.int32)
-    axes = {name: {0: "batch", 1: "sequence"} for name in (contract.INPUT_IDS, contract.ATTENTION_MASK)}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about HF masking branches (see export_onnx)
-        torch.onnx.export(Int32Ids(scorer), (ids, torch.ones_like(ids)), str(path),
-                          input_names=[contract.INPUT_IDS, contract.ATTENTION_MASK], output_names=[contract.SCORE],
-                          dynamic_axes={**axes, contract.SCORE: {0: "batch"}}, opset_version=opset, dynamo=False)
+    trace_to_onnx(Int32Ids(scorer), ids, torch.ones_like(ids), path, opset)
 
 
 def build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, *, fp16: bool = False,
@@ -90,7 +86,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, *, fp1
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+        raise ExportError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     config.clear_flag(trt.BuilderFlag.TF32)  # FP32 means FP32: TF32 matmuls would miss the torch parity check
@@ -104,7 +100,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, *, fp1
         f"opt {profile.opt_shape} .. {profile.max_shape}); this takes minutes")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError("TensorRT failed to build the engine (see its log above)")
+        raise ExportError("TensorRT failed to build the engine (see its log above)")
     plan_path.write_bytes(bytes(serialized))
 
 

@@ -1,4 +1,4 @@
-"""`templar tiny-model`: small randomly initialised models on REAL tokenizers and chat templates.
+"""Small randomly initialised models on REAL tokenizers and chat templates (`templar tiny-model`, `tiny:<family>`).
 
 No model hub is reachable here, so the demo and the tests build their models: the tokenizer, vocabulary and chat
 template are the real ones of the family (fetched by `templar assets`); the weights are random. Each family gets its
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from templar.tools.assets import tokenizer_dir
+from templar.assets import tokenizer_dir
+from templar.errors import ConfigError
 
 # family -> backbone model_type (DeepSeek-V3's own MoE architecture is out of scope: a Llama backbone on its tokenizer)
 FAMILY_BACKBONE = {
@@ -67,9 +68,9 @@ def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed
     from transformers import AutoTokenizer
 
     if family not in FAMILY_BACKBONE:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILY_BACKBONE)}")
+        raise ConfigError(f"unknown family {family!r}; known: {', '.join(FAMILY_BACKBONE)}")
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     size = size or TinySize()
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir(family)), local_files_only=True)
@@ -113,19 +114,3 @@ def _spread_head(weight: torch.Tensor) -> None:
     """A wider score head than the default init, so different conversations get visibly different scores."""
     with torch.no_grad():
         weight.normal_(0.0, 1.0 / weight.shape[-1] ** 0.5)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--family", required=True, choices=sorted(FAMILY_BACKBONE), help="tokenizer + template")
-    parser.add_argument("--kind", default="reward", choices=KINDS)
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hidden-size", type=int, default=TinySize.hidden_size)
-    parser.add_argument("--layers", type=int, default=TinySize.num_hidden_layers)
-
-
-def main(args) -> int:
-    size = TinySize(hidden_size=args.hidden_size, num_hidden_layers=args.layers)
-    out = build_tiny_model(args.family, args.out, kind=args.kind, seed=args.seed, size=size)
-    print(f"wrote a {args.kind} on the {args.family} tokenizer to {out}")
-    return 0

@@ -1,0 +1,284 @@
+"""`templar export` as a library: a Hugging Face reward model folder -> ONNX + the Triton entries that apply the RM's
+own template (templar.export.repository), checked before anything is written.
+
+The export runs as named phases, each a function below: load the tokenizer and template, load the weights
+(templar.export.scorer), save the tokenizer the preprocessing model will load (and check it tokenizes like the
+source), trace the ONNX graph, check ONNX Runtime against torch on sample conversations (and, with --format
+tensorrt, build and check an engine), then write the entries. Nothing is written unless the checks pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import templar
+from templar import contract
+from templar.chat_format import TEMPLATE_FILE, TOKENIZER_FILES, ChatFormat, MissingChatTemplateError, \
+    fingerprint_tokenizer_dir
+from templar.conversation import Conversation, ConversationError
+from templar.errors import ExportError
+from templar.export.repository import EntrySettings, RewardModelEntry, check_name, read_parameters, \
+    write_reward_model
+from templar.export.scorer import PICKLE_PATTERNS, RewardScorer, load_reward_model, torch_scores, trace_to_onnx
+from templar.samples import sample_conversations, without_system
+from templar.serving.batching import right_pad
+from templar.serving.onnx_runtime import create_session, run_scores
+
+DEFAULT_MAX_LENGTH_CAP = 4096
+FORMATS = ("onnx", "tensorrt")
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExportOptions:
+    model: Path  # Hugging Face RM folder (config.json, *.safetensors, tokenizer files)
+    name: str  # the RM's name in Triton (the entry point clients call)
+    repo: Path = Path("model_repository")
+    max_length: int | None = None  # default: min(max_position_embeddings, 4096)
+    chat_template: Path | None = None  # a Jinja file; overrides the folder's template
+    tokenizer: Path | None = None  # a tokenizer folder, when it is not beside the weights
+    format: str = "onnx"  # "tensorrt": also build a TensorRT engine for the GPU container (needs TensorRT + a GPU)
+    special_tokens: str = "escape"  # control-token strings in content: "escape" (as text) or "reject" (row error)
+    template_kwargs: dict = field(default_factory=dict)  # fixed extra template variables, e.g. date_string
+    value_head_prefix: str | None = None  # OpenRLHF value-head RMs; auto-detected for "value_head"
+    allow_pickle: bool = False  # load *.bin/*.pt weights (pickle can run code) when no safetensors exist
+    tolerance: float = 1e-4  # max |ONNX Runtime - torch| on the sample conversations
+    engine_tolerance: float | None = None  # max |TensorRT - torch|; default 1e-3 (FP32) or 5e-2 (FP16)
+    opset: int = 17
+    settings: EntrySettings = field(default_factory=EntrySettings)
+
+
+@dataclass
+class ExportReport:
+    name: str
+    folders: list[Path]
+    max_abs_diff: float
+    samples: int
+    parameters: dict[str, str]
+    seconds: float
+
+
+def sample_token_rows(chat_format: ChatFormat, max_length: int) -> list[list[int]]:
+    """Tokenized sample conversations (multi-turn, system, unicode, whitespace, one at max_length)."""
+    rows = []
+    for messages in sample_conversations(long_words=max_length).values():
+        for candidate in (messages, without_system(messages)):
+            try:
+                rows.append(chat_format.tokenize(Conversation(candidate)).input_ids)
+                break
+            except ConversationError:
+                continue
+    return rows
+
+
+def source_sha256(opts: ExportOptions) -> str:
+    """What an export depends on: the RM folder's config, weights and tokenizer files, the template file, and the
+    options that shape what is served. Recorded in the entry's config (`source_sha256`), so a caller can tell
+    whether a repository still serves exactly this source (`is_exported`)."""
+    model_dir, tokenizer_dir = Path(opts.model), Path(opts.tokenizer or opts.model)
+    files = [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors")),
+             *sorted(p for pattern in PICKLE_PATTERNS for p in model_dir.glob(pattern)),
+             *(tokenizer_dir / name for name in (*TOKENIZER_FILES, TEMPLATE_FILE))]
+    if opts.chat_template:
+        files.append(Path(opts.chat_template))
+    digest = hashlib.sha256()
+    for file in files:
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + _file_sha256(file))
+    shaping = {"max_length": opts.max_length, "special_tokens": opts.special_tokens, "format": opts.format,
+               "template_kwargs": opts.template_kwargs, "value_head_prefix": opts.value_head_prefix,
+               "opset": opts.opset, "settings": dataclasses.asdict(opts.settings)}
+    digest.update(json.dumps(shaping, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def is_exported(opts: ExportOptions) -> bool:
+    """True when `opts.repo` already serves `opts.name` exported from this very source with these options."""
+    repo = Path(opts.repo)
+    folders = (opts.name, contract.preprocess_model_name(opts.name), contract.scoring_model_name(opts.name))
+    if not all((repo / folder / "config.pbtxt").is_file() for folder in folders):
+        return False
+    recorded = read_parameters(repo / opts.name / "config.pbtxt").get(contract.PARAM_SOURCE_SHA256)
+    return recorded == source_sha256(opts)
+
+
+class _Steps:
+    """Numbered progress lines with the time each step took."""
+
+    def __init__(self, total: int, log: Log):
+        self.total, self.done, self.log, self.started = total, 0, log, None
+
+    def __call__(self, what: str) -> None:
+        self.finish()
+        self.done += 1
+        self.started = time.perf_counter()
+        self.log(f"[{self.done}/{self.total}] {what} ...")
+
+    def finish(self) -> None:
+        if self.started is not None:
+            self.log(f"      done in {time.perf_counter() - self.started:.1f}s")
+            self.started = None
+
+
+# -- the phases ------------------------------------------------------------------------------------------------------
+def _check_options(opts: ExportOptions) -> None:
+    """Everything that can be refused before minutes of work."""
+    if opts.format not in FORMATS:
+        raise ExportError(f"unknown --format {opts.format!r}; choose from {', '.join(FORMATS)}")
+    if opts.format == "tensorrt":
+        from templar.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    check_name(opts.name)
+    if not Path(opts.model).is_dir():
+        raise ExportError(f"model folder {opts.model} does not exist")
+
+
+def _load_chat_format(opts: ExportOptions) -> ChatFormat:
+    source = opts.tokenizer or opts.model
+    try:
+        return ChatFormat.from_dir(source, chat_template_file=opts.chat_template, special_tokens=opts.special_tokens,
+                                   template_kwargs=opts.template_kwargs)
+    except MissingChatTemplateError:
+        raise ExportError(f"{source} has no chat template (no chat_template in tokenizer_config.json, no "
+                          "chat_template.jinja); pass the RM's template with --chat-template FILE") from None
+    except OSError as exc:
+        raise ExportError(f"could not load a tokenizer from {source}: {exc}") from None
+
+
+def _max_length(opts: ExportOptions, config) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH_CAP
+    max_length = opts.max_length or min(limit, DEFAULT_MAX_LENGTH_CAP)
+    if max_length > limit:
+        raise ExportError(f"--max-length {max_length} exceeds the model's max_position_embeddings {limit}")
+    return max_length
+
+
+def _save_tokenizer(opts: ExportOptions, chat_format: ChatFormat, max_length: int,
+                    tokenizer_dir: Path) -> tuple[ChatFormat, list[list[int]]]:
+    """Save the tokenizer and template the preprocessing model will load; check that the saved folder tokenizes the
+    sample conversations exactly as the source does. Returns (the served ChatFormat, the sample token rows)."""
+    chat_format.tokenizer.save_pretrained(str(tokenizer_dir))
+    served = ChatFormat.from_dir(tokenizer_dir, max_length=max_length, special_tokens=opts.special_tokens,
+                                 template_kwargs=opts.template_kwargs)
+    rows = sample_token_rows(served, max_length)
+    if not rows:
+        raise ExportError("the chat template rejected every sample conversation")
+    source = ChatFormat(chat_format.tokenizer, chat_template=chat_format.chat_template, max_length=max_length,
+                        template_kwargs=opts.template_kwargs)
+    if sample_token_rows(source, max_length) != rows:
+        raise ExportError("the saved tokenizer tokenizes the samples differently from the source folder")
+    return served, rows
+
+
+def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: np.ndarray, rows: list[list[int]], log: Log) -> float:
+    """max |ONNX Runtime - torch| over the sample rows in one padded batch; refuses a graph past the tolerance."""
+    ids, mask = right_pad(rows)
+    served = run_scores(create_session(onnx_path), ids, mask).reshape(-1).astype(np.float64)
+    max_diff = float(np.abs(served - reference).max())
+    log(f"      max |onnxruntime - torch| = {max_diff:.2e} over {len(rows)} conversations "
+        f"({min(map(len, rows))}..{max(map(len, rows))} tokens, one padded batch)")
+    if not np.isfinite(max_diff) or max_diff > opts.tolerance:
+        raise ExportError(f"ONNX Runtime differs from torch by {max_diff:.3e} > tolerance {opts.tolerance}; "
+                          "nothing was written")
+    return max_diff
+
+
+def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[list[int]], reference: np.ndarray,
+                          max_length: int, tmp: Path, step: _Steps, log: Log) -> dict[str, str]:
+    """Build `tmp/model.plan` and check it against torch; returns the parameters to record."""
+    from templar.export.tensorrt import ShapeProfile, build_engine, engine_scores, export_int32_onnx
+
+    fp16 = opts.settings.gpu_fp16
+    profile = ShapeProfile.for_serving(opts.settings.micro_batch_rows, max_length)
+    step("building the TensorRT engine (int32 ids)")
+    export_int32_onnx(scorer, tmp / "model_int32.onnx", opts.opset)
+    build_engine(tmp / "model_int32.onnx", tmp / "model.plan", profile, fp16=fp16, log=log)
+    step(f"checking TensorRT against torch on {len(rows)} sample conversations")
+    tolerance = opts.engine_tolerance if opts.engine_tolerance is not None else (5e-2 if fp16 else 1e-3)
+    diffs = []
+    for start in range(0, len(rows), profile.max_shape[0]):
+        ids, mask = right_pad(rows[start : start + profile.max_shape[0]])
+        served = engine_scores(tmp / "model.plan", ids, mask).astype(np.float64)
+        diffs.append(np.abs(served - reference[start : start + len(ids)]).max())
+    engine_diff = float(max(diffs))
+    log(f"      max |tensorrt - torch| = {engine_diff:.2e} ({'FP16' if fp16 else 'FP32'})")
+    if not np.isfinite(engine_diff) or engine_diff > tolerance:
+        raise ExportError(f"the TensorRT engine differs from torch by {engine_diff:.3e} > tolerance {tolerance} "
+                          "(--engine-tolerance); nothing was written")
+    return {**profile.as_parameters(), "tensorrt_precision": "fp16" if fp16 else "fp32",
+            "tensorrt_parity_max_abs_diff": f"{engine_diff:.3e}"}
+
+
+def _parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, max_length: int, config,
+                max_diff: float) -> dict[str, str]:
+    """What the configs record: fingerprints, serving options, where the model came from."""
+    return {
+        contract.PARAM_TEMPLATE_SHA256: served.template_sha256,
+        contract.PARAM_TOKENIZER_SHA256: fingerprint_tokenizer_dir(tokenizer_dir),
+        contract.PARAM_MAX_LENGTH: str(max_length),
+        contract.PARAM_SPECIAL_TOKENS: opts.special_tokens,
+        contract.PARAM_TEMPLATE_KWARGS: json.dumps(opts.template_kwargs, sort_keys=True),
+        contract.PARAM_SOURCE_MODEL: str(Path(opts.model).resolve()),
+        contract.PARAM_SOURCE_SHA256: source_sha256(opts),
+        contract.PARAM_TEMPLAR_VERSION: templar.__version__,
+        "model_type": config.model_type,
+        "parity_max_abs_diff": f"{max_diff:.3e}",
+    }
+
+
+def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
+    """Export `opts.model` into `opts.repo` as `opts.name` (see the module docstring for the phases)."""
+    started = time.perf_counter()
+    _check_options(opts)
+    tensorrt = opts.format == "tensorrt"
+    step = _Steps(8 if tensorrt else 6, log)
+    step(f"loading tokenizer and chat template from {opts.tokenizer or opts.model}")
+    chat_format = _load_chat_format(opts)
+    step(f"loading weights from {opts.model}")
+    scorer, config, kind = load_reward_model(opts.model, allow_pickle=opts.allow_pickle,
+                                             value_head_prefix=opts.value_head_prefix)
+    max_length = _max_length(opts, config)
+    log(f"      {kind}, model_type {config.model_type}, {sum(p.numel() for p in scorer.parameters()) / 1e6:.1f}M "
+        f"parameters, max_length {max_length}")
+    with tempfile.TemporaryDirectory(prefix="templar-export-") as tmp:
+        tmp = Path(tmp)
+        step("saving tokenizer and template for the preprocessing model")
+        served, rows = _save_tokenizer(opts, chat_format, max_length, tmp / "tokenizer")
+        step(f"exporting ONNX (opset {opts.opset})")
+        ids, mask = right_pad(rows[:2])
+        trace_to_onnx(scorer, torch.from_numpy(ids), torch.from_numpy(mask), tmp / "model.onnx", opts.opset)
+        step(f"checking ONNX Runtime against torch on {len(rows)} sample conversations")
+        reference = torch_scores(scorer, rows)
+        max_diff = _check_onnx(opts, tmp / "model.onnx", reference, rows, log)
+        engine = _build_checked_engine(opts, scorer, rows, reference, max_length, tmp, step, log) if tensorrt else {}
+        step(f"writing Triton entries for {opts.name!r} into {opts.repo}")
+        parameters = {**_parameters(opts, served, tmp / "tokenizer", max_length, config, max_diff), **engine}
+        entry = RewardModelEntry(opts.name, tmp / "model.onnx", tmp / "tokenizer", parameters, opts.settings,
+                                 tensorrt_plan=tmp / "model.plan" if tensorrt else None,
+                                 tensorrt_max_rows=opts.settings.micro_batch_rows if tensorrt else None)
+        folders = write_reward_model(opts.repo, entry, log=lambda m: log("      " + m))
+        step.finish()
+    report = ExportReport(opts.name, folders, max_diff, len(rows), parameters, time.perf_counter() - started)
+    log(f"exported {opts.name!r} in {report.seconds:.1f}s: chat_template sha256 "
+        f"{parameters[contract.PARAM_TEMPLATE_SHA256][:16]}…, tokenizer sha256 "
+        f"{parameters[contract.PARAM_TOKENIZER_SHA256][:16]}…")
+    return report

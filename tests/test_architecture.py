@@ -1,0 +1,122 @@
+"""The layers, read from the source with `ast`: `templar/` (the library) <- `trainer/` (the PPO trainer) <- `tools/`
+(command lines), with `templar/cli.py` (the entry point) above them all. A new import that points the wrong way, a
+private name used across modules, or a function grown past the limit fails here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# folder -> the package it installs as (pyproject.toml, [tool.setuptools.package-dir])
+PACKAGES = {"templar": "templar", "trainer": "templar.trainer", "tools": "templar.tools"}
+LAYERS = {"library": 0, "trainer": 1, "tools": 2, "entry": 3}
+MAX_FUNCTION_LINES = 60
+
+
+def layer(module: str) -> str:
+    if module == "templar.cli":
+        return "entry"
+    if module == "templar.trainer" or module.startswith("templar.trainer."):
+        return "trainer"
+    if module == "templar.tools" or module.startswith("templar.tools."):
+        return "tools"
+    return "library"
+
+
+def modules() -> dict[str, Path]:
+    """Every project module: dotted name -> file."""
+    found = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imports(path: Path, module: str) -> list[tuple[int, str, list[str]]]:
+    """(line, imported templar module, names taken from it) for every import of a templar module in a file."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, []) for a in node.names if a.name.split(".")[0] == "templar"]
+        elif isinstance(node, ast.ImportFrom):
+            target = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            if target.split(".")[0] == "templar":
+                found.append((node.lineno, target, [a.name for a in node.names]))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    graph: dict[str, set[str]] = {}
+    for module, path in known.items():
+        targets = set()
+        for _, target, names in imports(path, module):
+            # `from templar import contract` names a module; `from templar.x import y` may name one too
+            targets |= {f"{target}.{n}" for n in names if f"{target}.{n}" in known} or {target}
+        graph[module] = targets
+    return graph
+
+
+def test_the_scan_sees_the_layout():
+    graph = import_graph()
+    assert {"templar.contract", "templar.reward_client", "templar.trainer.train", "templar.tools.export",
+            "templar.serving.reward_entry", "templar.export.exporter"} <= set(graph)
+    assert "templar.trainer.train" in graph["templar.tools.train"]  # the scan does find imports
+
+
+def test_dependencies_point_one_way():
+    wrong = []
+    for module, targets in import_graph().items():
+        for target in targets:
+            if LAYERS[layer(target)] > LAYERS[layer(module)]:
+                wrong.append(f"{module} ({layer(module)}) imports {target} ({layer(target)})")
+    assert not wrong, "imports against the layers templar <- trainer <- tools <- cli:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_private_name_crosses_a_module():
+    known = modules()
+    crossings = []
+    for module, path in known.items():
+        for line, target, names in imports(path, module):
+            crossings += [f"{path.relative_to(ROOT)}:{line} takes {name} from {target}" for name in names
+                          if name.startswith("_") and name != "__version__"]
+        tree = ast.parse(path.read_text())
+        aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names if a.name.startswith("templar")}
+        aliases |= {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and (node.module or "").startswith("templar") for a in node.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                crossings.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not crossings, "\n".join(crossings)
+
+
+@pytest.mark.parametrize("folder", sorted(PACKAGES))
+def test_no_long_functions(folder):
+    long = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named phases):\n" + "\n".join(long)
+
+
+def test_the_generated_model_files_import_only_the_library():
+    """Triton loads these modules from the thin generated model.py files; they must need nothing above templar/."""
+    graph = import_graph()
+    for module in ("templar.serving.preprocess", "templar.serving.reward_entry", "templar.serving.onnx_scorer"):
+        assert all(layer(t) == "library" for t in graph[module]), graph[module]

@@ -1,0 +1,64 @@
+"""`templar export`: a Hugging Face reward model -> ONNX + the Triton entries that apply the RM's own template
+(templar.export.exporter). Defaults come from ExportOptions and EntrySettings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from templar.chat_format import SPECIAL_TOKEN_POLICIES
+from templar.export.exporter import DEFAULT_MAX_LENGTH_CAP, FORMATS, ExportOptions, export_reward_model
+from templar.export.repository import EntrySettings
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object, e.g. '{"date_string": "26 Jul 2024"}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object {{...}}, got {text!r}")
+    return value
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="Hugging Face reward model folder")
+    parser.add_argument("--name", required=True, help="the RM's model name in Triton")
+    parser.add_argument("--repo", type=Path, default=ExportOptions.repo,
+                        help="model repository to write into (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, help="token limit; longer conversations are cut from the start "
+                        f"(default: min(max_position_embeddings, {DEFAULT_MAX_LENGTH_CAP}))")
+    parser.add_argument("--chat-template", type=Path, help="Jinja chat template file (overrides the folder's)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder, when not beside the weights")
+    parser.add_argument("--format", default=ExportOptions.format, choices=FORMATS,
+                        help="onnx (default; CPU and GPU) or tensorrt (also a TensorRT engine for the GPU container; "
+                        "needs TensorRT and a GPU where the export runs)")
+    parser.add_argument("--special-tokens", default=ExportOptions.special_tokens, choices=SPECIAL_TOKEN_POLICIES,
+                        help="control-token strings inside content: tokenize as text (escape) or fail the row "
+                        "(default: %(default)s)")
+    parser.add_argument("--template-kwargs", type=json_object, default={},
+                        help='fixed extra template variables as JSON, e.g. \'{"date_string": "26 Jul 2024"}\'')
+    parser.add_argument("--value-head-prefix", help="OpenRLHF value-head RMs: the head's name (default: value_head)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow *.bin/*.pt weights (pickle runs code)")
+    parser.add_argument("--tolerance", type=float, default=ExportOptions.tolerance,
+                        help="max |onnxruntime - torch| allowed (default: %(default)s)")
+    parser.add_argument("--engine-tolerance", type=float,
+                        help="max |tensorrt - torch| allowed (default 1e-3, or 5e-2 with --gpu-fp16)")
+    parser.add_argument("--opset", type=int, default=ExportOptions.opset, help="(default: %(default)s)")
+    parser.add_argument("--gpu-fp16", action="store_true", default=EntrySettings.gpu_fp16,
+                        help="GPU container: FP16 (TensorRT execution accelerator for onnx; an FP16 engine for "
+                        "tensorrt)")
+
+
+def main(args) -> int:
+    opts = ExportOptions(model=args.model, name=args.name, repo=args.repo, max_length=args.max_length,
+                         chat_template=args.chat_template, tokenizer=args.tokenizer, format=args.format,
+                         special_tokens=args.special_tokens, template_kwargs=args.template_kwargs,
+                         value_head_prefix=args.value_head_prefix, allow_pickle=args.allow_pickle,
+                         tolerance=args.tolerance, engine_tolerance=args.engine_tolerance, opset=args.opset,
+                         settings=EntrySettings(gpu_fp16=args.gpu_fp16))
+    export_reward_model(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0

@@ -1,0 +1,71 @@
+"""Where the trainer's rewards come from: `reward.url` (a running Triton), or by default an embedded Triton that
+rank 0 starts on `reward.repo` after exporting the configured RMs into it, and stops at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from templar.embedded_server import EmbeddedTriton, free_server_ports
+from templar.errors import ConfigError
+from templar.export.exporter import ExportOptions, export_reward_model, is_exported
+from templar.trainer.config import TrainConfig
+from templar.trainer.distributed import World, barrier, run_on_main
+from templar.trainer.sources import resolve_source
+
+log = logging.getLogger("templar.trainer")
+
+
+def export_options(config: TrainConfig, output_dir: Path) -> list[ExportOptions]:
+    """One ExportOptions per configured RM that has a source (`path`); checks the others are already served."""
+    repo = Path(config.reward.repo)
+    options = []
+    for index, rm in enumerate(config.reward.models):
+        if rm.path is None:
+            if not (repo / rm.name / "config.pbtxt").is_file():
+                raise ConfigError(f"reward model {rm.name!r} is not in {repo} and has no path to export it from")
+            continue
+        source = resolve_source(rm.path, f"rm-{rm.name}", "reward", output_dir, seed=100 + index).resolve()
+        options.append(ExportOptions(model=source, name=rm.name, repo=repo, max_length=rm.max_length))
+    return options
+
+
+def ensure_exported(config: TrainConfig, output_dir: Path) -> list[str]:
+    """Export each configured RM into reward.repo unless the repository already serves that very model (the same
+    source files and export options, by the fingerprint recorded at export). Returns the names exported."""
+    exported = []
+    for opts in export_options(config, output_dir):
+        if is_exported(opts):
+            continue
+        log.info("exporting reward model %s from %s into %s", opts.name, opts.model, opts.repo)
+        export_reward_model(opts, log=lambda m: log.info("  %s", m))
+        exported.append(opts.name)
+    return exported
+
+
+@contextlib.contextmanager
+def reward_endpoints(config: TrainConfig, world: World, output_dir: Path) -> Iterator[list[str]]:
+    """reward.url if set; otherwise rank 0 exports the RMs, starts the embedded Triton and stops it at the end.
+    An error on rank 0 reaches every rank (raised there too), so none waits forever."""
+    if config.reward.url:
+        yield [u.strip() for u in config.reward.url.split(",")]
+        return
+    box: dict[str, EmbeddedTriton] = {}
+
+    def start() -> str:
+        ensure_exported(config, output_dir)
+        box["server"] = EmbeddedTriton(config.reward.repo, **free_server_ports(),
+                                       log_file=output_dir / "tritonserver.log")
+        box["server"].start(progress=log.info)
+        log.info("embedded Triton serving %s on %s", config.reward.repo, box["server"].grpc_url)
+        return box["server"].grpc_url
+
+    try:
+        url = run_on_main(world, start)
+        yield [url]
+        barrier()  # no rank may still be scoring when the server goes
+    finally:
+        if "server" in box:
+            box["server"].stop()
