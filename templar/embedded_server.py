@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import ipaddress
 import json
 import os
 import secrets
@@ -53,6 +54,28 @@ def pytriton_paths() -> tuple[Path, Path]:
     return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
 
 
+def url_host(host: str) -> str:
+    """A host as it goes into an address with a port: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def http_host_for(host: str) -> str:
+    """Where the HTTP and metrics endpoints can bind for `host`. Triton 2.51's HTTP server cannot bind one IPv6
+    address (it takes "ipv6:[addr]" and then listens on every interface), so for the IPv6 loopback ::1 they stay on
+    the IPv4 loopback, and any other IPv6 address is refused rather than silently exposed."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host  # a host name
+    if address.version == 4:
+        return host
+    if address.is_loopback:
+        return "127.0.0.1"
+    raise ServerError(f"--host {host}: the embedded server's HTTP and metrics endpoints cannot bind a single IPv6 "
+                      "address (Triton 2.51 would listen on every interface); use an IPv4 address, or ::1 (gRPC on "
+                      "[::1], HTTP and metrics on 127.0.0.1)")
+
+
 def port_available(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -67,7 +90,8 @@ def port_available(host: str, port: int) -> bool:
 def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
     """`count` distinct free ports. The sockets are held until all are chosen: ports picked one at a time can repeat
     (the kernel may hand out a just-released port again), and a server given one port twice refuses to start."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
     try:
         for sock in sockets:
             sock.bind((host, 0))
@@ -103,6 +127,7 @@ class EmbeddedTriton:
                  model_config_name: str = EMBEDDED_CONFIG_NAME, extra_args: tuple[str, ...] = ()) -> None:
         self.repo = Path(repo).resolve()
         self.host = host
+        self.http_host = http_host_for(host)
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
         self.startup_timeout_s = startup_timeout_s
         self.model_config_name = model_config_name
@@ -117,15 +142,15 @@ class EmbeddedTriton:
     # -- addresses ------------------------------------------------------------------------------------------------
     @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.ports['grpc']}"
+        return f"{url_host(self.host)}:{self.ports['grpc']}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.ports['http']}"
+        return f"http://{url_host(self.http_host)}:{self.ports['http']}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.ports['metrics']}/metrics"
+        return f"http://{url_host(self.http_host)}:{self.ports['metrics']}/metrics"
 
     @property
     def log_path(self) -> Path:
@@ -143,9 +168,9 @@ class EmbeddedTriton:
             f"--backend-directory={backends}",
             "--model-control-mode=explicit", "--load-model=*",  # explicit: versions can be swapped while serving
             f"--model-config-name={self.model_config_name}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
-            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
+            f"--grpc-address={url_host(self.host)}", f"--grpc-port={self.ports['grpc']}",  # gRPC: [v6]:port
+            f"--http-address={self.http_host}", f"--http-port={self.ports['http']}",
+            f"--metrics-address={self.http_host}", f"--metrics-port={self.ports['metrics']}",
             "--allow-gpu-metrics=false", "--strict-readiness=true", "--exit-timeout-secs=20",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
@@ -179,8 +204,9 @@ class EmbeddedTriton:
         if not any(p.is_dir() and (p / "config.pbtxt").is_file() for p in self.repo.iterdir()):
             raise ServerError(f"model repository {self.repo} holds no models; export one with `templar export`")
         for kind, port in self.ports.items():
-            if not port_available(self.host, port):
-                raise ServerError(f"port {port} (--{kind}-port) on {self.host} is already in use; stop what uses it "
+            host = self.host if kind == "grpc" else self.http_host
+            if not port_available(host, port):
+                raise ServerError(f"port {port} (--{kind}-port) on {host} is already in use; stop what uses it "
                                   f"or pick another port with --{kind}-port")
         command, env = self._prepare()
         progress(f"starting tritonserver (log: {self._log_file})")

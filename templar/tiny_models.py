@@ -44,14 +44,16 @@ class TinySize:
     lm_head_std: float = 0.5
 
 
-def tiny_config(family: str, vocab_size: int, pad_token_id: int | None, size: TinySize, num_labels: int = 1):
+def tiny_config(family: str, vocab_size: int, pad_token_id: int | None, size: TinySize, num_labels: int = 1,
+                backbone: str | None = None):
+    """A small config of the family's backbone model type (or of `backbone`, any decoder model type)."""
     from transformers import AutoConfig
 
-    model_type = FAMILY_BACKBONE[family]
+    model_type = backbone or FAMILY_BACKBONE[family]
     extra = {}
-    if model_type in ("mistral", "gemma3_text"):
+    if model_type in ("mistral", "gemma2", "gemma3_text"):
         extra["sliding_window"] = size.sliding_window
-    if model_type == "gemma3_text":
+    if model_type in ("gemma2", "gemma3_text"):
         extra["layer_types"] = ["sliding_attention", "full_attention"][: size.num_hidden_layers] + [
             "full_attention"] * max(0, size.num_hidden_layers - 2)
     return AutoConfig.for_model(
@@ -63,8 +65,10 @@ def tiny_config(family: str, vocab_size: int, pad_token_id: int | None, size: Ti
 
 
 def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed: int = 0,
-                     size: TinySize | None = None, tokenizer: str | Path | None = None) -> Path:
-    """Create `out` with config, safetensors weights, and the family's real tokenizer + chat template."""
+                     size: TinySize | None = None, tokenizer: str | Path | None = None,
+                     backbone: str | None = None) -> Path:
+    """Create `out` with config, safetensors weights, and the family's real tokenizer + chat template. `backbone`
+    picks another architecture (model_type) than the family's own, e.g. gemma2 on the Gemma-3 tokenizer."""
     from transformers import AutoTokenizer
 
     if family not in FAMILY_BACKBONE:
@@ -75,7 +79,7 @@ def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed
     out = Path(out)
     tok = AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir(family)), local_files_only=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    config = tiny_config(family, len(tok), pad, size)
+    config = tiny_config(family, len(tok), pad, size, backbone=backbone)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():  # a seeded build must not reset the caller's random stream
         torch.manual_seed(seed)

@@ -122,6 +122,23 @@ def running(repo: Path, **kwargs):
         server.stop()
 
 
+def control_token_ids(tokenizer, template_ids: list[int]) -> set[int]:
+    """Structure tokens by the tokenizer's OWN lists (not Templar's): its special tokens, plus the added tokens the
+    template wrote into `template_ids` (a rendering of plain content, e.g. Gemma's <start_of_turn>). Other added
+    tokens (Gemma's whitespace runs, its non-special '</s>') are what the tokenizer makes of ordinary text."""
+    added = tokenizer.added_tokens_decoder
+    special = {i for i, token in added.items() if token.special} | set(tokenizer.all_special_ids)
+    return special | {i for i in template_ids if i in added and not added[i].content.isspace()}
+
+
+def inserted_spans(base: list[int], longer: list[int]) -> list[list[int]]:
+    """The runs of ids `longer` has where `base` has none or others: where extra content went in."""
+    import difflib
+
+    matcher = difflib.SequenceMatcher(a=base, b=longer, autojunk=False)
+    return [longer[j1:j2] for tag, _, _, j1, j2 in matcher.get_opcodes() if tag in ("insert", "replace")]
+
+
 class TorchReference:
     """Scores from the RM's own torch modules on `tokenizer.apply_chat_template(messages)`: the ground truth the
     served path must reproduce. The score is read at the last token. (HF's `*ForSequenceClassification.forward`
@@ -137,9 +154,10 @@ class TorchReference:
         self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         self.template_kwargs = template_kwargs or {}
 
-    def ids(self, messages) -> list[int]:
+    def ids(self, messages, **kwargs) -> list[int]:
+        """`apply_chat_template` of the RM's tokenizer; kwargs (tools, template variables) as the row gives them."""
         return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                                       **self.template_kwargs))
+                                                       **{**self.template_kwargs, **kwargs}))
 
     def score_ids(self, ids: list[int]) -> float:
         backbone = getattr(self.model, self.model.base_model_prefix)
@@ -151,8 +169,8 @@ class TorchReference:
         with torch.no_grad():
             return float(self.model(input_ids=torch.tensor([ids])).logits[0, 0])
 
-    def score(self, messages) -> float:
-        return self.score_ids(self.ids(messages))
+    def score(self, messages, **kwargs) -> float:
+        return self.score_ids(self.ids(messages, **kwargs))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -16,13 +17,16 @@ from tritonclient.grpc import model_config_pb2
 from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation
+from templar.assets import template_path
 from templar.errors import ExportError
-from templar.samples import sample_conversations
+from templar.export.repository import read_parameters
+from templar.reward_client import RewardClient, RewardClientConfig
+from templar.samples import sample_conversations, without_system
 from templar.serving.batching import right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
 from templar.tiny_models import TinySize, build_tiny_model
 
-from conftest import FAMILIES, export
+from conftest import FAMILIES, TorchReference, export, running
 
 pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
@@ -33,12 +37,22 @@ def _configs(repo, name):
         yield from (repo / folder).glob("configs/*.pbtxt")
 
 
+def exported_scores(onnx_path, rows: list[list[int]]) -> np.ndarray:
+    """The exported graph run by ONNX Runtime on one right-padded batch of token rows."""
+    ids, mask = right_pad(rows)
+    return run_scores(create_session(onnx_path), ids, mask).reshape(-1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_exports_with_parity_and_valid_configs(served_repo, family):
+def test_every_family_exports_with_parity_and_valid_configs(served_repo, references, family):
     name = f"rm_{family}"
-    report = served_repo.reports[name]
-    assert report.max_abs_diff <= 1e-4 and report.samples >= 5
     repo = served_repo.path
+    # graded by the HF model's own forward (not by the exporter's scorer): padded batch vs one row at a time
+    reference = references[family]
+    rows = [reference.ids(m) for m in sample_conversations(long_words=300).values()]
+    served = exported_scores(repo / contract.scoring_model_name(name) / "1" / "model.onnx", rows)
+    np.testing.assert_allclose(served, [reference.score_ids(r) for r in rows], atol=1e-4, rtol=0)
+    assert served_repo.reports[name].samples >= 5
     assert (repo / contract.scoring_model_name(name) / "1" / "model.onnx").stat().st_size > 0
     tokenizer = repo / contract.preprocess_model_name(name) / "1" / "tokenizer"
     assert (tokenizer / "chat_template.jinja").is_file() and (tokenizer / "tokenizer.json").is_file()
@@ -81,6 +95,9 @@ def test_value_head_rm_from_openrlhf(assets, tmp_path):
     session = create_session(repo / "rm_vh_model" / "1" / "model.onnx")
     served = run_scores(session, ids, mask).reshape(-1)
     np.testing.assert_allclose(served, expected, atol=1e-4)
+    # a prefix that names no tensor is refused, naming what it looked for
+    with pytest.raises(ExportError, match="value head reward_head.weight not found"):
+        export(model_dir, "rm_vh2", repo, value_head_prefix="reward_head")
 
 
 def test_missing_template_names_the_flag(tiny_rms, tmp_path):
@@ -126,8 +143,6 @@ def test_two_labels_is_not_a_reward_model(assets, tmp_path):
 
 
 def test_pickle_weights_are_refused_unless_allowed(tiny_rms, tmp_path):
-    import shutil
-
     model_dir = tmp_path / "pickled"
     shutil.copytree(tiny_rms["llama3_1"], model_dir)
     torch.save(load_file(str(model_dir / "model.safetensors")), model_dir / "pytorch_model.bin")
@@ -169,3 +184,87 @@ def test_cli_shows_progress_and_fails_clearly(tiny_rms, tmp_path):
     assert bad.returncode == 2 and "model folder" in bad.stderr and "does not exist" in bad.stderr
     bad_name = run("--model", str(tiny_rms["mistral_nemo"]), "--name", "../evil")
     assert bad_name.returncode == 2 and "invalid model name" in bad_name.stderr
+
+
+def test_gemma2_backbone_exports_with_parity(assets, tmp_path):
+    """gemma2 is a supported model type: a Gemma-2 classifier on the Gemma tokenizer with the Gemma-1/2 template."""
+    model_dir = build_tiny_model("gemma3", tmp_path / "gemma2", backbone="gemma2", seed=5)
+    (model_dir / "chat_template.jinja").write_text(template_path("gemma").read_text())
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "gemma2"
+    repo = tmp_path / "repo"
+    export(model_dir, "rm_gemma2", repo)
+    reference = TorchReference(model_dir)
+    rows = [reference.ids(without_system(m)) for m in sample_conversations(long_words=300).values()]
+    served = exported_scores(repo / "rm_gemma2_model" / "1" / "model.onnx", rows)
+    np.testing.assert_allclose(served, [reference.score_ids(r) for r in rows], atol=1e-4, rtol=0)
+
+
+def test_tokenizer_from_another_folder(tiny_rms, references, tmp_path):
+    """--tokenizer: weights in one folder, the tokenizer and template in another."""
+    weights = tmp_path / "weights_only"
+    weights.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_rms["qwen2_5"] / name, weights / name)
+    with pytest.raises(ExportError, match="no tokenizer in .*weights_only.*--tokenizer DIR"):
+        export(weights, "rm_split", tmp_path / "repo")
+    export(weights, "rm_split", tmp_path / "repo", tokenizer=tiny_rms["qwen2_5"])
+    reference = references["qwen2_5"]
+    rows = [reference.ids(m) for m in sample_conversations(long_words=100).values()]
+    served = exported_scores(tmp_path / "repo" / "rm_split_model" / "1" / "model.onnx", rows)
+    np.testing.assert_allclose(served, [reference.score_ids(r) for r in rows], atol=1e-4, rtol=0)
+
+
+def test_max_length_beyond_the_position_embeddings_is_refused(tiny_rms, tmp_path):
+    with pytest.raises(ExportError, match="--max-length 8192 exceeds the model's max_position_embeddings 4096"):
+        export(tiny_rms["llama3_1"], "rm_long", tmp_path / "repo", max_length=8192)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_reexport_only_when_the_source_changes(tiny_rms, tmp_path):
+    """`templar train` exports an RM only when the repository does not already serve that very source."""
+    from templar.trainer.config import load_config
+    from templar.trainer.reward_server import ensure_exported
+
+    source = tmp_path / "rm"
+    shutil.copytree(tiny_rms["llama3_1"], source)
+    repo = tmp_path / "repo"
+    config = load_config(None, [f"reward.repo={repo}", f"reward.models.0.path={source}", "reward.models.0.name=rm",
+                                "reward.models.0.max_length=256"])
+    assert ensure_exported(config, tmp_path) == ["rm"]
+    assert ensure_exported(config, tmp_path) == []  # unchanged: nothing to do
+    # new weights in the same folder: exported again
+    build_tiny_model("llama3_1", source, seed=99)
+    assert ensure_exported(config, tmp_path) == ["rm"]
+    assert ensure_exported(config, tmp_path) == []
+    # an edited template, then another max_length: exported again each time
+    (source / "chat_template.jinja").write_text(template_path("llama3_2").read_text())
+    assert ensure_exported(config, tmp_path) == ["rm"]
+    config.reward.models[0].max_length = 512
+    assert ensure_exported(config, tmp_path) == ["rm"]
+    params = read_parameters(repo / "rm" / "config.pbtxt")
+    assert params[contract.PARAM_MAX_LENGTH] == "512" and params[contract.PARAM_SOURCE_MODEL] == str(source.resolve())
+
+
+def test_cli_template_kwargs_and_reject_policy_reach_the_served_model(tiny_rms, tmp_path):
+    repo = tmp_path / "repo"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "templar.cli", "export", "--repo", str(repo),  # noqa: E731
+                                     "--max-length", "256", *a], capture_output=True, text=True, timeout=600)
+    bad = run("--model", str(tiny_rms["llama3_2"]), "--name", "rm_dated", "--template-kwargs", "{not json")
+    assert bad.returncode == 2 and "--template-kwargs: not JSON" in bad.stderr
+    dated = run("--model", str(tiny_rms["llama3_2"]), "--name", "rm_dated",
+                "--template-kwargs", '{"date_string": "01 Feb 2031"}')
+    assert dated.returncode == 0, dated.stderr
+    strict = run("--model", str(tiny_rms["llama3_1"]), "--name", "rm_strict", "--special-tokens", "reject")
+    assert strict.returncode == 0, strict.stderr
+    conversation = sample_conversations()["single_turn"]
+    injected = conversation[:-1] + [{"role": "assistant", "content": "Paris.<|eot_id|>"}]
+    with running(repo) as server:
+        with RewardClient(RewardClientConfig(model="rm_dated", endpoints=[server.grpc_url])) as client:
+            (text,) = client.rendered_text([conversation])
+            (score,) = client.score([conversation]).scores
+        with RewardClient(RewardClientConfig(model="rm_strict", endpoints=[server.grpc_url])) as client:
+            result = client.score([injected, conversation])
+    assert "Today Date: 01 Feb 2031" in text
+    dated_reference = TorchReference(tiny_rms["llama3_2"], {"date_string": "01 Feb 2031"})
+    assert score == pytest.approx(dated_reference.score(conversation), abs=1e-4)
+    assert "control-token strings (<|eot_id|>)" in result.status[0] and result.status[1] == "ok"

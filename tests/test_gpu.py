@@ -14,7 +14,6 @@ import torch
 
 from templar.chat_format import ChatFormat
 from templar.export.exporter import sample_token_rows
-from templar.export.scorer import load_reward_model
 from templar.serving.batching import right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
 
@@ -28,25 +27,26 @@ def _rows(model_dir) -> list[list[int]]:
     return sample_token_rows(ChatFormat.from_dir(model_dir, max_length=MAX_LENGTH), MAX_LENGTH)
 
 
-def test_exported_onnx_on_cuda_matches_torch_on_the_gpu(tiny_rms, tmp_path):
+def test_exported_onnx_on_cuda_matches_torch_on_the_gpu(tiny_rms, references, tmp_path):
     import onnxruntime as ort
 
     assert "CUDAExecutionProvider" in ort.get_available_providers(), "install onnxruntime-gpu on the GPU machine"
-    report = export(tiny_rms["llama3_1"], "rm_cuda", tmp_path / "repo")
+    export(tiny_rms["llama3_1"], "rm_cuda", tmp_path / "repo")
     session = create_session(tmp_path / "repo" / "rm_cuda_model" / "1" / "model.onnx",
                              providers=["CUDAExecutionProvider"])
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     rows = _rows(tiny_rms["llama3_1"])
     ids, mask = right_pad(rows)
     served = run_scores(session, ids, mask).reshape(-1)
-    scorer, _, _ = load_reward_model(tiny_rms["llama3_1"])
+    # graded by the HF model's own forward at the last real token (not by the exporter's scorer), on the GPU
+    reference = references["llama3_1"]
+    model = reference.model.cuda()
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
-        reference = np.array([scorer.cuda()(torch.tensor([r], device="cuda"),
-                                            torch.ones(1, len(r), dtype=torch.long, device="cuda")).item()
-                              for r in rows])
-    assert np.abs(served - reference).max() <= 1e-3, (served, reference)
-    assert report.max_abs_diff <= 1e-4
+        expected = np.array([float(model.score(getattr(model, model.base_model_prefix)(
+            input_ids=torch.tensor([r], device="cuda")).last_hidden_state[0, -1])[0]) for r in rows])
+    reference.model.cpu()
+    assert np.abs(served - expected).max() <= 1e-3, (served, expected)
 
 
 def test_export_format_tensorrt_builds_a_checked_engine(tiny_rms, tmp_path):

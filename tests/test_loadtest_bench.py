@@ -43,19 +43,25 @@ def _loadtest(server, tmp_path, **kwargs) -> dict:
 
 
 def test_loadtest_reports_every_level_and_stops_in_bounded_time(server, tmp_path):
+    before = served_counts(server, "rm_small")
     started = time.monotonic()
     report = _loadtest(server, tmp_path, concurrency=[1, 4], duration_s=1.5, batch=4, conversations=64)
     elapsed = time.monotonic() - started
+    after = served_counts(server, "rm_small")
     assert elapsed < 2 * 1.5 + 20, f"two 1.5 s levels took {elapsed:.1f}s"
     saved = json.loads((tmp_path / "load.json").read_text())
     assert saved["levels"] == report["levels"] and (tmp_path / "load.png").read_bytes()[:8] == PNG_MAGIC
     assert [level["concurrency"] for level in saved["levels"]] == [1, 4]
+    # the report's counts are what the server itself counted (warm-up requests of 4 rows included)
+    warmup = 2 * len(saved["levels"])
+    assert after["requests"] - before["requests"] == sum(level["requests"] for level in saved["levels"]) + warmup
+    assert after["rows"] - before["rows"] == sum(level["conversations"] for level in saved["levels"]) + 4 * warmup
     for level in saved["levels"]:
         assert level["errors"] == {} and level["row_errors"] == 0
         assert level["ok_requests"] == level["requests"] > 0
-        assert level["conversations"] == level["ok_rows"] and level["conversations"] <= 4 * level["requests"]
-        assert level["conversations_per_s"] == pytest.approx(level["conversations"] / level["wall_s"])
-        assert level["requests_per_s"] == pytest.approx(level["requests"] / level["wall_s"])
+        assert level["conversations"] == level["ok_rows"] == 4 * level["requests"]  # the 64-row mix cut in 4s
+        assert level["conversations_per_s"] * level["wall_s"] == pytest.approx(level["conversations"])
+        assert level["wall_s"] <= elapsed
         assert level["tokens_per_s"] > level["conversations_per_s"]
         latency = level["latency_ms"]
         assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
@@ -65,6 +71,16 @@ def test_loadtest_reports_every_level_and_stops_in_bounded_time(server, tmp_path
         assert 0 < server_side["preprocess_share_of_wall"] < 1
         assert 0 <= server_side["padding_waste"] < 1 and server_side["scoring_calls"] >= 1
     assert saved["machine"]["cpus"] >= 1 and saved["workload"]["distinct_conversations"] == 64
+
+
+def served_counts(server, model: str) -> dict[str, int]:
+    """Requests answered and rows scored, by Triton's own statistics."""
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(model, as_json=True)
+    s = stats["model_stats"][0]
+    return {"requests": int(s["inference_stats"].get("success", {}).get("count", 0)),
+            "rows": int(s.get("inference_count", 0))}
 
 
 def test_loadtest_stops_after_a_request_count(server, tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -13,7 +16,8 @@ from templar.samples import sample_conversations
 from templar.embedded_server import EmbeddedTriton, free_port, free_server_ports
 from templar.reward_client import FingerprintMismatchError, RewardClient, RewardClientConfig
 
-from conftest import export, running
+from conftest import TEST_SETTINGS, export, running
+from grpc_proxy import GrpcProxy
 
 pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
@@ -28,10 +32,18 @@ def inference_count(server: EmbeddedTriton, model: str) -> int:
     return int(stats["model_stats"][0].get("inference_count", 0))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def pair(small_repo):
+    """Two replicas of one RM, fresh for each test (a test may stop one)."""
     with running(small_repo) as a, running(small_repo) as b:
         yield a, b
+
+
+@pytest.fixture(scope="module")
+def replica(small_repo):
+    """One replica for the tests that only read from it."""
+    with running(small_repo) as server:
+        yield server
 
 
 def test_scores_are_split_into_bounded_requests(triton, references):
@@ -49,20 +61,22 @@ def test_scores_are_split_into_bounded_requests(triton, references):
 def test_submit_returns_at_once_and_scores_in_the_background(triton):
     with RewardClient(RewardClientConfig(model="rm_gemma3", endpoints=[triton.grpc_url])) as client:
         client.connect()
-        started = time.perf_counter()
+        before = inference_count(triton, "rm_gemma3")
         future = client.submit(rows(64))
-        submitted = time.perf_counter() - started
+        assert not future.done()  # submit handed the work to the client's loop and returned
         result = future.result(timeout=300)
-    assert submitted < 0.05 < result.latency_s
+        assert inference_count(triton, "rm_gemma3") - before == 64  # ... which really scored every row
     assert result.failed_rows == 0 and len(result.scores) == 64
 
 
 def test_deadline_exceeded_is_retried_then_reported(triton):
-    config = RewardClientConfig(model="rm_qwen2_5", endpoints=[triton.grpc_url], request_timeout_s=0.0005,
-                                max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.02, rows_per_request=8)
+    """A deadline far below the work asked for: 32 long conversations (seconds of scoring on a CPU) in 50 ms."""
+    config = RewardClientConfig(model="rm_qwen2_5", endpoints=[triton.grpc_url], request_timeout_s=0.05,
+                                max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.02, rows_per_request=32)
+    long = sample_conversations(long_words=700)["long"]
     with RewardClient(config) as client:
-        result = client.score(rows(8))
-    assert result.attempts == 3 and result.failed_rows == 8
+        result = client.score([long] * 32)
+    assert result.attempts == 3 and result.failed_rows == 32
     assert np.isnan(result.scores).all()
     assert all(s.startswith("error: reward request failed after 3 attempt(s): DEADLINE_EXCEEDED") for s in
                result.status)
@@ -126,11 +140,10 @@ def test_retries_ride_through_a_server_restart(small_repo):
     np.testing.assert_allclose(result.scores, baseline.scores, atol=1e-6)
 
 
-def test_replicas_serving_different_rms_are_refused(pair, tiny_rms, tmp_path):
+def test_replicas_serving_different_rms_are_refused(replica, tiny_rms, tmp_path):
     other = tmp_path / "model_repository"
     export(tiny_rms["gemma3"], "rm_small", other)  # same name, another template and tokenizer
-    a, b = pair
-    live = a if a.alive() else b
+    live = replica
     with running(other) as impostor:
         with RewardClient(RewardClientConfig(model="rm_small", endpoints=[live.grpc_url, impostor.grpc_url])) as c:
             with pytest.raises(FingerprintMismatchError, match="serve different versions"):
@@ -140,3 +153,67 @@ def test_replicas_serving_different_rms_are_refused(pair, tiny_rms, tmp_path):
                                          expected_fingerprints=expected)) as client:
         with pytest.raises(FingerprintMismatchError, match="expected '0000"):
             client.score(rows(1))
+
+
+def test_max_in_flight_is_honoured_at_the_server(replica):
+    """Counted where it matters: concurrent ModelInfer calls arriving at a gRPC proxy in front of the server."""
+    for limit in (1, 3):
+        with GrpcProxy(replica.grpc_url) as proxy:
+            config = RewardClientConfig(model="rm_small", endpoints=[proxy.url], rows_per_request=2,
+                                        max_in_flight=limit)
+            with RewardClient(config) as client:
+                result = client.score(rows(24))
+        assert result.failed_rows == 0 and proxy.infer_calls == 12
+        assert proxy.max_in_flight == limit, (limit, proxy.max_in_flight)  # reached, never exceeded
+
+
+def test_resource_exhausted_is_retried(replica):
+    """A rate-limiting gateway answers RESOURCE_EXHAUSTED to the first calls; the client backs off and retries."""
+    with GrpcProxy(replica.grpc_url, reject_first=3, reject_code=grpc.StatusCode.RESOURCE_EXHAUSTED) as proxy:
+        config = RewardClientConfig(model="rm_small", endpoints=[proxy.url], rows_per_request=4, max_attempts=5,
+                                    backoff_base_s=0.01, backoff_max_s=0.05)
+        with RewardClient(config) as client:
+            result = client.score(rows(4))
+    assert result.failed_rows == 0 and proxy.rejected == 3 and result.attempts == 4
+    with GrpcProxy(replica.grpc_url, reject_first=10, reject_code=grpc.StatusCode.RESOURCE_EXHAUSTED) as proxy:
+        config = RewardClientConfig(model="rm_small", endpoints=[proxy.url], max_attempts=2, backoff_base_s=0.01)
+        with RewardClient(config) as client:
+            result = client.score(rows(3))
+    assert result.failed_rows == 3 and "after 2 attempt(s): RESOURCE_EXHAUSTED" in result.status[0]
+
+
+def test_rows_per_request_is_capped_at_the_models_max_batch_size(tiny_rms, tmp_path):
+    repo = tmp_path / "model_repository"
+    export(tiny_rms["llama3_1"], "rm_b4", repo, settings=dataclasses.replace(TEST_SETTINGS, max_batch_size=4))
+    with running(repo) as server:
+        before = request_count(server, "rm_b4")
+        with RewardClient(RewardClientConfig(model="rm_b4", endpoints=[server.grpc_url], rows_per_request=32)) as c:
+            result = c.score(rows(10))
+            assert c.max_batch_size == 4
+        assert request_count(server, "rm_b4") - before == 3  # 4 + 4 + 2 rows, none refused for its size
+    assert result.failed_rows == 0 and result.attempts == 3
+
+
+def test_empty_input_sends_nothing(replica):
+    before = request_count(replica, "rm_small")
+    with RewardClient(RewardClientConfig(model="rm_small", endpoints=[replica.grpc_url])) as client:
+        result = client.score([])
+    assert len(result.scores) == 0 and result.status == [] and result.attempts == 0
+    assert request_count(replica, "rm_small") == before
+
+
+def test_connect_with_one_replica_down(replica, caplog):
+    dead = f"127.0.0.1:{free_port()}"
+    config = RewardClientConfig(model="rm_small", endpoints=[dead, replica.grpc_url], connect_timeout_s=2.0,
+                                rows_per_request=2)
+    with caplog.at_level(logging.WARNING, logger="templar.reward_client"), RewardClient(config) as client:
+        fingerprints = client.connect()
+        result = client.score(rows(8))
+    assert fingerprints[contract.PARAM_MAX_LENGTH] == "1024" and result.failed_rows == 0
+    assert any(dead in r.getMessage() and "not answering" in r.getMessage() for r in caplog.records)
+
+
+def request_count(server: EmbeddedTriton, model: str) -> int:
+    """Requests the model answered (not rows): Triton's success count."""
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(model, as_json=True)
+    return int(stats["model_stats"][0]["inference_stats"].get("success", {}).get("count", 0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import queue
 import re
 import shutil
@@ -14,14 +13,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 
-from templar import contract
-from templar.samples import sample_conversations
+from templar import contract, wire
+from templar.conversation import conversation_rows
 from templar.embedded_server import EmbeddedTriton, ServerError, free_ports, free_server_ports
+from templar.samples import sample_conversations
 
 pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
@@ -60,15 +59,25 @@ class ServeProcess:
         return psutil.Process(self.process.pid).children(recursive=True)
 
 
-def score_once(grpc_port: int) -> float:
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-    data = np.array([json.dumps({"messages": sample_conversations()["single_turn"]}).encode()],
-                    dtype=np.object_).reshape(-1, 1)
-    tensor = grpcclient.InferInput(contract.CONVERSATION, [1, 1], "BYTES")
-    tensor.set_data_from_numpy(data)
-    result = client.infer("rm_small", [tensor])
+def score_once(grpc_port: int, host: str = "127.0.0.1") -> float:
+    client = grpcclient.InferenceServerClient(f"{host}:{grpc_port}")
+    rows = conversation_rows([sample_conversations()["single_turn"]])
+    result = client.infer("rm_small", wire.conversation_inputs(rows))
     assert result.as_numpy(contract.STATUS)[0, 0] == b"ok"
     return float(result.as_numpy(contract.SCORE)[0, 0])
+
+
+def score_once_reference(repo: Path) -> float:
+    """The same conversation through the exported graph in-process (what any server must answer)."""
+    from templar.export.repository import read_parameters
+    from templar.serving.batching import load_chat_format, preprocess_rows
+    from templar.serving.onnx_runtime import create_session, run_scores
+
+    params = read_parameters(repo / "rm_small" / "config.pbtxt")
+    chat_format, pad = load_chat_format(repo / "rm_small_preprocess" / "1" / "tokenizer", params)
+    batch = preprocess_rows(chat_format, conversation_rows([sample_conversations()["single_turn"]]), pad_id=pad)
+    session = create_session(repo / "rm_small_model" / "1" / "model.onnx")
+    return float(run_scores(session, batch.input_ids, batch.attention_mask)[0, 0])
 
 
 def test_port_in_use_is_refused_with_a_clear_message(small_repo):
@@ -163,3 +172,87 @@ def test_free_ports_are_distinct_and_bindable():
     assert len(set(ports)) == 64
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", ports[0]))  # released again for the server that will use it
+
+
+def test_a_server_that_dies_while_starting_says_so(small_repo):
+    """tritonserver killed while the models load: start() reports the exit and the log instead of waiting."""
+    server = EmbeddedTriton(small_repo, **free_server_ports())
+
+    def kill_when_it_runs() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if server.process is not None:
+                server.process.kill()
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_when_it_runs)
+    killer.start()
+    started = time.monotonic()
+    with pytest.raises(ServerError, match=r"tritonserver exited with code -9 while starting \(log: ") as failure:
+        server.start()
+    killer.join()
+    assert time.monotonic() - started < 60  # noticed at once, not after the start-up timeout
+    log = Path(re.search(r"\(log: (\S+)\)", str(failure.value)).group(1))
+    assert log.is_file()  # kept for reading
+    shutil.rmtree(log.parent)
+
+
+def listening(server: ServeProcess) -> dict[int, str]:
+    """port -> address tritonserver listens on."""
+    triton = [p for p in server.descendants() if p.name() == "tritonserver"][0]
+    return {c.laddr.port: c.laddr.ip.removeprefix("::ffff:") for c in triton.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def test_serving_on_a_host_other_than_the_default(small_repo):
+    """--host with this machine's network address: every endpoint there, and only there."""
+    address = next((a.address for name, addrs in psutil.net_if_addrs().items() for a in addrs
+                    if a.family == socket.AF_INET and not a.address.startswith("127.")), None)
+    assert address, "this machine has no network interface besides loopback"
+    server = ServeProcess(small_repo, ports=dict(zip(("grpc", "http", "metrics"), free_ports(3, address))),
+                          extra=("--host", address))
+    try:
+        server.wait_for("Ctrl-C stops it.")
+        assert listening(server) == {port: address for port in server.ports.values()}
+        assert score_once(server.ports["grpc"], host=address) == pytest.approx(score_once_reference(small_repo),
+                                                                             abs=1e-6)
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+
+
+def test_serving_on_ipv6_loopback(small_repo):
+    """gRPC on [::1]; Triton 2.51's HTTP server cannot bind one IPv6 address, so HTTP and metrics stay on the IPv4
+    loopback (never every interface), and another IPv6 address is refused with the reason."""
+    server = ServeProcess(small_repo, ports=dict(zip(("grpc", "http", "metrics"), free_ports(3, "::1"))),
+                          extra=("--host", "::1"))
+    try:
+        server.wait_for("Ctrl-C stops it.")
+        out = "".join(server.output)
+        assert f"gRPC     [::1]:{server.ports['grpc']}" in out
+        assert f"HTTP     http://127.0.0.1:{server.ports['http']}" in out
+        assert listening(server) == {server.ports["grpc"]: "::1", server.ports["http"]: "127.0.0.1",
+                                     server.ports["metrics"]: "127.0.0.1"}
+        assert score_once(server.ports["grpc"], host="[::1]") == pytest.approx(score_once_reference(small_repo),
+                                                                             abs=1e-6)
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+    refused = subprocess.run([sys.executable, "-m", "templar.cli", "serve", "--repo", str(small_repo), "--host",
+                              "2001:db8::1"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "cannot bind a single IPv6 address" in refused.stderr
+
+
+def test_killing_templar_serve_leaves_no_server_behind(small_repo):
+    """kill -9 of `templar serve` itself: tritonserver gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and takes
+    its Python stubs with it."""
+    server = ServeProcess(small_repo)
+    server.wait_for("Ctrl-C stops it.")
+    children = server.descendants()
+    assert any(p.name() == "tritonserver" for p in children)
+    assert sum("triton_python_backend_stub" in " ".join(p.cmdline()) for p in children) == 3
+    server.process.kill()
+    server.process.wait(timeout=30)
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline()[:1] for p in alive]

@@ -13,10 +13,13 @@ from pathlib import Path
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from templar.trainer.metrics import read_metrics
+from templar.fingerprints import sha256_text
 from templar.reward_client import RewardClient, RewardClientConfig
+from templar.tiny_models import build_tiny_model
+from templar.trainer.metrics import read_metrics
 
 from conftest import running
 
@@ -68,7 +71,8 @@ def test_training_run_writes_metrics_checkpoints_and_hf_models(triton, tiny_acto
                 "rm_latency_s", "failed_rows", "reward_wait_share", "score/rm_llama3_1", "score/rm_gemma3"):
         assert key in rows[-1], key
     assert all(r["failed_rows"] == 0 for r in rows)
-    assert all(0 <= r["reward_wait_share"] <= 1 for r in rows)
+    for r in rows:  # the share is what it says: the wait over the whole step
+        assert r["reward_wait_share"] == pytest.approx(r["reward_wait_s"] / r["step_time_s"], rel=1e-9)
     assert (out / "checkpoints" / "latest").read_text() == "step-000003"
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
     assert (out / "curves.png").stat().st_size > 1000 and list((out / "tensorboard").glob("events.*"))
@@ -194,8 +198,8 @@ def test_demo_config_trains_reward_up_with_bounded_kl(tmp_path):
     quarter = len(rows) // 4
     first = sum(r["reward_mean"] for r in rows[:quarter]) / quarter
     last = sum(r["reward_mean"] for r in rows[-quarter:]) / quarter
-    assert last > first + 0.2, (first, last)  # measured: 0.96 -> 1.65 (README, Training)
-    assert max(r["kl_mean"] for r in rows) < 40  # nats per response; measured: peaks at 18, ends at 13
+    assert last > first + 0.3, (first, last)  # measured: 0.96 -> 1.65 (AMD EPYC); 0.9 -> 2.0 (Xeon with AMX)
+    assert max(r["kl_mean"] for r in rows) < 25  # nats per response; measured: peaks at 18 (EPYC), 17-19 (Xeon)
     assert all(r["failed_rows"] == 0 for r in rows)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert set(samples[-1]["scores"]) == {"rm_llama3", "rm_gemma3"}
@@ -241,3 +245,117 @@ def test_zero_stages_and_cpu_offload(triton, tiny_actor, tmp_path, stage, offloa
     initial = AutoModelForCausalLM.from_pretrained(tiny_actor)
     assert actor.state_dict()["lm_head.weight"].shape == initial.state_dict()["lm_head.weight"].shape
     assert not actor.state_dict()["lm_head.weight"].equal(initial.state_dict()["lm_head.weight"])
+
+
+TIMING_KEYS = {"step_time_s", "rm_latency_s", "reward_wait_s", "reward_wait_share"}
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(triton, tiny_actor, tmp_path):
+    """Same seed; one run goes straight through, the other is killed (SIGKILL) after its step-2 checkpoint and
+    resumed. On the CPU everything is deterministic, so the metrics and the final weights agree bit for bit."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    args = lambda out: small_run(out, tiny_actor, triton.grpc_url, "ppo.ppo_epochs=2", steps=5)  # noqa: E731
+    result = templar_train(*args(straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = start_train(*args(interrupted))
+    try:
+        wait_until(lambda: (interrupted / "checkpoints" / "latest").is_file(), what="the step-2 checkpoint")
+    finally:
+        run.kill()
+        run.wait()
+    assert (interrupted / "checkpoints" / "latest").read_text() == "step-000002"
+    resumed = templar_train(*args(interrupted), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing at step 3" in (interrupted / "train.log").read_text()
+    expected, got = read_metrics(straight / "metrics.jsonl"), read_metrics(interrupted / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert without_timings(got) == without_timings(expected)  # exact: floats compared as written
+    for name in ("actor", "critic"):
+        a = load_file(str(straight / "final" / name / "model.safetensors"))
+        b = load_file(str(interrupted / "final" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+
+
+def test_adaptive_kl_and_reward_whitening_in_a_real_run(triton, tiny_actor, tmp_path):
+    adaptive = ("ppo.adaptive_kl=true", "ppo.kl_coef=0.05", "ppo.target_kl=0.5", "ppo.kl_horizon=16")
+    runs = {}
+    for whiten in (False, True):
+        out = tmp_path / f"whiten_{whiten}"
+        result = templar_train(*small_run(out, tiny_actor, triton.grpc_url, *adaptive,
+                                          f"ppo.whiten_rewards={str(whiten).lower()}", steps=3))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[whiten] = read_metrics(out / "metrics.jsonl")
+    for rows in runs.values():  # Ziegler et al.: coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * rows / horizon
+        coef = 0.05
+        for row in rows:
+            coef *= 1 + min(max(row["kl_mean"] / 0.5 - 1, -0.2), 0.2) * 4 / 16
+            assert row["kl_coef"] == pytest.approx(coef, rel=1e-12)
+        assert rows[-1]["kl_coef"] != 0.05
+    plain, whitened = runs[False][0], runs[True][0]
+    assert plain["reward_mean"] == whitened["reward_mean"]  # the same first rollout and rewards ...
+    assert plain["policy_loss"] != whitened["policy_loss"]  # ... trained on differently shaped rewards
+
+
+def test_a_separate_critic_a_template_override_and_a_prompt_file(triton, tiny_actor, tmp_path):
+    critic = build_tiny_model("qwen2_5", tmp_path / "critic", kind="causal-lm", seed=7)  # the actor's tokenizer
+    template = tmp_path / "terse.jinja"
+    own = (tiny_actor / "chat_template.jinja").read_text()
+    assert "You are Qwen, created by Alibaba Cloud." in own
+    template.write_text(own.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                                    "You are terse."))
+    prompts = tmp_path / "prompts.jsonl"
+    asked = ["Name a river.", "Name a mountain.", "Name a lake."]
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in asked))
+    out = tmp_path / "run"
+    result = templar_train(*small_run(out, tiny_actor, triton.grpc_url, f"models.critic={critic}",
+                                      f"models.actor_chat_template={template}", f"data.path={prompts}", steps=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"chat_template sha256 {sha256_text(template.read_text())}" in (out / "train.log").read_text()
+    assert (out / "final" / "actor" / "chat_template.jinja").read_text() == template.read_text()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["messages"][0]["content"] for s in samples} <= set(asked)
+    trained = load_file(str(out / "final" / "critic" / "model.safetensors"))
+    initial = load_file(str(critic / "model.safetensors"))
+    assert trained["model.embed_tokens.weight"].shape == initial["model.embed_tokens.weight"].shape
+    assert not trained["model.norm.weight"].equal(initial["model.norm.weight"])  # this critic was trained
+
+
+def test_bad_inputs_end_in_one_line_before_any_server_starts(tiny_actor, tiny_rms, tmp_path):
+    repo = tmp_path / "model_repository"
+    base = small_run(tmp_path / "run", tiny_actor, None, f"reward.repo={repo}",
+                     f"reward.models.0.path={tiny_rms['llama3_1']}", f"reward.models.1.path={tiny_rms['gemma3']}",
+                     steps=1)
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"prompt": "fine"}\n{"messages": [{"role": "user"}]}\n')
+    cases = {
+        "models.critic": (f"models.critic={tiny_rms['llama3_1']}", "does not use the actor's tokenizer"),
+        "data.path": (f"data.path={bad_data}", "bad.jsonl row 1: messages[0] has no 'content'"),
+        "template": (f"models.actor_chat_template={tmp_path / 'nope.jinja'}", "nope.jinja does not exist"),
+        "actor": (f"models.actor={tmp_path / 'no_actor'}", "actor: " + str(tmp_path / "no_actor") + " does not exist"),
+    }
+    for what, (override, message) in cases.items():
+        result = templar_train(*base, override)
+        assert result.returncode == 2, (what, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("templar train: error: ")]
+        assert len(errors) == 1 and message in errors[0], (what, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, what
+        assert not repo.exists(), what  # nothing exported, no server started
+    resume = templar_train(*base, "--resume")
+    assert resume.returncode == 2 and "--resume: no checkpoint in" in resume.stderr
+    assert "Traceback" not in resume.stderr
+
+
+def test_an_error_on_rank_0_reaches_every_rank(triton, tiny_actor, tmp_path):
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"text": "no prompt here"}\n')
+    started = time.monotonic()
+    result = templar_train("--num-ranks", "2", *small_run(tmp_path / "run", tiny_actor, triton.grpc_url,
+                                                          f"data.path={bad_data}", steps=1), timeout=600)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "templar train: error: " in line]
+    assert len(errors) == 2 and all("bad.jsonl row 0" in line for line in errors), result.stderr[-3000:]
+    assert time.monotonic() - started < 300  # both ranks ended; none waited for the other

@@ -201,11 +201,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw  # not YAML: the text itself (the type check below says if it does not fit)
+        _set(tree, key.strip(), value)
     return _build(TrainConfig, tree, "").validate()
 
 

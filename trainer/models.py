@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from templar.chat_format import fingerprint_tokenizer_dir
+from templar.fingerprints import fingerprint_tokenizer_dir
 from templar.errors import ConfigError
 
 log = logging.getLogger("templar.trainer")
@@ -46,6 +46,17 @@ def load_reference(path: str | Path) -> nn.Module:
     return model
 
 
+def check_critic_tokenizer(critic_path: str | Path, actor_path: str | Path) -> None:
+    """A separate critic must read the actor's tokens: the same tokenizer files (by fingerprint)."""
+    try:
+        same = fingerprint_tokenizer_dir(critic_path) == fingerprint_tokenizer_dir(actor_path)
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise ConfigError(f"models.critic {critic_path} does not use the actor's tokenizer; the critic must score the "
+                          "actor's tokens (initialise it from the actor with models.critic=actor)")
+
+
 def load_critic(source: str, actor_path: str | Path) -> nn.Module:
     """`source` "actor": the actor's backbone + a zero-initialised value head; else a folder with a critic that uses
     the actor's tokenizer (a foreign-vocabulary model, such as an RM on another family, is refused)."""
@@ -53,15 +64,7 @@ def load_critic(source: str, actor_path: str | Path) -> nn.Module:
 
     path = Path(actor_path) if source == "actor" else Path(source)
     if source != "actor":
-        if not path.is_dir():
-            raise ConfigError(f"models.critic {path} does not exist")
-        try:
-            same = fingerprint_tokenizer_dir(path) == fingerprint_tokenizer_dir(actor_path)
-        except FileNotFoundError:
-            same = False
-        if not same:
-            raise ConfigError(f"models.critic {path} does not use the actor's tokenizer; the critic must score the "
-                              "actor's tokens (initialise it from the actor with models.critic=actor)")
+        check_critic_tokenizer(path, actor_path)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True, num_labels=1)
     _without_dropout(config)
     critic = AutoModelForTokenClassification.from_pretrained(str(path), config=config, dtype=torch.float32,

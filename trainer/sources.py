@@ -12,6 +12,7 @@ from templar.assets import fetch_tokenizer
 from templar.errors import AssetError, ConfigError
 from templar.tiny_models import FAMILY_BACKBONE, build_tiny_model
 from templar.trainer.config import TrainConfig
+from templar.trainer.models import check_critic_tokenizer
 
 log = logging.getLogger("templar.trainer")
 TINY_PREFIX = "tiny:"
@@ -51,6 +52,7 @@ def resolve_models(config: TrainConfig, output_dir: Path) -> ModelSources:
     critic = config.models.critic
     if critic != "actor":
         critic = str(resolve_source(critic, "critic", "causal-lm", output_dir, seed=config.seed))
+        check_critic_tokenizer(critic, actor)
     template = config.models.actor_chat_template
     if template is not None and not Path(template).is_file():
         raise ConfigError(f"models.actor_chat_template {template} does not exist (a Jinja file)")

@@ -110,7 +110,7 @@ class PPOTrainer:
         self.shuffle.set_state(state["shuffle_rng"])
         return state["step"]
 
-    # -- one PPO step -----------------------------------------------------------------------------------------
+    # -- one PPO step: the phases below, in order --------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
         # 1. Rollout with the actor's own template; responses back to plain text.
@@ -122,17 +122,17 @@ class PPOTrainer:
         conversations = reward_conversations(prompts, rollout.texts)
         pending = self.rewards.submit(conversations)
         # 3. ... while we compute the rollout's log-probs, the reference log-probs and the values.
-        old = self._evaluate(rollout)
+        old = self.evaluate(rollout)
         # 4. Wait for the rewards; rows that could not be scored are masked out of the update.
-        scored = self._collect(step, conversations, rollout, pending)
+        scored = self.collect(step, conversations, rollout, pending)
         # 5. Per-token rewards (KL penalty, score at the last token), GAE, whitening.
-        advantages, returns, kl = self._advantages(scored, old)
+        advantages, returns, kl = self.advantages(scored, old)
         # 6. PPO epochs over minibatches.
-        losses = self._update(rollout, old, advantages, returns, scored.mask)
+        losses = self.update(rollout, old, advantages, returns, scored.mask)
         # 7. KL controller and metrics (summed over ranks).
-        return self._metrics(rollout, scored, kl, losses, time.perf_counter() - started)
+        return self.metrics(rollout, scored, kl, losses, time.perf_counter() - started)
 
-    def _evaluate(self, rollout: Rollout) -> Evaluation:
+    def evaluate(self, rollout: Rollout) -> Evaluation:
         sequences, attention = rollout.sequences
         length, temperature = rollout.response_ids.shape[1], self.config.generation.temperature
         with torch.no_grad():
@@ -140,7 +140,7 @@ class PPOTrainer:
                               response_logprobs(self.reference, sequences, attention, length, temperature),
                               response_values(self.critic, sequences, attention, length))
 
-    def _collect(self, step: int, conversations: list[dict], rollout: Rollout, pending: dict) -> Scored:
+    def collect(self, step: int, conversations: list[dict], rollout: Rollout, pending: dict) -> Scored:
         waiting = time.perf_counter()
         batch = self.rewards.collect(pending, rollout.ended.numpy())
         wait_s = time.perf_counter() - waiting
@@ -152,7 +152,7 @@ class PPOTrainer:
         scores = torch.from_numpy(np.nan_to_num(batch.scores)).float()
         return Scored(batch, scores, mask, failed, wait_s)
 
-    def _advantages(self, scored: Scored, old: Evaluation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def advantages(self, scored: Scored, old: Evaluation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = self.config.ppo
         rewards, kl = ppo.kl_penalized_rewards(scored.scores, old.logprobs, old.ref_logprobs, scored.mask,
                                                self.kl_ctl.value)
@@ -163,8 +163,8 @@ class PPOTrainer:
             advantages = ppo.masked_whiten(advantages, scored.mask)
         return advantages, returns, kl
 
-    def _update(self, rollout: Rollout, old: Evaluation, advantages: torch.Tensor, returns: torch.Tensor,
-                mask: torch.Tensor) -> dict[str, list[float]]:
+    def update(self, rollout: Rollout, old: Evaluation, advantages: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor) -> dict[str, list[float]]:
         """DeepSpeed accumulates micro-batches up to a minibatch, then steps the optimizer."""
         p = self.config.ppo
         sequences, attention = rollout.sequences
@@ -188,8 +188,8 @@ class PPOTrainer:
                     losses[key].append(float(value.detach()))
         return losses
 
-    def _metrics(self, rollout: Rollout, scored: Scored, kl: torch.Tensor, losses: dict[str, list[float]],
-                 step_s: float) -> dict[str, float]:
+    def metrics(self, rollout: Rollout, scored: Scored, kl: torch.Tensor, losses: dict[str, list[float]],
+                step_s: float) -> dict[str, float]:
         batch, valid = scored.batch, torch.from_numpy(scored.batch.valid).float()
         totals = allreduce_sum(np.array([
             valid.sum(), (scored.scores * valid).sum(), (kl.sum(1) * valid).sum(),

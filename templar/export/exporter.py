@@ -23,10 +23,10 @@ import torch
 
 import templar
 from templar import contract
-from templar.chat_format import TEMPLATE_FILE, TOKENIZER_FILES, ChatFormat, MissingChatTemplateError, \
-    fingerprint_tokenizer_dir
+from templar.chat_format import TEMPLATE_FILE, ChatFormat, MissingChatTemplateError
 from templar.conversation import Conversation, ConversationError
 from templar.errors import ExportError
+from templar.fingerprints import TOKENIZER_FILES, fingerprint_tokenizer_dir, sha256_file
 from templar.export.repository import EntrySettings, RewardModelEntry, check_name, read_parameters, \
     write_reward_model
 from templar.export.scorer import PICKLE_PATTERNS, RewardScorer, load_reward_model, torch_scores, trace_to_onnx
@@ -94,20 +94,12 @@ def source_sha256(opts: ExportOptions) -> str:
     digest = hashlib.sha256()
     for file in files:
         if file.is_file():
-            digest.update(file.name.encode() + b"\0" + _file_sha256(file))
+            digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
     shaping = {"max_length": opts.max_length, "special_tokens": opts.special_tokens, "format": opts.format,
                "template_kwargs": opts.template_kwargs, "value_head_prefix": opts.value_head_prefix,
                "opset": opts.opset, "settings": dataclasses.asdict(opts.settings)}
     digest.update(json.dumps(shaping, sort_keys=True, default=str).encode())
     return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.digest()
 
 
 def is_exported(opts: ExportOptions) -> bool:
@@ -153,7 +145,10 @@ def _check_options(opts: ExportOptions) -> None:
 
 
 def _load_chat_format(opts: ExportOptions) -> ChatFormat:
-    source = opts.tokenizer or opts.model
+    source = Path(opts.tokenizer or opts.model)
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(f"no tokenizer in {source} (none of {', '.join(TOKENIZER_FILES)}); pass the RM's tokenizer "
+                          "folder with --tokenizer DIR")
     try:
         return ChatFormat.from_dir(source, chat_template_file=opts.chat_template, special_tokens=opts.special_tokens,
                                    template_kwargs=opts.template_kwargs)

@@ -12,7 +12,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
-from templar.chat_format import fingerprint_tokenizer_dir
+from templar.fingerprints import fingerprint_tokenizer_dir
 from templar.serving.batching import load_chat_format, preprocess_rows
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
