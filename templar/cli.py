@@ -22,6 +22,10 @@ COMMANDS = {
     "train": ("templar.tools.train", "PPO training against Triton-served reward models (embedded by default)"),
     "score-demo": ("templar.tools.score_demo", "serve a config's reward models and score sample conversations"),
     "loadtest": ("templar.tools.loadtest", "gRPC load test of a served reward model at several concurrency levels"),
+    "gateway": ("templar.tools.gateway", "OpenRLHF's remote reward server on Triton-served RMs (each with its own "
+                "chat template)"),
+    "bench-gateway": ("templar.tools.bench_gateway", "the OpenRLHF gateway (one row per request) vs the direct gRPC "
+                      "client on one RM"),
     "bench": ("templar.tools.bench", "Templar vs in-process ONNX Runtime, in-process torch and an OpenRLHF-style "
               "HTTP server on one RM"),
 }

@@ -32,6 +32,13 @@ from templar.errors import ConfigError, ServingError
 log = logging.getLogger("templar.reward_client")
 
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
+UNREACHED_PREFIXES = ("no reward endpoint serves", "reward request failed after")  # statuses of rows never scored
+
+
+def unreached(status: str) -> bool:
+    """The row failed because the reward server could not be reached or did not answer in time (worth trying again
+    later), not because of what the row holds."""
+    return status.removeprefix(contract.ERROR_PREFIX).startswith(UNREACHED_PREFIXES)
 
 
 class RewardServerError(ServingError):

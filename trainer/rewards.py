@@ -19,7 +19,8 @@ import numpy as np
 
 from templar import contract
 from templar.conversation import Messages
-from templar.reward_client import RewardClient, RewardClientConfig, RewardResult
+from templar.reward_client import RewardResult
+from templar.reward_ensemble import RewardEnsemble, WeightedModel
 from templar.trainer.config import RewardConfig
 
 log = logging.getLogger("templar.trainer")
@@ -70,33 +71,29 @@ class RewardBatch:
 
 
 class RewardModels:
-    """One RewardClient per configured RM; `submit` starts them all, `collect` waits and combines."""
+    """The configured RMs (a RewardEnsemble); `submit` starts them all, `collect` waits and combines with the
+    trainer's extras: per-RM running normalisation and the penalty for unfinished responses."""
 
     def __init__(self, config: RewardConfig, endpoints: list[str],
                  allreduce_sum: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> None:
         self.config = config
         self.allreduce_sum = allreduce_sum  # sums normaliser statistics over ranks, so every rank agrees
-        self.clients = {
-            rm.name: RewardClient(RewardClientConfig(
-                model=rm.name, endpoints=endpoints, rows_per_request=config.rows_per_request,
-                max_in_flight=config.max_in_flight, request_timeout_s=config.request_timeout_s,
-                max_attempts=config.max_attempts))
-            for rm in config.models}
+        self.ensemble = RewardEnsemble(
+            [WeightedModel(rm.name, rm.weight) for rm in config.models], endpoints,
+            rows_per_request=config.rows_per_request, max_in_flight=config.max_in_flight,
+            request_timeout_s=config.request_timeout_s, max_attempts=config.max_attempts)
         self.normalizers = {rm.name: RunningMoments() for rm in config.models if rm.normalize}
 
     def connect(self) -> dict[str, dict[str, str]]:
-        return {name: client.connect() for name, client in self.clients.items()}
+        return self.ensemble.connect()
 
     def submit(self, conversations: list[dict]) -> dict:
-        return {name: client.submit(conversations) for name, client in self.clients.items()}
+        return self.ensemble.submit(conversations)
 
     def collect(self, pending: dict, ended: np.ndarray) -> RewardBatch:
         results: dict[str, RewardResult] = {name: future.result() for name, future in pending.items()}
-        n = len(ended)
-        valid = np.ones(n, dtype=bool)
-        for result in results.values():
-            valid &= result.ok
-        combined = np.zeros(n, dtype=np.float64)
+        valid = self.ensemble.combine(results).valid
+        combined = np.zeros(len(ended), dtype=np.float64)
         for rm in self.config.models:
             scores = results[rm.name].scores.astype(np.float64)
             if rm.name in self.normalizers:
@@ -118,8 +115,7 @@ class RewardModels:
             self.normalizers[name].load_state_dict(moments)
 
     def close(self) -> None:
-        for client in self.clients.values():
-            client.close()
+        self.ensemble.close()
 
 
 def record_unscored(path: Path, step: int, conversations: list[dict], batch: RewardBatch) -> int:

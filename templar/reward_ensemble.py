@@ -1,0 +1,101 @@
+"""Several served reward models asked at once about the same conversations, their scores combined as
+sum(weight * score). A row is valid only when every RM scored it; an invalid row's combined score is NaN and its
+status says which RM failed and why. Used by the integrations (gateway, TRL, verl) and by the trainer."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from templar import contract
+from templar.errors import ConfigError
+from templar.reward_client import RewardClient, RewardClientConfig, RewardResult
+
+
+@dataclass(frozen=True)
+class WeightedModel:
+    name: str  # the RM's name in Triton
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> WeightedModel:
+        """`NAME` or `NAME:WEIGHT`."""
+        name, _, weight = text.partition(":")
+        if not name:
+            raise ConfigError(f"a reward model is NAME or NAME:WEIGHT, got {text!r}")
+        try:
+            return cls(name, float(weight) if weight else 1.0)
+        except ValueError:
+            raise ConfigError(f"the weight of {name!r} must be a number, got {weight!r}") from None
+
+
+@dataclass
+class EnsembleResult:
+    combined: np.ndarray  # [N] float64, sum(weight * score); NaN where a row is invalid
+    valid: np.ndarray  # [N] bool: every RM scored the row
+    per_rm: dict[str, RewardResult]
+    errors: list[str | None] = field(default_factory=list)  # per row: "rm_x: error: ..." or None
+
+    @property
+    def latency_s(self) -> float:
+        return max((r.latency_s for r in self.per_rm.values()), default=0.0)
+
+    def rows(self, part: slice) -> EnsembleResult:
+        """The result of a run of rows (a request's share of a batch scored together)."""
+        per_rm = {name: RewardResult(r.scores[part], r.status[part], r.num_tokens[part], r.truncated[part],
+                                     r.latency_s, r.attempts) for name, r in self.per_rm.items()}
+        return EnsembleResult(self.combined[part], self.valid[part], per_rm, self.errors[part])
+
+
+class RewardEnsemble:
+    """One RewardClient per model; `submit` starts them all (from any thread), `score` waits."""
+
+    def __init__(self, models: Sequence[WeightedModel], endpoints: Sequence[str], **client_options: Any) -> None:
+        if not models:
+            raise ConfigError("no reward model given: name at least one")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"reward models need distinct names, got {names}")
+        self.models = list(models)
+        self.clients = {m.name: RewardClient(RewardClientConfig(model=m.name, endpoints=list(endpoints),
+                                                                **client_options))
+                        for m in models}
+
+    def connect(self) -> dict[str, dict[str, str]]:
+        """Each RM's fingerprints (raises when an RM is not served)."""
+        return {name: client.connect() for name, client in self.clients.items()}
+
+    def submit(self, conversations: Sequence[Any]) -> dict[str, concurrent.futures.Future]:
+        return {name: client.submit(conversations) for name, client in self.clients.items()}
+
+    def combine(self, results: dict[str, RewardResult]) -> EnsembleResult:
+        n = len(next(iter(results.values())).status)
+        valid = np.ones(n, dtype=bool)
+        for result in results.values():
+            valid &= result.ok
+        combined = np.zeros(n, dtype=np.float64)
+        for model in self.models:
+            combined += model.weight * results[model.name].scores.astype(np.float64)
+        combined[~valid] = np.nan
+        errors = [None if valid[i] else "; ".join(f"{name}: {r.status[i]}" for name, r in results.items()
+                                                  if not contract.is_ok(r.status[i])) for i in range(n)]
+        return EnsembleResult(combined, valid, results, errors)
+
+    def score(self, conversations: Sequence[Any]) -> EnsembleResult:
+        pending = self.submit(conversations)
+        return self.combine({name: future.result() for name, future in pending.items()})
+
+    async def score_async(self, conversations: Sequence[Any]) -> EnsembleResult:
+        """From another event loop (a web server's): the clients run in their own loop thread."""
+        pending = self.submit(conversations)
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in pending.values()))
+        return self.combine(dict(zip(pending, results)))
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
