@@ -192,7 +192,8 @@ class TemplateParser:
 
     def _after_prompt(self, query: str, prompt: str) -> str:
         """The query after the rendered prompt; compared through the actor's tokenizer when the decoded text is not
-        the prompt character for character (some tokenizers decode `<|user|>\\n` as `<|user|> \\n`)."""
+        the prompt character for character (some tokenizers decode `<|user|>\\n` as `<|user|> \\n`; the space such
+        a decoder puts after the prompt's last token then stays at the start of the response)."""
         if query.startswith(prompt):
             return query[len(prompt):]
         tokens = self.tokenizer

@@ -200,6 +200,10 @@ def test_verl_compute_score_with_verls_argument_shapes(triton, references):
     single = compute_score(data_source="chat", solution_str=rows[0][1], ground_truth=None,
                            extra_info={"prompt": rows[0][0]}, **kwargs)
     assert single["score"] == pytest.approx(scores[0]["score"], abs=1e-6)
+    one = compute_score(data_source="chat", solution_str=rows[0][1], ground_truth=None,
+                        extra_info={"prompt": rows[0][0]}, model="rm_gemma3", url=triton.grpc_url)
+    messages = [*rows[0][0], {"role": "assistant", "content": rows[0][1]}]
+    assert one["score"] == pytest.approx(references["gemma3"].score(messages), abs=1e-4)
     with pytest.raises(Exception, match='extra_info has no "prompt"'):
         compute_score(data_source="chat", solution_str="x", ground_truth=None, extra_info={}, **kwargs)
     lenient = compute_score_batch(data_sources=data_sources[:2], solution_strs=["x", "y"], ground_truths=[None, None],

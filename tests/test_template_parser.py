@@ -160,3 +160,37 @@ def test_labels_that_carry_messages():
     assert parse_label_messages(messages) == messages
     for other in ("42", "a plain answer", None, {"answer": 3}, [1, 2]):
         assert parse_label_messages(other) is None
+
+
+def sentencepiece_like_tokenizer(template: str):
+    """A small Llama-2-style (Metaspace) tokenizer: like Phi-3's, it decodes `<|user|>\\n` as `<|user|> \\n`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>", "<|endoftext|>"]
+    text = ["Hello there, how are you? I am fine. What is the capital of France? Paris is the capital.",
+            "Count to three: one two three. Say hi.", "\n\n multiple\nlines here"] * 50
+    tokenizer.train_from_iterator(text, trainers.UnigramTrainer(vocab_size=300, special_tokens=specials,
+                                                                unk_token="<unk>"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>", pad_token="<|endoftext|>")
+    fast.chat_template = template
+    return fast
+
+
+def test_a_query_whose_decoding_is_not_the_prompt_text():
+    """OpenRLHF's query is decoded from ids; with such a tokenizer it does not start with the rendered prompt
+    character for character, so the split is found through the actor's own tokenizer."""
+    tokenizer = sentencepiece_like_tokenizer(template_path("phi3").read_text())
+    parser = TemplateParser(ChatFormat(tokenizer))
+    prompt = [{"role": "user", "content": "Hello there, how are you?"}]
+    text = parser.render(prompt, generation_prompt=True)
+    query = openrlhf_query(tokenizer, text, "I am fine.", pads=2)
+    assert not query.startswith(text) and query.startswith("<|user|> \n")  # the quirk is real here
+    parsed = parser.parse_query(query, prompt=text)
+    # the decoder also puts its space between the prompt's last special token and the response ("\n I am fine.")
+    assert parsed.prompt == prompt and parsed.response == " I am fine." and parsed.ended

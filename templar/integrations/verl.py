@@ -6,7 +6,7 @@ copy that column into `extra_info.prompt` when preparing the Parquet file). Then
 
     custom_reward_function.path=<this file>         # printed by `templar gateway --print-reward-func`
     custom_reward_function.name=compute_score       # or compute_score_batch with reward_model.reward_manager=batch
-    custom_reward_function.reward_kwargs.models=rm_llama3:1,rm_gemma3:0.5
+    custom_reward_function.reward_kwargs.model=rm_llama3         # or models=rm_llama3:1,rm_gemma3:0.5
     custom_reward_function.reward_kwargs.url=127.0.0.1:8001
     custom_reward_function.reward_kwargs.failed_reward=-1.0   # optional; unset: a row that cannot be scored raises
 
@@ -21,15 +21,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from templar.conversation import ConversationError, Messages, validate_messages
-from templar.errors import DataError, ServingError
+from templar.errors import ConfigError, DataError, ServingError
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
 
 _lock = threading.Lock()
 _ensembles: dict[tuple[str, str], RewardEnsemble] = {}
 
 
-def _ensemble(models: str | Sequence[str], url: str) -> RewardEnsemble:
+def _ensemble(models: str | Sequence[str] | None, url: str) -> RewardEnsemble:
     """One ensemble per (models, url) per process, reused across calls."""
+    if not models:
+        raise ConfigError("name the served reward model(s) in reward_kwargs: model=NAME or models=NAME[:WEIGHT],...")
     names = [m.strip() for m in models.split(",")] if isinstance(models, str) else [str(m) for m in models]
     key = (",".join(names), url)
     with _lock:
@@ -53,9 +55,11 @@ def prompt_messages(extra_info: Any) -> Messages:
 
 
 def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],
-                        extra_infos: Sequence[Any], *, models: str | Sequence[str], url: str = "127.0.0.1:8001",
+                        extra_infos: Sequence[Any], *, model: str | None = None,
+                        models: str | Sequence[str] | None = None, url: str = "127.0.0.1:8001",
                         failed_reward: float | None = None, **_: Any) -> list[dict[str, float]]:
-    """verl's batch form (reward_model.reward_manager=batch): one dict per row."""
+    """verl's batch form (reward_model.reward_manager=batch): one dict per row. `model` names one RM, `models`
+    several as NAME[:WEIGHT],..."""
     conversations: dict[int, Messages] = {}
     errors: dict[int, str] = {}
     for i, (extra, response) in enumerate(zip(extra_infos, solution_strs)):
@@ -63,7 +67,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
             conversations[i] = [*prompt_messages(extra), {"role": "assistant", "content": response}]
         except DataError as exc:
             errors[i] = str(exc)
-    ensemble = _ensemble(models, url)
+    ensemble = _ensemble(models or model, url)
     result = ensemble.score(list(conversations.values())) if conversations else None
     scored = {i: position for position, i in enumerate(conversations)}
     rows = []
@@ -84,8 +88,8 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
 
 
 def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, *,
-                  models: str | Sequence[str], url: str = "127.0.0.1:8001", failed_reward: float | None = None,
-                  **_: Any) -> dict[str, float]:
+                  model: str | None = None, models: str | Sequence[str] | None = None, url: str = "127.0.0.1:8001",
+                  failed_reward: float | None = None, **_: Any) -> dict[str, float]:
     """verl's per-row form (the naive reward manager)."""
-    return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], models=models, url=url,
-                               failed_reward=failed_reward)[0]
+    return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], model=model,
+                               models=models, url=url, failed_reward=failed_reward)[0]
