@@ -52,7 +52,7 @@ class FingerprintMismatchError(RewardServerError):
 @dataclass
 class RewardClientConfig:
     model: str  # the RM's name in Triton
-    endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1:8001"])  # host:port, gRPC
+    endpoints: list[str] = field(default_factory=lambda: [wire.DEFAULT_URL])  # host:port, gRPC
     rows_per_request: int = 32  # conversations per gRPC request (capped by the model's max_batch_size)
     max_in_flight: int = 8  # concurrent requests over all endpoints
     request_timeout_s: float = 120.0  # end-to-end deadline of one attempt

@@ -13,6 +13,7 @@ import numpy as np
 from templar import contract
 
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+DEFAULT_URL = "127.0.0.1:8001"  # Triton's gRPC port on this machine, where `templar serve` listens by default
 
 
 def channel_args(*, fast_reconnect: bool = True) -> list[tuple[str, int]]:

@@ -42,7 +42,7 @@ class LoadTestError(TemplarError):
 
 @dataclass
 class LoadTestOptions:
-    url: str = "127.0.0.1:8001"  # gRPC host:port
+    url: str = wire.DEFAULT_URL  # gRPC host:port
     model: str = ""  # the RM's name in Triton
     concurrency: list[int] = field(default_factory=lambda: list(DEFAULT_CONCURRENCY))
     duration_s: float | None = 10.0  # per level; None with `requests` set: stop by count only

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 from templar.reward_client import RewardClient, RewardClientConfig
+from templar.wire import DEFAULT_URL
 from templar.tools.workload import load_conversations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoint(s), comma-separated")
+    parser.add_argument("--url", default=DEFAULT_URL, help="gRPC endpoint(s), comma-separated (default: %(default)s)")
     parser.add_argument("--model", required=True, help="reward model name")
     parser.add_argument("--data", required=True, type=Path, help='JSONL, one {"messages": [...]} per line')
     parser.add_argument("--out", type=Path, help="write results as JSONL here")

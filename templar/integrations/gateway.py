@@ -23,6 +23,7 @@ from templar.errors import DataError, TemplarError
 from templar.integrations.openrlhf import OpenRLHFRewards, RowsFailed, request_rows
 from templar.reward_ensemble import EnsembleResult, RewardEnsemble, WeightedModel
 from templar.template_parser import TemplateParser
+from templar.wire import DEFAULT_URL
 
 log = logging.getLogger("templar.gateway")
 
@@ -31,7 +32,7 @@ log = logging.getLogger("templar.gateway")
 class GatewayOptions:
     actor_template: str  # the actor's tokenizer folder, or a family name fetched by `templar assets`
     models: list[str] = field(default_factory=list)  # NAME or NAME:WEIGHT, one per served RM
-    url: str = "127.0.0.1:8001"  # Triton gRPC endpoint(s), comma-separated
+    url: str = DEFAULT_URL  # Triton gRPC endpoint(s), comma-separated
     host: str = "127.0.0.1"
     port: int = 5000
     failed_reward: float | None = None  # reward of a row that cannot be parsed or scored; None: fail the request

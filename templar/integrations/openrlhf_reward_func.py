@@ -18,6 +18,7 @@ import threading
 from templar.integrations.openrlhf import OpenRLHFRewards
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
 from templar.template_parser import TemplateParser
+from templar.wire import DEFAULT_URL
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -37,7 +38,7 @@ def _setup() -> tuple[OpenRLHFRewards, RewardEnsemble]:
             failed = os.environ.get("TEMPLAR_FAILED_REWARD")
             parser = TemplateParser.from_source(os.environ["TEMPLAR_ACTOR_TEMPLATE"])
             models = [WeightedModel.parse(m) for m in os.environ["TEMPLAR_MODELS"].split(",") if m.strip()]
-            urls = [u.strip() for u in os.environ.get("TEMPLAR_URL", "127.0.0.1:8001").split(",") if u.strip()]
+            urls = [u.strip() for u in os.environ.get("TEMPLAR_URL", DEFAULT_URL).split(",") if u.strip()]
             _state["ensemble"] = RewardEnsemble(models, urls)
             _state["rewards"] = OpenRLHFRewards(parser, float(failed) if failed else None)
     return _state["rewards"], _state["ensemble"]  # type: ignore[return-value]

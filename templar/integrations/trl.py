@@ -20,6 +20,7 @@ from typing import Any
 from templar.conversation import Messages
 from templar.errors import ConfigError, DataError, ServingError
 from templar.reward_client import RewardClient, RewardClientConfig
+from templar.wire import DEFAULT_URL
 
 log = logging.getLogger("templar.integrations")
 
@@ -38,7 +39,7 @@ def trl_conversation(prompt: Any, completion: Any) -> Messages:
 class TemplarReward:
     """A TRL reward function scoring with the served RM `model` (see the module docstring)."""
 
-    def __init__(self, model: str, url: str | Sequence[str] = "127.0.0.1:8001", *, on_failure: str = "none",
+    def __init__(self, model: str, url: str | Sequence[str] = DEFAULT_URL, *, on_failure: str = "none",
                  **client_options: Any) -> None:
         if on_failure not in ("none", "raise"):
             raise ConfigError(f"on_failure must be 'none' (TRL's no-reward) or 'raise', got {on_failure!r}")

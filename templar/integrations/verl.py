@@ -23,6 +23,7 @@ from typing import Any
 from templar.conversation import ConversationError, Messages, validate_messages
 from templar.errors import ConfigError, DataError, ServingError
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
+from templar.wire import DEFAULT_URL
 
 _lock = threading.Lock()
 _ensembles: dict[tuple[str, str], RewardEnsemble] = {}
@@ -56,7 +57,7 @@ def prompt_messages(extra_info: Any) -> Messages:
 
 def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],
                         extra_infos: Sequence[Any], *, model: str | None = None,
-                        models: str | Sequence[str] | None = None, url: str = "127.0.0.1:8001",
+                        models: str | Sequence[str] | None = None, url: str = DEFAULT_URL,
                         failed_reward: float | None = None, **_: Any) -> list[dict[str, float]]:
     """verl's batch form (reward_model.reward_manager=batch): one dict per row. `model` names one RM, `models`
     several as NAME[:WEIGHT],..."""
@@ -88,7 +89,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
 
 
 def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, *,
-                  model: str | None = None, models: str | Sequence[str] | None = None, url: str = "127.0.0.1:8001",
+                  model: str | None = None, models: str | Sequence[str] | None = None, url: str = DEFAULT_URL,
                   failed_reward: float | None = None, **_: Any) -> dict[str, float]:
     """verl's per-row form (the naive reward manager)."""
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], model=model,
