@@ -44,7 +44,10 @@ PARAM_TEMPLATE_KWARGS = "template_kwargs"
 PARAM_SOURCE_MODEL = "source_model"
 PARAM_SOURCE_SHA256 = "source_sha256"  # the exported folder's files and the export options that shape serving
 PARAM_TEMPLAR_VERSION = "templar_version"
-FINGERPRINT_PARAMS = (PARAM_TEMPLATE_SHA256, PARAM_TOKENIZER_SHA256, PARAM_MAX_LENGTH, PARAM_SPECIAL_TOKENS)
+PARAM_WEIGHTS_SHA256 = "weights_sha256"  # the served graph's files (model.onnx and its data)
+PARAM_PRECISION = "precision"
+FINGERPRINT_PARAMS = (PARAM_TEMPLATE_SHA256, PARAM_TOKENIZER_SHA256, PARAM_MAX_LENGTH, PARAM_SPECIAL_TOKENS,
+                      PARAM_WEIGHTS_SHA256, PARAM_PRECISION)
 
 
 # -- the table -------------------------------------------------------------------------------------------------------

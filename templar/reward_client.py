@@ -201,10 +201,11 @@ class RewardClient:
             for url in errors.keys() - seen.keys():
                 log.warning("reward endpoint %s is not answering yet (%s); requests fail over to the others",
                             url, errors[url])
-            log.info("reward model %s on %s: chat_template sha256 %s, tokenizer sha256 %s, max_length %s, "
-                     "special tokens %s", self.config.model, ", ".join(seen),
+            log.info("reward model %s on %s: chat_template sha256 %s, tokenizer sha256 %s, weights sha256 %s, "
+                     "max_length %s, special tokens %s", self.config.model, ", ".join(seen),
                      self.fingerprints.get(contract.PARAM_TEMPLATE_SHA256, "?"),
                      self.fingerprints.get(contract.PARAM_TOKENIZER_SHA256, "?"),
+                     self.fingerprints.get(contract.PARAM_WEIGHTS_SHA256, "?"),
                      self.fingerprints.get(contract.PARAM_MAX_LENGTH, "?"),
                      self.fingerprints.get(contract.PARAM_SPECIAL_TOKENS, "?"))
             self._connected = True

@@ -112,14 +112,20 @@ def test_missing_template_names_the_flag(tiny_rms, tmp_path):
     assert not (tmp_path / "repo").exists()
 
 
-def test_unsupported_architecture_lists_the_supported_ones(assets, tmp_path):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+def test_an_encoder_is_refused_and_a_foreign_tokenizer_is_named(assets, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
-    model_dir = tmp_path / "gpt2"
-    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, num_labels=1)).save_pretrained(model_dir)
-    with pytest.raises(ExportError, match=r"unsupported architecture GPT2ForSequenceClassification.*supported model "
-                                          r"types: llama, mistral"):
-        export(model_dir, "rm_x", tmp_path / "repo", tokenizer=assets["llama3_1"])
+    bert = tmp_path / "bert"
+    BertForSequenceClassification(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                             intermediate_size=64, num_labels=1)).save_pretrained(bert)
+    with pytest.raises(ExportError, match=r"unsupported architecture BertForSequenceClassification \(model_type "
+                                          r"'bert'\): Templar serves decoder-only reward models"):
+        export(bert, "rm_x", tmp_path / "repo", tokenizer=assets["llama3_1"])
+    gpt2 = tmp_path / "gpt2"  # a decoder: accepted, but its 50257-token vocabulary is not the Llama tokenizer's
+    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, num_labels=1)).save_pretrained(gpt2)
+    with pytest.raises(ExportError, match="the tokenizer has 128256 tokens but the model's vocabulary 50257"):
+        export(gpt2, "rm_x", tmp_path / "repo", tokenizer=assets["llama3_1"])
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
 
 
 def test_a_causal_lm_is_not_a_reward_model(assets, tmp_path):

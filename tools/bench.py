@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +44,8 @@ from templar.tools.loadtest import drive, grpc_client, machine_info, make_payloa
 from templar.tools.workload import conversations_from
 
 BACKENDS = ("templar", "onnxruntime", "torch", "http")
-EXTRA_BACKENDS = ("torch-sorted",)  # on request: torch on Templar's micro-batches (where does the gain come from?)
+# on request: torch on Templar's micro-batches (where does the gain come from?); the int8-quantized graph in-process
+EXTRA_BACKENDS = ("torch-sorted", "onnxruntime-int8")
 RM_NAME = "rm_bench"
 # "base": a CPU-sized RM (31M non-embedding parameters on a Llama backbone); "tiny": the test suite's size.
 SIZES = {
@@ -321,6 +323,31 @@ def run_onnxruntime(ctx: Context) -> BackendResult:
                        lambda ids, mask: run_scores(session, ids, mask))
 
 
+def run_onnxruntime_int8(ctx: Context) -> BackendResult:
+    """The exported graph after ONNX Runtime's dynamic quantization (`templar export --precision int8`)."""
+    from templar.export.exporter import quantize_int8
+    from templar.export.onnx_files import model_files
+
+    folder = ctx.repo.parent / "int8"
+    folder.mkdir(exist_ok=True)
+    for file in model_files(ctx.scoring_onnx):
+        shutil.copyfile(file, folder / file.name)
+    quantize_int8(folder / "model.onnx")
+    s = ctx.opts.settings
+    session = create_session(folder / "model.onnx", intra_op_threads=s.intra_op_threads, spinning=s.intra_op_spinning)
+    return _in_process(ctx, "onnxruntime-int8", "ONNX Runtime in-process, int8 dynamic quantization, same "
+                       "micro-batches", lambda ids, mask: run_scores(session, ids, mask))
+
+
+def int8_agreement(fp32: BackendResult, int8: BackendResult) -> dict[str, float]:
+    """How far the int8 graph's scores are from the float32 graph's: speed, largest and mean |d|, rank agreement."""
+    a, b = fp32.scores.astype(np.float64), int8.scores.astype(np.float64)
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    return {"speedup_vs_fp32": int8.conversations_per_s / fp32.conversations_per_s,
+            "max_abs_diff_vs_fp32": float(np.abs(a - b).max()), "mean_abs_diff_vs_fp32": float(np.abs(a - b).mean()),
+            "spearman_vs_fp32": float(np.corrcoef(ranks(a), ranks(b))[0, 1]), "fp32_score_std": float(a.std())}
+
+
 def run_torch_sorted(ctx: Context) -> BackendResult:
     """Not one of the four: torch on Templar's micro-batches, to split the gain into batching and runtime."""
     import torch
@@ -394,7 +421,7 @@ def run_http(ctx: Context) -> BackendResult:
 
 RUNNERS: dict[str, Callable[[Context], BackendResult]] = {
     "templar": run_templar, "onnxruntime": run_onnxruntime, "torch": run_torch, "http": run_http,
-    "torch-sorted": run_torch_sorted}
+    "torch-sorted": run_torch_sorted, "onnxruntime-int8": run_onnxruntime_int8}
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -410,13 +437,13 @@ def summarise(results: dict[str, BackendResult]) -> dict[str, Any]:
             bare = results["onnxruntime"].conversations / results["onnxruntime"].details["model_run_s"]
             ratios["templar_vs_bare_onnxruntime"] = served / bare
             throughput["onnxruntime_bare"] = bare
-    order = ("templar", "onnxruntime_bare", "onnxruntime", "torch-sorted", "torch", "http")
+    order = ("templar", "onnxruntime_bare", "onnxruntime", "onnxruntime-int8", "torch-sorted", "torch", "http")
     throughput = {name: throughput[name] for name in order if name in throughput}
     reference_name = "torch" if "torch" in results else next(iter(results))
     reference = results[reference_name].scores
     diffs = {name: float(np.max(np.abs(r.scores.astype(np.float64) - reference))) for name, r in results.items()}
     figures: dict[str, float] = dict(ratios)
-    figures[f"max_abs_diff_vs_{reference_name}"] = max(diffs.values())
+    figures[f"max_abs_diff_vs_{reference_name}"] = max(d for name, d in diffs.items() if name != "onnxruntime-int8")
     server = results["templar"].details.get("server", {}) if "templar" in results else {}
     if "preprocess_share_of_wall" in server:
         figures["preprocess_share"] = server["preprocess_share_of_wall"]
@@ -429,9 +456,12 @@ def summarise(results: dict[str, BackendResult]) -> dict[str, Any]:
             targets[name] = {"value": value, "threshold": threshold,
                              "met": bool(value >= threshold if kind == "min" else value <= threshold)}
     disturbed = {name: r.details.get("foreign_cpu_share", 0.0) for name, r in results.items()}
-    return {"throughput_conversations_per_s": throughput, "ratios": ratios,
-            "max_abs_diff_vs_reference": diffs, "reference": reference_name, "targets": targets,
-            "foreign_cpu_share": disturbed}
+    summary = {"throughput_conversations_per_s": throughput, "ratios": ratios,
+               "max_abs_diff_vs_reference": diffs, "reference": reference_name, "targets": targets,
+               "foreign_cpu_share": disturbed}
+    if "onnxruntime-int8" in results and "onnxruntime" in results:
+        summary["int8"] = int8_agreement(results["onnxruntime"], results["onnxruntime-int8"])
+    return summary
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -441,11 +471,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     throughput = report["summary"]["throughput_conversations_per_s"]
-    names = [n for n in ("templar", "onnxruntime_bare", "onnxruntime", "torch-sorted", "torch", "http")
-             if n in throughput]
+    names = [n for n in ("templar", "onnxruntime_bare", "onnxruntime", "onnxruntime-int8", "torch-sorted", "torch",
+                         "http") if n in throughput]
     labels = {"templar": "Templar\n(gRPC)", "onnxruntime": "ONNX Runtime\nin-process", "onnxruntime_bare":
               "ONNX Runtime\n(bare run time)", "torch": "HF torch\nin-process", "http": "OpenRLHF-style\nHTTP",
-              "torch-sorted": "HF torch on\nsorted batches"}
+              "torch-sorted": "HF torch on\nsorted batches", "onnxruntime-int8": "ONNX Runtime\nint8"}
     values = [throughput[n] for n in names]
     fig, ax = plt.subplots(figsize=(9.0, 4.2))
     bars = ax.bar([labels[n] for n in names], values,
@@ -538,6 +568,11 @@ def print_summary(report: dict[str, Any], log: Callable[[str], None]) -> None:
     for name, target in summary["targets"].items():
         log(f"  {'MET    ' if target['met'] else 'NOT MET'}  {name}: {target['value']:.4g} "
             f"(threshold {target['threshold']})")
+    if "int8" in summary:
+        int8 = summary["int8"]
+        log(f"  int8 vs fp32: x{int8['speedup_vs_fp32']:.2f} conv/s, max |d| {int8['max_abs_diff_vs_fp32']:.3f}, "
+            f"mean |d| {int8['mean_abs_diff_vs_fp32']:.3f} (fp32 score std {int8['fp32_score_std']:.3f}), "
+            f"Spearman {int8['spearman_vs_fp32']:.4f}")
     disturbed = [n for n, share in summary["foreign_cpu_share"].items() if share > 0.05]
     if disturbed:
         log(f"warning: other processes used more than 5% of the CPU during {', '.join(disturbed)}; "

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from templar.chat_format import SPECIAL_TOKEN_POLICIES
-from templar.export.exporter import DEFAULT_MAX_LENGTH_CAP, FORMATS, ExportOptions, export_reward_model
+from templar.export.exporter import (DEFAULT_MAX_LENGTH_CAP, FORMATS, PRECISIONS, TOLERANCES, ExportOptions,
+                                     export_reward_model)
 from templar.export.repository import EntrySettings
 
 
@@ -43,14 +44,20 @@ def add_arguments(parser) -> None:
                         help='fixed extra template variables as JSON, e.g. \'{"date_string": "26 Jul 2024"}\'')
     parser.add_argument("--value-head-prefix", help="OpenRLHF value-head RMs: the head's name (default: value_head)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow *.bin/*.pt weights (pickle runs code)")
-    parser.add_argument("--tolerance", type=float, default=ExportOptions.tolerance,
-                        help="max |onnxruntime - torch| allowed (default: %(default)s)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model code shipped in the folder (config.json auto_map); read it first")
+    parser.add_argument("--precision", default=ExportOptions.precision, choices=PRECISIONS,
+                        help="what is served: fp32 (everywhere), int8 (ONNX Runtime dynamic quantization, for the "
+                        "embedded CPU server), fp16 / bf16 (the GPU paths; the ONNX graph stays fp32 for the CPU) "
+                        "(default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, help="max |onnxruntime - torch| allowed on the sample conversations "
+                        "(default: " + ", ".join(f"{k} {v:g}" for k, v in TOLERANCES.items()) + ")")
     parser.add_argument("--engine-tolerance", type=float,
                         help="max |tensorrt - torch| allowed (default 1e-3, or 5e-2 with --gpu-fp16)")
     parser.add_argument("--opset", type=int, default=ExportOptions.opset, help="(default: %(default)s)")
-    parser.add_argument("--gpu-fp16", action="store_true", default=EntrySettings.gpu_fp16,
-                        help="GPU container: FP16 (TensorRT execution accelerator for onnx; an FP16 engine for "
-                        "tensorrt)")
+    parser.add_argument("--gpu-fp16", action="store_true", help="the same as --precision fp16")
+    parser.add_argument("--skip-resource-check", action="store_true",
+                        help="do not refuse up front when memory or disk look too small")
 
 
 def main(args) -> int:
@@ -58,7 +65,9 @@ def main(args) -> int:
                          chat_template=args.chat_template, tokenizer=args.tokenizer, format=args.format,
                          special_tokens=args.special_tokens, template_kwargs=args.template_kwargs,
                          value_head_prefix=args.value_head_prefix, allow_pickle=args.allow_pickle,
-                         tolerance=args.tolerance, engine_tolerance=args.engine_tolerance, opset=args.opset,
-                         settings=EntrySettings(gpu_fp16=args.gpu_fp16))
+                         trust_remote_code=args.trust_remote_code,
+                         precision="fp16" if args.gpu_fp16 else args.precision, tolerance=args.tolerance,
+                         engine_tolerance=args.engine_tolerance, opset=args.opset,
+                         check_resources=not args.skip_resource_check, settings=EntrySettings())
     export_reward_model(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0

@@ -24,7 +24,8 @@ from templar.export.scorer import load_reward_model
 class TorchRewardModel:
     def __init__(self, model_dir: str | Path, *, max_length: int = 4096, template_kwargs: dict | None = None,
                  padding_side: str = "left") -> None:
-        self.scorer, self.config, self.kind = load_reward_model(model_dir)
+        loaded = load_reward_model(model_dir)
+        self.scorer, self.config, self.kind = loaded.scorer, loaded.config, loaded.kind
         self.scorer.backbone.set_attn_implementation("sdpa")  # the export traces "eager"; frameworks run sdpa
         self.chat_format = ChatFormat.from_dir(model_dir, template_kwargs=template_kwargs)
         self.tokenizer = self.chat_format.tokenizer

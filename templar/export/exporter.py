@@ -9,17 +9,23 @@ tensorrt, build and check an engine), then write the entries. Nothing is written
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import hashlib
 import json
+import logging
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import templar
 from templar import contract
@@ -27,15 +33,22 @@ from templar.chat_format import TEMPLATE_FILE, ChatFormat, MissingChatTemplateEr
 from templar.conversation import Conversation, ConversationError
 from templar.errors import ExportError
 from templar.fingerprints import TOKENIZER_FILES, fingerprint_tokenizer_dir, sha256_file
-from templar.export.repository import EntrySettings, RewardModelEntry, check_name, read_parameters, \
-    write_reward_model
-from templar.export.scorer import PICKLE_PATTERNS, RewardScorer, load_reward_model, torch_scores, trace_to_onnx
+from templar.export.onnx_files import DATA_SUFFIX, gather_external_data, model_files, weights_sha256
+from templar.export.repository import EntrySettings, RewardModelEntry, StagedModel, check_name, read_parameters
+from templar.export.resources import PROTOBUF_LIMIT, check_resources, estimate
+from templar.export.scorer import (PICKLE_PATTERNS, LoadedRewardModel, RewardScorer, load_reward_model, torch_scores,
+                                   trace_to_onnx)
 from templar.samples import sample_conversations, without_system
 from templar.serving.batching import right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
 
 DEFAULT_MAX_LENGTH_CAP = 4096
 FORMATS = ("onnx", "tensorrt")
+# fp32: everywhere (the embedded CPU server runs float32); int8: ONNX Runtime's dynamic quantization, for the CPU
+# (docs/benchmarks.md: faster where the CPU has int8 instructions, scores agree less); fp16 / bf16: the GPU paths
+# (TensorRT execution accelerator or engine), the ONNX graph stays float32 for the CPU.
+PRECISIONS = ("fp32", "int8", "fp16", "bf16")
+TOLERANCES = {"fp32": 1e-4, "int8": 0.5, "fp16": 1e-4, "bf16": 1e-4}  # of the ONNX graph the CPU runs
 Log = Callable[[str], None]
 
 
@@ -52,9 +65,12 @@ class ExportOptions:
     template_kwargs: dict = field(default_factory=dict)  # fixed extra template variables, e.g. date_string
     value_head_prefix: str | None = None  # OpenRLHF value-head RMs; auto-detected for "value_head"
     allow_pickle: bool = False  # load *.bin/*.pt weights (pickle can run code) when no safetensors exist
-    tolerance: float = 1e-4  # max |ONNX Runtime - torch| on the sample conversations
-    engine_tolerance: float | None = None  # max |TensorRT - torch|; default 1e-3 (FP32) or 5e-2 (FP16)
+    trust_remote_code: bool = False  # run model code shipped in the folder (config.json auto_map)
+    precision: str = "fp32"  # what is served: see PRECISIONS
+    tolerance: float | None = None  # max |ONNX Runtime - torch| on the samples; default TOLERANCES[precision]
+    engine_tolerance: float | None = None  # max |TensorRT - torch|; default 1e-3 (FP32) or 5e-2 (FP16/BF16)
     opset: int = 17
+    check_resources: bool = True  # refuse up front when memory or disk will not do
     settings: EntrySettings = field(default_factory=EntrySettings)
 
 
@@ -88,6 +104,7 @@ def source_sha256(opts: ExportOptions) -> str:
     model_dir, tokenizer_dir = Path(opts.model), Path(opts.tokenizer or opts.model)
     files = [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors")),
              *sorted(p for pattern in PICKLE_PATTERNS for p in model_dir.glob(pattern)),
+             *sorted(model_dir.glob("*.py")),  # model code shipped with the weights (--trust-remote-code)
              *(tokenizer_dir / name for name in (*TOKENIZER_FILES, TEMPLATE_FILE))]
     if opts.chat_template:
         files.append(Path(opts.chat_template))
@@ -96,6 +113,7 @@ def source_sha256(opts: ExportOptions) -> str:
         if file.is_file():
             digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
     shaping = {"max_length": opts.max_length, "special_tokens": opts.special_tokens, "format": opts.format,
+               "precision": opts.precision,
                "template_kwargs": opts.template_kwargs, "value_head_prefix": opts.value_head_prefix,
                "opset": opts.opset, "settings": dataclasses.asdict(opts.settings)}
     digest.update(json.dumps(shaping, sort_keys=True, default=str).encode())
@@ -131,10 +149,28 @@ class _Steps:
 
 
 # -- the phases ------------------------------------------------------------------------------------------------------
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc keeps it otherwise: freed float32 weights
+    would stay resident while ONNX Runtime loads the graph)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def _check_options(opts: ExportOptions) -> None:
     """Everything that can be refused before minutes of work."""
     if opts.format not in FORMATS:
         raise ExportError(f"unknown --format {opts.format!r}; choose from {', '.join(FORMATS)}")
+    if opts.precision not in PRECISIONS:
+        raise ExportError(f"unknown --precision {opts.precision!r}; choose from {', '.join(PRECISIONS)}")
+    if opts.precision == "bf16" and opts.format != "tensorrt":
+        raise ExportError("--precision bf16 needs --format tensorrt (a BF16 engine); Triton's ONNX Runtime backend "
+                          "offers FP16 (--precision fp16) as its GPU reduced precision")
+    if opts.precision == "int8" and opts.format == "tensorrt":
+        raise ExportError("--precision int8 is ONNX Runtime's dynamic quantization for the embedded CPU server; use it "
+                          "with --format onnx")
     if opts.format == "tensorrt":
         from templar.export.tensorrt import require_tensorrt
 
@@ -142,6 +178,8 @@ def _check_options(opts: ExportOptions) -> None:
     check_name(opts.name)
     if not Path(opts.model).is_dir():
         raise ExportError(f"model folder {opts.model} does not exist")
+    if opts.check_resources:
+        check_resources(opts)
 
 
 def _load_chat_format(opts: ExportOptions) -> ChatFormat:
@@ -167,6 +205,16 @@ def _max_length(opts: ExportOptions, config) -> int:
     return max_length
 
 
+def _check_vocabulary(chat_format: ChatFormat, loaded: LoadedRewardModel) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding."""
+    vocab = getattr(loaded.config, "vocab_size", None) or getattr(getattr(loaded.config, "text_config", None),
+                                                                   "vocab_size", None)
+    ids = len(chat_format.tokenizer)
+    if vocab is not None and ids > vocab:
+        raise ExportError(f"the tokenizer has {ids} tokens but the model's vocabulary {vocab}: this is not the RM's "
+                          "own tokenizer (pass it with --tokenizer DIR)")
+
+
 def _save_tokenizer(opts: ExportOptions, chat_format: ChatFormat, max_length: int,
                     tokenizer_dir: Path) -> tuple[ChatFormat, list[list[int]]]:
     """Save the tokenizer and template the preprocessing model will load; check that the saved folder tokenizes the
@@ -184,15 +232,60 @@ def _save_tokenizer(opts: ExportOptions, chat_format: ChatFormat, max_length: in
     return served, rows
 
 
+def _export_onnx(opts: ExportOptions, loaded: LoadedRewardModel, rows: list[list[int]], path: Path, log: Log) -> None:
+    """Trace to ONNX, then gather a large model's weights into one data file beside the graph."""
+    ids, mask = right_pad(rows[:2])
+    try:
+        trace_to_onnx(loaded.scorer, torch.from_numpy(ids), torch.from_numpy(mask), path, opts.opset)
+    except Exception as exc:  # noqa: BLE001 - an op ONNX lacks is the usual cause: name it and the model type
+        found = re.search(r"operator '([^']+)' to ONNX opset version (\d+)", str(exc))
+        what = f"the operator {found.group(1)} has no ONNX form at opset {found.group(2)}" if found else \
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        raise ExportError(f"model_type {loaded.config.model_type!r} ({loaded.kind}) cannot be exported to ONNX: "
+                          f"{what}; try a newer --opset, or another architecture") from None
+    total = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
+    if total > PROTOBUF_LIMIT:
+        log(f"      {total / 1e9:.1f} GB of weights: gathering them into {path.name}{DATA_SUFFIX}")
+        with tqdm(total=total, unit="B", unit_scale=True, desc="      gathering", leave=False) as bar:
+            gather_external_data(path, progress=lambda done, _: bar.update(done - bar.n))
+
+
+def quantize_int8(path: Path, log: Log = lambda _: None) -> None:
+    """ONNX Runtime's dynamic quantization (int8 weights, activations quantized per batch), in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name("model.int8.onnx")
+    large = len(model_files(path)) > 1
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # the quantizer reports every tensor on the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, use_external_data_format=large)
+    finally:
+        root.level = level
+    for file in model_files(path):
+        file.unlink()
+    for file in model_files(quantized):
+        file.replace(path.parent / file.name.replace("model.int8.onnx", "model.onnx"))
+    if large:  # the data file was renamed: point the graph at its new name
+        gather_external_data(path)
+    log(f"      int8 weights: {sum(f.stat().st_size for f in model_files(path)) / 1e6:.0f} MB")
+
+
 def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: np.ndarray, rows: list[list[int]], log: Log) -> float:
-    """max |ONNX Runtime - torch| over the sample rows in one padded batch; refuses a graph past the tolerance."""
+    """max |ONNX Runtime - torch| over the sample rows in one padded batch, on the files where they are served;
+    refuses a graph past the tolerance."""
+    tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCES[opts.precision]
     ids, mask = right_pad(rows)
-    served = run_scores(create_session(onnx_path), ids, mask).reshape(-1).astype(np.float64)
+    session = create_session(onnx_path, prepacking=False)  # no packed copy of the weights: one copy in memory
+    served = run_scores(session, ids, mask).reshape(-1).astype(np.float64)
+    del session
     max_diff = float(np.abs(served - reference).max())
     log(f"      max |onnxruntime - torch| = {max_diff:.2e} over {len(rows)} conversations "
         f"({min(map(len, rows))}..{max(map(len, rows))} tokens, one padded batch)")
-    if not np.isfinite(max_diff) or max_diff > opts.tolerance:
-        raise ExportError(f"ONNX Runtime differs from torch by {max_diff:.3e} > tolerance {opts.tolerance}; "
+    if not np.isfinite(max_diff) or max_diff > tolerance:
+        raise ExportError(f"ONNX Runtime differs from torch by {max_diff:.3e} > tolerance {tolerance}; "
                           "nothing was written")
     return max_diff
 
@@ -202,29 +295,30 @@ def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[
     """Build `tmp/model.plan` and check it against torch; returns the parameters to record."""
     from templar.export.tensorrt import ShapeProfile, build_engine, engine_scores, export_int32_onnx
 
-    fp16 = opts.settings.gpu_fp16
+    precision = opts.precision if opts.precision in ("fp16", "bf16") else "fp32"
     profile = ShapeProfile.for_serving(opts.settings.micro_batch_rows, max_length)
     step("building the TensorRT engine (int32 ids)")
     export_int32_onnx(scorer, tmp / "model_int32.onnx", opts.opset)
-    build_engine(tmp / "model_int32.onnx", tmp / "model.plan", profile, fp16=fp16, log=log)
+    build_engine(tmp / "model_int32.onnx", tmp / "model.plan", profile, precision=precision, log=log)
     step(f"checking TensorRT against torch on {len(rows)} sample conversations")
-    tolerance = opts.engine_tolerance if opts.engine_tolerance is not None else (5e-2 if fp16 else 1e-3)
+    tolerance = opts.engine_tolerance if opts.engine_tolerance is not None else \
+        (5e-2 if precision != "fp32" else 1e-3)
     diffs = []
     for start in range(0, len(rows), profile.max_shape[0]):
         ids, mask = right_pad(rows[start : start + profile.max_shape[0]])
         served = engine_scores(tmp / "model.plan", ids, mask).astype(np.float64)
         diffs.append(np.abs(served - reference[start : start + len(ids)]).max())
     engine_diff = float(max(diffs))
-    log(f"      max |tensorrt - torch| = {engine_diff:.2e} ({'FP16' if fp16 else 'FP32'})")
+    log(f"      max |tensorrt - torch| = {engine_diff:.2e} ({precision.upper()})")
     if not np.isfinite(engine_diff) or engine_diff > tolerance:
         raise ExportError(f"the TensorRT engine differs from torch by {engine_diff:.3e} > tolerance {tolerance} "
                           "(--engine-tolerance); nothing was written")
-    return {**profile.as_parameters(), "tensorrt_precision": "fp16" if fp16 else "fp32",
+    return {**profile.as_parameters(), "tensorrt_precision": precision,
             "tensorrt_parity_max_abs_diff": f"{engine_diff:.3e}"}
 
 
-def _parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, max_length: int, config,
-                max_diff: float) -> dict[str, str]:
+def _parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, max_length: int,
+                loaded: LoadedRewardModel, parameters: int) -> dict[str, str]:
     """What the configs record: fingerprints, serving options, where the model came from."""
     return {
         contract.PARAM_TEMPLATE_SHA256: served.template_sha256,
@@ -235,8 +329,10 @@ def _parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, ma
         contract.PARAM_SOURCE_MODEL: str(Path(opts.model).resolve()),
         contract.PARAM_SOURCE_SHA256: source_sha256(opts),
         contract.PARAM_TEMPLAR_VERSION: templar.__version__,
-        "model_type": config.model_type,
-        "parity_max_abs_diff": f"{max_diff:.3e}",
+        "model_type": loaded.config.model_type,
+        "source_dtype": loaded.source_dtype,
+        contract.PARAM_PRECISION: opts.precision,
+        "parameters": str(parameters),
     }
 
 
@@ -245,35 +341,49 @@ def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
     started = time.perf_counter()
     _check_options(opts)
     tensorrt = opts.format == "tensorrt"
-    step = _Steps(8 if tensorrt else 6, log)
+    step = _Steps(7 + (opts.precision == "int8") + 2 * tensorrt, log)
     step(f"loading tokenizer and chat template from {opts.tokenizer or opts.model}")
     chat_format = _load_chat_format(opts)
-    step(f"loading weights from {opts.model}")
-    scorer, config, kind = load_reward_model(opts.model, allow_pickle=opts.allow_pickle,
-                                             value_head_prefix=opts.value_head_prefix)
-    max_length = _max_length(opts, config)
-    log(f"      {kind}, model_type {config.model_type}, {sum(p.numel() for p in scorer.parameters()) / 1e6:.1f}M "
-        f"parameters, max_length {max_length}")
-    with tempfile.TemporaryDirectory(prefix="templar-export-") as tmp:
-        tmp = Path(tmp)
+    step(f"loading weights from {opts.model}{estimate(opts, 'loading')}")
+    loaded = load_reward_model(opts.model, allow_pickle=opts.allow_pickle, value_head_prefix=opts.value_head_prefix,
+                               trust_remote_code=opts.trust_remote_code)
+    max_length = _max_length(opts, loaded.config)
+    _check_vocabulary(chat_format, loaded)
+    count = loaded.parameters
+    log(f"      {loaded.kind}, model_type {loaded.config.model_type}, {count / 1e6:.1f}M parameters "
+        f"({loaded.source_dtype} weights, served {opts.precision}), max_length {max_length}")
+    with StagedModel(opts.repo, opts.name) as staged, tempfile.TemporaryDirectory(prefix="templar-export-") as tmp:
         step("saving tokenizer and template for the preprocessing model")
-        served, rows = _save_tokenizer(opts, chat_format, max_length, tmp / "tokenizer")
-        step(f"exporting ONNX (opset {opts.opset})")
-        ids, mask = right_pad(rows[:2])
-        trace_to_onnx(scorer, torch.from_numpy(ids), torch.from_numpy(mask), tmp / "model.onnx", opts.opset)
-        step(f"checking ONNX Runtime against torch on {len(rows)} sample conversations")
-        reference = torch_scores(scorer, rows)
-        max_diff = _check_onnx(opts, tmp / "model.onnx", reference, rows, log)
-        engine = _build_checked_engine(opts, scorer, rows, reference, max_length, tmp, step, log) if tensorrt else {}
-        step(f"writing Triton entries for {opts.name!r} into {opts.repo}")
-        parameters = {**_parameters(opts, served, tmp / "tokenizer", max_length, config, max_diff), **engine}
-        entry = RewardModelEntry(opts.name, tmp / "model.onnx", tmp / "tokenizer", parameters, opts.settings,
-                                 tensorrt_plan=tmp / "model.plan" if tensorrt else None,
+        served, rows = _save_tokenizer(opts, chat_format, max_length, staged.tokenizer_dir)
+        step(f"exporting ONNX (opset {opts.opset}){estimate(opts, 'exporting')}")
+        _export_onnx(opts, loaded, rows, staged.onnx_path, log)
+        step(f"torch reference scores on {len(rows)} sample conversations")
+        reference = torch_scores(loaded.scorer, rows)
+        engine = _build_checked_engine(opts, loaded.scorer, rows, reference, max_length, Path(tmp), step, log) \
+            if tensorrt else {}
+        del loaded.scorer  # before ONNX Runtime loads its copy: never two models in memory at once
+        release_memory()
+        if opts.precision == "int8":
+            step("quantizing to int8 (ONNX Runtime dynamic quantization)")
+            quantize_int8(staged.onnx_path, log)
+        parameters = {**_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count), **engine,
+                      contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
+        settings = dataclasses.replace(opts.settings, gpu_fp16=opts.settings.gpu_fp16 or opts.precision == "fp16")
+        entry = RewardModelEntry(opts.name, staged.onnx_path, staged.tokenizer_dir, parameters, settings,
+                                 tensorrt_plan=Path(tmp) / "model.plan" if tensorrt else None,
                                  tensorrt_max_rows=opts.settings.micro_batch_rows if tensorrt else None)
-        folders = write_reward_model(opts.repo, entry, log=lambda m: log("      " + m))
+        step(f"writing Triton entries for {opts.name!r} into {opts.repo}")
+        staged.write(entry)
+        folders = staged.commit(lambda m: log("      " + m))
+        step(f"checking ONNX Runtime against torch on the served files{estimate(opts, 'checking')}")
+        max_diff = _check_onnx(opts, staged.final(staged.onnx_path), reference, rows, log)
+        entry.parameters["parity_max_abs_diff"] = f"{max_diff:.3e}"
+        staged.rewrite_configs(entry)
+        staged.finish()
         step.finish()
-    report = ExportReport(opts.name, folders, max_diff, len(rows), parameters, time.perf_counter() - started)
+    report = ExportReport(opts.name, folders, max_diff, len(rows), entry.parameters, time.perf_counter() - started)
     log(f"exported {opts.name!r} in {report.seconds:.1f}s: chat_template sha256 "
         f"{parameters[contract.PARAM_TEMPLATE_SHA256][:16]}…, tokenizer sha256 "
-        f"{parameters[contract.PARAM_TOKENIZER_SHA256][:16]}…")
+        f"{parameters[contract.PARAM_TOKENIZER_SHA256][:16]}…, weights sha256 "
+        f"{parameters[contract.PARAM_WEIGHTS_SHA256][:16]}…")
     return report

@@ -4,10 +4,12 @@
     <name>_preprocess/      this RM's template + tokenizer           config.pbtxt, 1/model.py, 1/tokenizer/*
     <name>_model/           the exported ONNX scorer                 config.pbtxt (onnxruntime_onnx, GPU container),
                                                                      configs/embedded.pbtxt (Python + ONNX Runtime,
-                                                                     the CPU embedded server), 1/model.onnx, 1/model.py
+                                                                     the CPU embedded server), 1/model.onnx
+                                                                     [+ 1/model.onnx.data], 1/model.py
 
-Everything is built in a staging folder beside the repository and moved in at the end, so a failed export never
-leaves a half-written model behind (and a running server never sees one).
+Everything is built in a staging folder beside the repository and moved in at the end (`StagedModel`), so a failed
+export never leaves a half-written model behind (and a running server never sees one). A model past protobuf's 2 GB
+limit keeps its weights in `model.onnx.data` beside `model.onnx` (templar.export.onnx_files).
 """
 
 from __future__ import annotations
@@ -170,46 +172,110 @@ def _thin_model_py(module: str) -> str:
             f"from {module} import TritonPythonModel  # noqa: F401\n")
 
 
-def write_reward_model(repo: str | os.PathLike, entry: RewardModelEntry,
-                       log: Callable[[str], None] = lambda _: None) -> list[Path]:
-    """Write the three Triton entries of `entry` into `repo`, replacing older ones; returns the folders."""
-    check_name(entry.name)
-    repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}-staging-", dir=repo.parent))
-    try:
-        pre, scorer, main = (staging / contract.preprocess_model_name(entry.name),
-                             staging / contract.scoring_model_name(entry.name), staging / entry.name)
-        (pre / "1").mkdir(parents=True)
+class StagedModel:
+    """An RM's three folders built beside the repository (same file system) and moved in at once.
+
+    The export writes its files straight into `tokenizer_dir` and `onnx_path` (no copy of multi-GB weights), then
+    `write(entry)` adds the configs and model.py files, `commit()` moves the folders into the repository (the
+    previous ones kept aside), and after the checks on the files at their final place `finish()` drops the previous
+    ones, or `rollback()` puts them back. Leaving the `with` block without finish() rolls back what was committed and
+    removes the staging folder: a failed export never leaves a half-written model (and a running server never sees
+    one)."""
+
+    def __init__(self, repo: str | os.PathLike, name: str) -> None:
+        check_name(name)
+        self.repo, self.name = Path(repo), name
+        self.repo.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.repo.name}-staging-", dir=self.repo.parent))
+        self.names = (contract.preprocess_model_name(name), contract.scoring_model_name(name), name)
+        self.committed: list[Path] = []
+        self.finished = False
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.staging / self.names[0] / "1" / "tokenizer"
+
+    @property
+    def onnx_path(self) -> Path:
+        path = self.staging / self.names[1] / "1" / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def final(self, path: Path) -> Path:
+        """Where a staged file is once committed."""
+        return self.repo / path.relative_to(self.staging)
+
+    def write(self, entry: RewardModelEntry) -> None:
+        """Configs and thin model.py files (and what the export did not write in place: tokenizer, ONNX, plan)."""
+        pre, scorer, main = (self.staging / n for n in self.names)
+        (pre / "1").mkdir(parents=True, exist_ok=True)
         (pre / "config.pbtxt").write_text(preprocess_config(entry))
         (pre / "1" / "model.py").write_text(_thin_model_py("templar.serving.preprocess"))
-        shutil.copytree(entry.tokenizer_dir, pre / "1" / "tokenizer")
-
-        (scorer / "1").mkdir(parents=True)
-        (scorer / "configs").mkdir()
+        if Path(entry.tokenizer_dir).resolve() != self.tokenizer_dir.resolve():
+            shutil.copytree(entry.tokenizer_dir, self.tokenizer_dir)
+        (scorer / "configs").mkdir(parents=True, exist_ok=True)
         gpu_config = scorer_config_tensorrt(entry) if entry.tensorrt_plan else scorer_config_gpu(entry)
         (scorer / "config.pbtxt").write_text(gpu_config)
+        (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt").write_text(scorer_config_embedded(entry))
+        if Path(entry.onnx_path).resolve() != self.onnx_path.resolve():
+            from templar.export.onnx_files import model_files
+
+            for file in model_files(entry.onnx_path):  # the graph and its external data, if any
+                shutil.copyfile(file, self.onnx_path.parent / file.name.replace(Path(entry.onnx_path).name,
+                                                                                 "model.onnx"))
         if entry.tensorrt_plan:
             shutil.copyfile(entry.tensorrt_plan, scorer / "1" / "model.plan")
-        (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt").write_text(scorer_config_embedded(entry))
-        shutil.copyfile(entry.onnx_path, scorer / "1" / "model.onnx")
-        for extra in entry.onnx_path.parent.glob(entry.onnx_path.name + ".data"):  # external weights (> 2 GB)
-            shutil.copyfile(extra, scorer / "1" / extra.name)
         (scorer / "1" / "model.py").write_text(_thin_model_py("templar.serving.onnx_scorer"))
-
-        (main / "1").mkdir(parents=True)
+        (main / "1").mkdir(parents=True, exist_ok=True)
         (main / "config.pbtxt").write_text(entry_config(entry))
         (main / "1" / "model.py").write_text(_thin_model_py("templar.serving.reward_entry"))
 
-        written = []
-        for folder in (pre, scorer, main):
-            target = repo / folder.name
+    def rewrite_configs(self, entry: RewardModelEntry) -> None:
+        """The configs again, in place (after the checks measured what the parameters record)."""
+        root = self.repo if self.committed else self.staging
+        pre, scorer, main = (root / n for n in self.names)
+        (pre / "config.pbtxt").write_text(preprocess_config(entry))
+        gpu_config = scorer_config_tensorrt(entry) if entry.tensorrt_plan else scorer_config_gpu(entry)
+        (scorer / "config.pbtxt").write_text(gpu_config)
+        (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt").write_text(scorer_config_embedded(entry))
+        (main / "config.pbtxt").write_text(entry_config(entry))
+
+    def commit(self, log: Callable[[str], None] = lambda _: None) -> list[Path]:
+        """Move the folders into the repository; the ones they replace wait in the staging folder."""
+        for name in self.names:
+            target = self.repo / name
             if target.exists():
                 log(f"replacing {target}")
-                old = staging / f"{folder.name}.old"
-                target.rename(old)
-            folder.rename(target)
-            written.append(target)
-        return written
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+                target.rename(self.staging / f"{name}.previous")
+            (self.staging / name).rename(target)
+            self.committed.append(target)
+        return list(self.committed)
+
+    def rollback(self) -> None:
+        for target in self.committed:
+            shutil.rmtree(target, ignore_errors=True)
+            previous = self.staging / f"{target.name}.previous"
+            if previous.exists():
+                previous.rename(target)
+        self.committed = []
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.finished:
+            self.rollback()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def write_reward_model(repo: str | os.PathLike, entry: RewardModelEntry,
+                       log: Callable[[str], None] = lambda _: None) -> list[Path]:
+    """Write the three Triton entries of `entry` (its files copied) into `repo`, replacing older ones."""
+    with StagedModel(repo, entry.name) as staged:
+        staged.write(entry)
+        folders = staged.commit(log)
+        staged.finish()
+    return folders

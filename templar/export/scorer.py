@@ -2,14 +2,20 @@
 position where attention_mask is 1 (never by searching for the pad id, which is often the EOS id), with pad-aware
 position ids. The ONNX graph is traced from it, and the benchmark's in-process torch baseline runs it.
 
-Accepted models: `*ForSequenceClassification` with one label, and the value-head RMs OpenRLHF trains (a base model
-plus `value_head.weight`, or another prefix given with --value-head-prefix).
+Accepted models: any decoder-only `*ForSequenceClassification` with one label that the installed transformers
+provides (or that the folder's own code defines, loaded only with --trust-remote-code), and the value-head RMs OpenRLHF
+trains (a base model plus `value_head.weight`, or another prefix given with --value-head-prefix). Weights load as
+shipped (bf16, fp16, fp32) and are cast to float32 tensor by tensor.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +25,8 @@ from templar import contract
 from templar.errors import ExportError
 from templar.modeling import position_ids
 
-# Backbones whose export is verified by the test suite (ONNX Runtime vs torch, padded batches).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+log = logging.getLogger("templar.export")
+
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -61,42 +67,99 @@ def weight_files(model_dir: Path, allow_pickle: bool) -> tuple[list[Path], bool]
     return pickles, True
 
 
-def _state_dict(files: list[Path], pickle: bool) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+@dataclass
+class LoadedRewardModel:
+    scorer: RewardScorer  # float32, eval mode
+    config: Any
+    kind: str  # e.g. "Qwen3ForSequenceClassification", or "value-head RM (value_head)"
+    source_dtype: str  # the dtype the weights were shipped in, e.g. "bfloat16"
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.scorer.parameters())
+
+
+def decoder_only(model_type: str) -> bool:
+    """A model type whose sequence classifier scores the LAST token (a decoder): it has a causal-LM class and no
+    masked-LM one (BERT-like encoders pool the first token, which a last-token scorer would misread)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _check_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """Models that ship their own Python code (config.json `auto_map`) run it only when the user says so."""
+    auto_map = json.loads((model_dir / "config.json").read_text()).get("auto_map")
+    if not auto_map:
+        return
+    code = sorted(p.name for p in model_dir.glob("*.py"))
+    if not trust_remote_code:
+        raise ExportError(f"{model_dir} ships its own model code ({', '.join(code) or auto_map}); loading it runs that "
+                          "code. Read it, then pass --trust-remote-code if you trust it.")
+    log.warning("running the model code shipped in %s (%s): --trust-remote-code was given", model_dir,
+                ", ".join(code))
+
+
+def _value_head_prefix(model_dir: Path, files: list[Path], pickle: bool, given: str | None, config) -> str | None:
+    prefix = given or getattr(config, "value_head_prefix", None)
+    if prefix is not None or pickle:
+        return prefix
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if "value_head.weight" in f.keys():
+                return "value_head"
+    return None
+
+
+def _head_tensors(files: list[Path], pickle: bool, prefix: str) -> dict[str, torch.Tensor]:
+    """`<prefix>.*` tensors of an OpenRLHF value-head RM, read without loading the rest."""
+    found: dict[str, torch.Tensor] = {}
     for file in files:
         if pickle:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
-        else:
-            from safetensors.torch import load_file
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            found.update({k: v for k, v in state.items() if k.startswith(prefix + ".")})
+            continue
+        from safetensors import safe_open
 
-            state.update(load_file(str(file)))
-    return state
+        with safe_open(str(file), framework="pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")})
+    return {k[len(prefix) + 1:]: v.float() for k, v in found.items()}
 
 
-def _missing(missing: list[str], model_dir: Path, what: str) -> None:
-    missing = [k for k in missing if "rotary_emb" not in k]  # computed buffers, never saved
+def _missing(info: dict, model_dir: Path) -> None:
+    missing = [k for k in info.get("missing_keys", ()) if "rotary_emb" not in k]  # computed buffers, never saved
     if missing:
-        raise ExportError(f"weights of {model_dir} miss {what}tensors, e.g. {missing[:3]}")
+        raise ExportError(f"weights of {model_dir} miss tensors, e.g. {sorted(missing)[:3]}")
 
 
-def _value_head_scorer(config, state: dict, prefix: str, model_dir: Path) -> RewardScorer:
+def _pretrained(auto_class, model_dir: Path, pickle: bool, trust_remote_code: bool):
+    """Hugging Face's own loading, cast to float32 tensor by tensor (bf16 / fp16 weights load as shipped)."""
+    model, info = auto_class.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
+                                             trust_remote_code=trust_remote_code, use_safetensors=not pickle,
+                                             attn_implementation="eager", output_loading_info=True)
+    _missing(info, model_dir)
+    return model
+
+
+def _value_head_scorer(config, model_dir: Path, files: list[Path], pickle: bool, prefix: str,
+                       trust_remote_code: bool) -> RewardScorer:
     """OpenRLHF: <base_model_prefix>.* + <prefix>.weight, mean/std in config.json."""
     from transformers import AutoModel
 
-    if f"{prefix}.weight" not in state:
+    head_state = _head_tensors(files, pickle, prefix)
+    if "weight" not in head_state:
         raise ExportError(f"value head {prefix}.weight not found in the weights of {model_dir}")
-    backbone = AutoModel.from_config(config)
-    base = backbone.base_model_prefix
-    missing, _ = backbone.load_state_dict({k[len(base) + 1:]: v for k, v in state.items()
-                                           if k.startswith(base + ".")}, strict=False)
-    _missing(missing, model_dir, "backbone ")
-    head = nn.Linear(config.hidden_size, 1, bias=f"{prefix}.bias" in state)
-    head.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+    backbone = _pretrained(AutoModel, model_dir, pickle, trust_remote_code)
+    head = nn.Linear(config.hidden_size, 1, bias="bias" in head_state)
+    head.load_state_dict(head_state)
     normalize = bool(getattr(config, "normalize_reward", False)) and hasattr(config, "mean")
     return RewardScorer(backbone, head, *(config.mean, config.std) if normalize else (None, None))
 
 
-def _classifier_scorer(config, state: dict, model_dir: Path) -> RewardScorer:
+def _classifier_scorer(config, model_dir: Path, pickle: bool, trust_remote_code: bool) -> RewardScorer:
     from transformers import AutoModelForSequenceClassification
 
     archs = getattr(config, "architectures", None) or []
@@ -107,36 +170,39 @@ def _classifier_scorer(config, state: dict, model_dir: Path) -> RewardScorer:
             "other prefixes with --value-head-prefix)")
     if config.num_labels != 1:
         raise ExportError(f"a reward model has one output label; {model_dir} has num_labels={config.num_labels}")
-    model = AutoModelForSequenceClassification.from_config(config)
-    missing, _ = model.load_state_dict(state, strict=False)
-    _missing(missing, model_dir, "")
+    model = _pretrained(AutoModelForSequenceClassification, model_dir, pickle, trust_remote_code)
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise ExportError(f"{type(model).__name__} has no `score` or `classifier` head to read the reward from")
     return RewardScorer(getattr(model, model.base_model_prefix), head)
 
 
-def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False,
-                      value_head_prefix: str | None = None) -> tuple[RewardScorer, object, str]:
-    """Load an RM folder as a RewardScorer in float32 (eval mode). Returns (scorer, config, kind)."""
+def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, value_head_prefix: str | None = None,
+                      trust_remote_code: bool = False) -> LoadedRewardModel:
+    """Load an RM folder as a RewardScorer in float32 (eval mode): any decoder-only `*ForSequenceClassification`
+    transformers provides (or the folder's own code, with trust_remote_code), or an OpenRLHF value-head RM."""
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    _check_code(model_dir, trust_remote_code)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    custom = bool(getattr(config, "auto_map", None))
+    if not custom and not decoder_only(config.model_type):
         arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
-        raise ExportError(f"unsupported architecture {arch} (model_type {config.model_type!r}); supported model "
-                          f"types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    state = _state_dict(*weight_files(model_dir, allow_pickle))
-    prefix = value_head_prefix or getattr(config, "value_head_prefix", None)
-    if prefix is None and "value_head.weight" in state:
-        prefix = "value_head"
-    config._attn_implementation = "eager"  # traces cleanly; sdpa/flash kernels do not matter for parity
+        raise ExportError(f"unsupported architecture {arch} (model_type {config.model_type!r}): Templar serves "
+                          "decoder-only reward models, which score the last token (an encoder such as BERT pools the "
+                          "first one); any decoder with a *ForSequenceClassification class in transformers works")
+    files, pickle = weight_files(model_dir, allow_pickle)
+    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    prefix = _value_head_prefix(model_dir, files, pickle, value_head_prefix, config)
     if prefix is not None:
-        scorer, kind = _value_head_scorer(config, state, prefix, model_dir), f"value-head RM ({prefix})"
+        scorer = _value_head_scorer(config, model_dir, files, pickle, prefix, trust_remote_code)
+        kind = f"value-head RM ({prefix})"
     else:
-        scorer, kind = _classifier_scorer(config, state, model_dir), config.architectures[0]
-    return scorer.float().eval(), config, kind
+        scorer, kind = _classifier_scorer(config, model_dir, pickle, trust_remote_code), config.architectures[0]
+    return LoadedRewardModel(scorer.float().eval(), config, kind, source_dtype.replace("torch.", ""))
 
 
 def torch_scores(scorer: RewardScorer, rows: list[list[int]]) -> np.ndarray:

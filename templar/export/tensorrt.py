@@ -76,7 +76,7 @@ def export_int32_onnx(scorer: nn.Module, path: Path, opset: int, example_rows: i
     trace_to_onnx(Int32Ids(scorer), ids, torch.ones_like(ids), path, opset)
 
 
-def build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, *, fp16: bool = False,
+def build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, *, precision: str = "fp32",
                  workspace_bytes: int = 4 << 30, log: Callable[[str], None] = print) -> None:
     """Parse the int32 ONNX graph and serialise a TensorRT engine with one optimisation profile."""
     trt = require_tensorrt()
@@ -90,13 +90,15 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: ShapeProfile, *, fp1
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     config.clear_flag(trt.BuilderFlag.TF32)  # FP32 means FP32: TF32 matmuls would miss the torch parity check
-    if fp16:
+    if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
     shapes = builder.create_optimization_profile()
     for name in (contract.INPUT_IDS, contract.ATTENTION_MASK):
         shapes.set_shape(name, profile.min_shape, profile.opt_shape, profile.max_shape)
     config.add_optimization_profile(shapes)
-    log(f"      building the engine ({'FP16' if fp16 else 'FP32'}; batch x tokens {profile.min_shape} .. "
+    log(f"      building the engine ({precision.upper()}; batch x tokens {profile.min_shape} .. "
         f"opt {profile.opt_shape} .. {profile.max_shape}); this takes minutes")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
