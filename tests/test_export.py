@@ -184,7 +184,8 @@ def test_cli_shows_progress_and_fails_clearly(tiny_rms, tmp_path):
     ok = run("--model", str(tiny_rms["mistral_nemo"]), "--name", "rm_cli", "--repo", str(tmp_path / "repo"),
              "--max-length", "256")
     assert ok.returncode == 0, ok.stderr
-    assert "[1/6] loading tokenizer" in ok.stderr and "[6/6] writing Triton entries" in ok.stderr
+    assert "[1/7] loading tokenizer" in ok.stderr and "[6/7] writing Triton entries" in ok.stderr
+    assert "[7/7] checking ONNX Runtime against torch on the served files" in ok.stderr
     assert "max |onnxruntime - torch|" in ok.stderr
     bad = run("--model", str(tmp_path / "nowhere"), "--name", "rm_cli")
     assert bad.returncode == 2 and "model folder" in bad.stderr and "does not exist" in bad.stderr

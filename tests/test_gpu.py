@@ -77,3 +77,18 @@ def test_deepspeed_ppo_steps_on_the_gpu(triton, tiny_actor, tmp_path):
     assert "on cuda:0" in (out / "train.log").read_text()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["policy_loss"]) and np.isfinite(r["kl_mean"]) for r in rows)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_engines_against_torch(tiny_rms, tmp_path, precision):
+    """The measurement the README's GPU precision table waits for: max |engine - torch float32| per precision."""
+    pytest.importorskip("tensorrt", reason="install tensorrt on the GPU machine")
+    result = subprocess.run([sys.executable, "-m", "templar.cli", "export", "--model", str(tiny_rms["llama3_1"]),
+                             "--name", f"rm_{precision}", "--repo", str(tmp_path / "repo"), "--format", "tensorrt",
+                             "--precision", precision, "--max-length", str(MAX_LENGTH)],
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = next(line for line in result.stderr.splitlines() if "max |tensorrt - torch|" in line)
+    print(f"\n{precision}: {measured.strip()}")
+    config = (tmp_path / "repo" / f"rm_{precision}" / "config.pbtxt").read_text()
+    assert f'"tensorrt_precision" value: {{ string_value: "{precision}" }}' in config
