@@ -15,6 +15,7 @@ import importlib.util
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -28,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from templar.environment import use_offline_defaults
@@ -38,10 +40,35 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
 STARTUP_TIMEOUT_S = 600.0  # loading many models on a busy 2-core machine takes minutes
 SHM_BYTES = 64 * 1024 * 1024  # Python-backend shared memory per model; grows by the same amount when needed
+# What only an administrator may do: load/unload models, change log or trace settings, register shared memory. These
+# protocols always need the header ADMIN_HEADER with the server's admin key (a random one unless one is given).
+ADMIN_PROTOCOLS = ("model-repository", "logging", "trace", "shared-memory")
+ADMIN_HEADER = "templar-admin-key"  # over HTTP; gRPC clients send it as GRPC_ADMIN_HEADER (Triton adds the prefix)
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+ADMIN_KEY_ENV = "TEMPLAR_ADMIN_KEY"
 
 
 class ServerError(ServingError):
     """The embedded server could not start or stopped unexpectedly; the message says why."""
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """gRPC over TLS: the server's certificate and key (PEM), and optionally the CA whose certificates clients must
+    present (mutual TLS). HTTP and metrics stay plaintext (Triton has no TLS there): keep them on loopback."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def args(self) -> list[str]:
+        for what, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-client-ca", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"{what} {path}: no such file")
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.client_ca is not None:
+            args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.client_ca}"]
+        return args
 
 
 def pytriton_paths() -> tuple[Path, Path]:
@@ -124,7 +151,9 @@ class EmbeddedTriton:
     def __init__(self, repo: str | os.PathLike, *, host: str = DEFAULT_HOST, grpc_port: int = DEFAULT_PORTS["grpc"],
                  http_port: int = DEFAULT_PORTS["http"], metrics_port: int = DEFAULT_PORTS["metrics"],
                  log_file: str | os.PathLike | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S,
-                 model_config_name: str = EMBEDDED_CONFIG_NAME, extra_args: tuple[str, ...] = ()) -> None:
+                 model_config_name: str = EMBEDDED_CONFIG_NAME, model_control: bool = False,
+                 admin_key: str | None = None, tls: ServerTls | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.repo = Path(repo).resolve()
         self.host = host
         self.http_host = http_host_for(host)
@@ -132,6 +161,12 @@ class EmbeddedTriton:
         self.startup_timeout_s = startup_timeout_s
         self.model_config_name = model_config_name
         self.extra_args = tuple(extra_args)
+        self.model_control = model_control  # off: the models load at start and nobody can unload them
+        if admin_key is not None and not re.fullmatch(r"[A-Za-z0-9._~+/=-]{16,}", admin_key):
+            raise ServerError(f"the admin key ({ADMIN_KEY_ENV}) must be at least 16 characters of letters, digits "
+                              "and ._~+/=-")
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
+        self.tls = tls
         self.shm_prefix = f"templar{os.getpid()}x{secrets.token_hex(4)}_"
         self._workdir: Path | None = None
         self._log_file = Path(log_file) if log_file else None
@@ -157,6 +192,10 @@ class EmbeddedTriton:
         assert self._log_file is not None, "the server has not been started"
         return self._log_file
 
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """The header the admin protocols (model control, logging, trace) need on this server, for gRPC or HTTP."""
+        return {GRPC_ADMIN_HEADER if protocol == "grpc" else ADMIN_HEADER: self.admin_key}
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -166,7 +205,9 @@ class EmbeddedTriton:
             str(binary),
             f"--model-repository={self.repo}",
             f"--backend-directory={backends}",
-            "--model-control-mode=explicit", "--load-model=*",  # explicit: versions can be swapped while serving
+            # explicit: models (and versions) can be loaded and unloaded while serving, by whoever has the key
+            *(["--model-control-mode=explicit", "--load-model=*"] if self.model_control else
+              ["--model-control-mode=none"]),
             f"--model-config-name={self.model_config_name}",
             f"--grpc-address={url_host(self.host)}", f"--grpc-port={self.ports['grpc']}",  # gRPC: [v6]:port
             f"--http-address={self.http_host}", f"--http-port={self.ports['http']}",
@@ -176,8 +217,11 @@ class EmbeddedTriton:
             f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}",
             "--log-verbose=0",
+            # Triton takes the key on its command line (readable in /proc by this machine's users, not the network)
+            f"--grpc-restricted-protocol={','.join(ADMIN_PROTOCOLS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--http-restricted-api={','.join(ADMIN_PROTOCOLS)}:{ADMIN_HEADER}={self.admin_key}",
         ]
-        return args + list(self.extra_args)
+        return args + (self.tls.args() if self.tls else []) + list(self.extra_args)
 
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         server_dir, libs = pytriton_paths()
@@ -243,7 +287,8 @@ class EmbeddedTriton:
                           + self.log_tail())
 
     def repository_index(self) -> list[dict]:
-        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                         headers=self.admin_headers("http"))
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 

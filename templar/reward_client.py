@@ -62,7 +62,11 @@ class RewardClientConfig:
     endpoint_cooldown_s: float = 2.0  # an endpoint that answered UNAVAILABLE is avoided for this long
     connect_timeout_s: float = 30.0  # connect(): how long to wait for at least one endpoint to be ready
     compression: str | None = None  # "gzip" or "deflate" for large conversations over slow links
-    headers: dict[str, str] = field(default_factory=dict)  # e.g. triton-grpc-protocol-<key> for restricted APIs
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every call (e.g. a proxy's auth header)
+    tls: bool = False  # gRPC over TLS (a server started with `templar serve --tls-cert ... --tls-key ...`)
+    tls_ca: str | None = None  # PEM file of the CA that signed the server's certificate; None = the system's roots
+    tls_cert: str | None = None  # this client's certificate (PEM), for a server that demands one (mutual TLS)
+    tls_key: str | None = None  # its private key (PEM)
     expected_fingerprints: dict[str, str] = field(default_factory=dict)  # e.g. {"chat_template_sha256": "..."}
 
 
@@ -98,6 +102,9 @@ class RewardClient:
     def __init__(self, config: RewardClientConfig) -> None:
         if not config.endpoints:
             raise ConfigError("RewardClientConfig.endpoints is empty: give at least one host:port")
+        given = [name for name in ("tls_ca", "tls_cert", "tls_key") if getattr(config, name)]
+        if given and not config.tls:
+            raise ConfigError(f"{', '.join(given)} given but tls is off: set tls=True to talk TLS to the server")
         self.config = config
         self.fingerprints: dict[str, str] = {}
         self.max_batch_size: int | None = None
@@ -155,7 +162,9 @@ class RewardClient:
         self._connected = False
 
     def _make_endpoints(self) -> None:
-        self._endpoints = [_Endpoint(url, wire.aio_client(url)) for url in self.config.endpoints]
+        c = self.config
+        tls = wire.TlsSettings(c.tls_ca, c.tls_cert, c.tls_key) if c.tls else None
+        self._endpoints = [_Endpoint(url, wire.aio_client(url, tls=tls)) for url in c.endpoints]
 
     async def connect_async(self) -> dict[str, str]:
         """Check the endpoints, read and log the RM's fingerprints. Waits up to connect_timeout_s for one."""

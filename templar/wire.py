@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from templar import contract
+from templar.errors import ConfigError
 
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 DEFAULT_URL = "127.0.0.1:8001"  # Triton's gRPC port on this machine, where `templar serve` listens by default
@@ -27,11 +29,32 @@ def channel_args(*, fast_reconnect: bool = True) -> list[tuple[str, int]]:
     return args
 
 
-def aio_client(url: str, *, fast_reconnect: bool = True):
-    """An asyncio Triton gRPC client for `host:port`."""
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS towards a server started with `templar serve --tls-cert/--tls-key`: `ca` is the PEM file of the CA that
+    signed the server's certificate (None: the system's roots); `cert` + `key` are this client's own certificate,
+    for a server that demands one (`--tls-client-ca`, mutual TLS)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """tritonclient's ssl arguments (it reads the files itself); a missing file is named here."""
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("TLS: a client certificate needs its key, and a key its certificate (give both)")
+        for what, path in (("CA file", self.ca), ("client certificate", self.cert), ("client key", self.key)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"TLS {what} {path}: no such file")
+        return {"ssl": True, "root_certificates": self.ca, "private_key": self.key, "certificate_chain": self.cert}
+
+
+def aio_client(url: str, *, fast_reconnect: bool = True, tls: TlsSettings | None = None):
+    """An asyncio Triton gRPC client for `host:port` (over TLS when `tls` is given)."""
     import tritonclient.grpc.aio as grpcclient
 
-    return grpcclient.InferenceServerClient(url, channel_args=channel_args(fast_reconnect=fast_reconnect))
+    return grpcclient.InferenceServerClient(url, channel_args=channel_args(fast_reconnect=fast_reconnect),
+                                            **(tls.client_kwargs() if tls else {}))
 
 
 def conversation_inputs(rows: np.ndarray | Sequence[str | bytes]) -> list[Any]:

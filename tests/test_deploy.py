@@ -60,8 +60,7 @@ def test_compose_file_validates_and_wires_gpu_triton_to_the_trainer():
     for service in (triton, trainer):
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    published = {p["target"] if isinstance(p, dict) else int(p.split(":")[-1]) for p in triton["ports"]}
-    assert published == {8000, 8001, 8002}
+    assert {int(p.split(":")[-1]) for p in published_ports(triton)} == {8000, 8001, 8002}
     assert any(v.endswith("/model_repository:/models:ro") for v in triton["volumes"])
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"]) and triton["shm_size"]
     assert trainer["depends_on"] == {"triton": {"condition": "service_healthy"}}
@@ -80,11 +79,35 @@ def test_compose_file_validates_and_wires_gpu_triton_to_the_trainer():
     assert services["trainer-cpu"]["depends_on"] == {"triton-cpu": {"condition": "service_healthy"}}
 
 
+def published_ports(service: dict) -> set[str]:
+    """"address:published:target" of each port (docker-compose v1 writes them as strings, v2 as mappings)."""
+    return {f"{p['host_ip']}:{p['published']}:{p['target']}" if isinstance(p, dict) else p.removesuffix("/tcp")
+            for p in service["ports"]}
+
+
 def test_compose_environment_overrides_are_honoured():
     services = compose_config("TEMPLAR_CONFIG=configs/mine.yaml", "TRITON_GRPC_PORT=9001")["services"]
     assert services["trainer"]["command"][:4] == ["templar", "train", "--config", "configs/mine.yaml"]
-    assert any(str(p.get("published") if isinstance(p, dict) else p).startswith("9001")
-               for p in services["triton"]["ports"])
+    assert "127.0.0.1:9001:8001" in published_ports(services["triton"])
+    exposed = compose_config("TEMPLAR_PUBLISH_ADDRESS=0.0.0.0")["services"]
+    assert published_ports(exposed["triton-cpu"]) == {f"0.0.0.0:{p}:{p}" for p in (8000, 8001, 8002)}
+
+
+def test_compose_publishes_on_loopback_and_locks_triton_admin_protocols():
+    services = compose_config()["services"]
+    for name in ("triton", "triton-cpu"):
+        assert published_ports(services[name]) == {f"127.0.0.1:{p}:{p}" for p in (8000, 8001, 8002)}, name
+    # the GPU service's start line, as its shell runs it (compose turns $$ into $), with `echo` for tritonserver
+    line = services["triton"]["command"][2].replace("$$", "$").replace("exec tritonserver", "exec echo")
+    for env, key in ((["TEMPLAR_ADMIN_KEY="], r"[0-9a-f]{48}"), (["TEMPLAR_ADMIN_KEY=mine-0123456789abcdef"],
+                                                                "mine-0123456789abcdef")):
+        args = subprocess.run(["env", *env, "sh", "-c", line], capture_output=True, text=True, check=True).stdout
+        protocols = "model-repository,logging,trace,shared-memory:templar-admin-key="
+        assert re.search(f"--grpc-restricted-protocol={protocols}({key}) --http-restricted-api={protocols}\\1$",
+                         args.strip()), args
+    assert "--model-control-mode" not in services["triton"]["command"][2]  # Triton's default: none
+    for name in ("triton", "triton-cpu"):
+        assert "TEMPLAR_ADMIN_KEY" in services[name]["environment"]
 
 
 def _local(command: list[str], paths: dict[str, str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import shutil
@@ -26,11 +27,13 @@ pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the 
 
 
 class ServeProcess:
-    def __init__(self, repo: Path, ports: dict[str, int] | None = None, extra: tuple[str, ...] = ()):
+    def __init__(self, repo: Path, ports: dict[str, int] | None = None, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.ports = ports or dict(zip(("grpc", "http", "metrics"), free_ports(3)))
         args = [sys.executable, "-m", "templar.cli", "serve", "--repo", str(repo)]
         args += [a for kind, port in self.ports.items() for a in (f"--{kind}-port", str(port))] + list(extra)
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, **(env or {})})
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()

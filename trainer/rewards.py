@@ -81,7 +81,8 @@ class RewardModels:
         self.ensemble = RewardEnsemble(
             [WeightedModel(rm.name, rm.weight) for rm in config.models], endpoints,
             rows_per_request=config.rows_per_request, max_in_flight=config.max_in_flight,
-            request_timeout_s=config.request_timeout_s, max_attempts=config.max_attempts)
+            request_timeout_s=config.request_timeout_s, max_attempts=config.max_attempts, tls=config.tls,
+            tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key)
         self.normalizers = {rm.name: RunningMoments() for rm in config.models if rm.normalize}
 
     def connect(self) -> dict[str, dict[str, str]]:
