@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 import jinja2.nodes
 
-from templar.conversation import Conversation, ConversationError
+from templar.conversation import RESERVED_TEMPLATE_KWARGS, Conversation, ConversationError
 from templar.errors import ConfigError
 from templar.fingerprints import sha256_text
 
@@ -75,6 +75,8 @@ class ChatFormat:
         self.max_length = max_length
         self.special_tokens = special_tokens
         self.control_tokens = self._find_control_tokens()
+        # what a client's template_kwargs may not set: besides the usual names, this tokenizer's own special tokens
+        self.reserved_kwargs = RESERVED_TEMPLATE_KWARGS | set(tokenizer.special_tokens_map)
         # Pinning the list makes transformers' sanitizer escape exactly the tokens we detect.
         tokenizer.chat_control_tokens = list(self.control_tokens)
         longest_first = sorted(self.control_tokens, key=len, reverse=True)
@@ -116,6 +118,9 @@ class ChatFormat:
 
     # -- rendering ------------------------------------------------------------------------------------------------
     def _kwargs(self, conversation: Conversation) -> dict[str, Any]:
+        reserved = sorted(self.reserved_kwargs & set(conversation.template_kwargs))
+        if reserved:
+            raise ConversationError(f"'template_kwargs' may not set {', '.join(reserved)}")
         return {**self.template_kwargs, **conversation.template_kwargs}
 
     def render(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> str:

@@ -24,6 +24,8 @@ COMMANDS = {
     "loadtest": ("templar.tools.loadtest", "gRPC load test of a served reward model at several concurrency levels"),
     "gateway": ("templar.tools.gateway", "OpenRLHF's remote reward server on Triton-served RMs (each with its own "
                 "chat template)"),
+    "hostile": ("templar.tools.hostile", "hostile-input campaign against a served RM: every row answered as it is "
+                "alone, no request failed whole"),
     "bench-gateway": ("templar.tools.bench_gateway", "the OpenRLHF gateway (one row per request) vs the direct gRPC "
                       "client on one RM"),
     "bench": ("templar.tools.bench", "Templar vs in-process ONNX Runtime, in-process torch and an OpenRLHF-style "

@@ -197,3 +197,13 @@ def test_stop_tokens_when_eos_is_not_the_end_of_turn(assets, tmp_path, family, b
     assert chat.tokenizer.eos_token == base_eos
     names = chat.tokenizer.convert_ids_to_tokens(chat.stop_token_ids())
     assert set(names) == {base_eos, END_OF_TURN[family]}
+
+
+def test_template_kwargs_may_not_set_this_tokenizers_own_special_tokens(formats):
+    gemma = formats["gemma3"]
+    assert "image_token" in gemma.tokenizer.special_tokens_map  # a name only some tokenizers have
+    row = Conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                       template_kwargs={"image_token": "<start_of_turn>"})
+    for call in (gemma.tokenize, gemma.render):
+        with pytest.raises(ConversationError, match="may not set image_token"):
+            call(row)

@@ -56,6 +56,19 @@ def add_arguments(parser) -> None:
                         help="max |tensorrt - torch| allowed (default 1e-3, or 5e-2 with --gpu-fp16)")
     parser.add_argument("--opset", type=int, default=ExportOptions.opset, help="(default: %(default)s)")
     parser.add_argument("--gpu-fp16", action="store_true", help="the same as --precision fp16")
+    limits = parser.add_argument_group("limits against hostile input (docs/reliability.md)")
+    d = EntrySettings()
+    limits.add_argument("--max-row-bytes", type=int, default=d.max_row_bytes,
+                        help="bytes of one conversation row; larger rows get a per-row error (default: %(default)s)")
+    limits.add_argument("--max-messages", type=int, default=d.max_messages,
+                        help="messages in one row (default: %(default)s)")
+    limits.add_argument("--max-json-depth", type=int, default=d.max_json_depth,
+                        help="JSON nesting of one row (default: %(default)s)")
+    limits.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                        help="all rows of one request; a larger request is refused whole (default: %(default)s)")
+    limits.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
+                        help="requests waiting for the RM; more are refused at once (UNAVAILABLE) so clients back "
+                             "off instead of queueing without end; 0 = unbounded (default: %(default)s)")
     parser.add_argument("--skip-resource-check", action="store_true",
                         help="do not refuse up front when memory or disk look too small")
 
@@ -68,6 +81,10 @@ def main(args) -> int:
                          trust_remote_code=args.trust_remote_code,
                          precision="fp16" if args.gpu_fp16 else args.precision, tolerance=args.tolerance,
                          engine_tolerance=args.engine_tolerance, opset=args.opset,
-                         check_resources=not args.skip_resource_check, settings=EntrySettings())
+                         check_resources=not args.skip_resource_check,
+                         settings=EntrySettings(max_row_bytes=args.max_row_bytes, max_messages=args.max_messages,
+                                                max_json_depth=args.max_json_depth,
+                                                max_request_bytes=args.max_request_bytes,
+                                                max_queue_size=args.max_queue_size))
     export_reward_model(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0

@@ -50,6 +50,14 @@ class EntrySettings:
     intra_op_threads: int = 0  # ONNX Runtime threads in the CPU scorer; 0 = one per physical core
     intra_op_spinning: bool = False  # busy-waiting between runs burns CPU a trainer on the same cores could use
     gpu_fp16: bool = False  # GPU container: TensorRT execution accelerator in FP16 instead of CUDA FP32
+    # Guards against hostile input (docs/reliability.md). A row past a limit gets a per-row error naming it; a request
+    # past max_request_bytes is refused whole; past max_queue_size queued requests, new ones are refused at once
+    # (UNAVAILABLE, which the reward client backs off from) instead of queueing without end.
+    max_row_bytes: int = 1 << 20  # UTF-8 bytes of one conversation row (tokenizing 1 MiB takes ~0.5-0.75 s)
+    max_messages: int = 1024  # messages in one row
+    max_json_depth: int = 64  # JSON nesting of one row
+    max_request_bytes: int = 32 << 20  # all rows of one request together
+    max_queue_size: int = 64  # requests waiting for the entry model; 0 = unbounded
 
 
 @dataclass
@@ -90,8 +98,17 @@ def _instances(kind: str, count: int) -> str:
     return f"instance_group [ {{ kind: {kind} count: {count} }} ]\n"
 
 
-def _dynamic_batching(delay_us: int) -> str:
-    return f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
+def _dynamic_batching(delay_us: int, max_queue_size: int = 0) -> str:
+    policy = ""
+    if max_queue_size:  # a full queue refuses new requests at once rather than letting them wait without end
+        policy = f" default_queue_policy {{ max_queue_size: {max_queue_size} }}"
+    return f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us}{policy} }}\n"
+
+
+def row_limit_parameters(settings: EntrySettings) -> dict[str, str]:
+    """The preprocessing model's row limits (templar.conversation.RowLimits), as config parameters."""
+    return {"max_row_bytes": str(settings.max_row_bytes), "max_messages": str(settings.max_messages),
+            "max_json_depth": str(settings.max_json_depth)}
 
 
 def scorer_signature(entry: RewardModelEntry) -> contract.Signature:
@@ -104,7 +121,7 @@ def entry_config(entry: RewardModelEntry) -> str:
     ids_type = scorer_signature(entry).inputs[0].dtype.numpy
     return (
         _header(entry.name, contract.ENTRY, s.max_batch_size, 'backend: "python"')
-        + _instances("KIND_CPU", s.entry_instances) + _dynamic_batching(s.queue_delay_us)
+        + _instances("KIND_CPU", s.entry_instances) + _dynamic_batching(s.queue_delay_us, s.max_queue_size)
         + _params({
             **entry.parameters,
             "preprocess_model": contract.preprocess_model_name(entry.name),
@@ -114,6 +131,7 @@ def entry_config(entry: RewardModelEntry) -> str:
             "micro_batch_tokens": str(s.micro_batch_tokens),
             "micro_batch_max_padding": "" if s.micro_batch_max_padding is None else str(s.micro_batch_max_padding),
             "scoring_ids_dtype": np.dtype(ids_type).name,  # what `<rm>_model` takes (its config says the same)
+            "max_request_bytes": str(s.max_request_bytes),
         })
     )
 
@@ -122,7 +140,8 @@ def preprocess_config(entry: RewardModelEntry) -> str:
     s = entry.settings
     return (_header(contract.preprocess_model_name(entry.name), contract.PREPROCESS, s.max_batch_size,
                     'backend: "python"')
-            + _instances("KIND_CPU", s.preprocess_instances) + _params(entry.parameters))
+            + _instances("KIND_CPU", s.preprocess_instances)
+            + _params({**entry.parameters, **row_limit_parameters(s)}))
 
 
 def scorer_config_gpu(entry: RewardModelEntry) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from templar import contract
 from templar.chat_format import ChatFormat
-from templar.conversation import ConversationError, parse_conversation
+from templar.conversation import DEFAULT_LIMITS, ConversationError, RowLimits, parse_conversation
 
 # Counters the entry model exports on Triton's metrics endpoint (per model): padding waste = 1 - tokens / slots.
 METRIC_TOKENS = "templar_scored_tokens_total"  # real tokens scored
@@ -73,8 +73,18 @@ def load_chat_format(folder: str | os.PathLike, params: Mapping[str, str]) -> tu
     return chat_format, 0 if pad is None else int(pad)
 
 
+def row_limits(params: Mapping[str, str]) -> RowLimits:
+    """The row limits a preprocessing model's config records (the defaults for configs written before them)."""
+    def get(key: str, default: int) -> int:
+        return int(params.get(key) or default)
+
+    return RowLimits(max_bytes=get("max_row_bytes", DEFAULT_LIMITS.max_bytes),
+                     max_messages=get("max_messages", DEFAULT_LIMITS.max_messages),
+                     max_depth=get("max_json_depth", DEFAULT_LIMITS.max_depth))
+
+
 def preprocess_rows(chat_format: ChatFormat, rows: Sequence[bytes | str], *, pad_id: int = 0,
-                    want_text: bool = False) -> PreprocessedBatch:
+                    want_text: bool = False, limits: RowLimits = DEFAULT_LIMITS) -> PreprocessedBatch:
     ids_per_row: list[list[int]] = []
     status: list[str] = []
     truncated = np.zeros(len(rows), dtype=bool)
@@ -83,7 +93,7 @@ def preprocess_rows(chat_format: ChatFormat, rows: Sequence[bytes | str], *, pad
         ids: list[int] = []
         text = ""
         try:
-            conversation = parse_conversation(row)
+            conversation = parse_conversation(row, limits)
             tokenized = chat_format.tokenize(conversation)
             ids = tokenized.input_ids
             truncated[i] = tokenized.truncated

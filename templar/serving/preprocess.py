@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.fingerprints import fingerprint_tokenizer_dir
-from templar.serving.batching import load_chat_format, preprocess_rows
+from templar.serving.batching import load_chat_format, preprocess_rows, row_limits
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
@@ -23,6 +23,7 @@ class TritonPythonModel:
         self.dtypes = output_dtypes(args)
         folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         self.chat_format, self.pad_id = load_chat_format(folder, params)
+        self.limits = row_limits(params)
         expected = {contract.PARAM_TEMPLATE_SHA256: self.chat_format.template_sha256,
                     contract.PARAM_TOKENIZER_SHA256: fingerprint_tokenizer_dir(folder)}
         for key, actual in expected.items():
@@ -35,7 +36,8 @@ class TritonPythonModel:
         for request in requests:
             rows = pb_utils.get_input_tensor_by_name(request, contract.CONVERSATION).as_numpy().reshape(-1)
             want_text = contract.TEXT in request.requested_output_names()
-            batch = preprocess_rows(self.chat_format, list(rows), pad_id=self.pad_id, want_text=want_text)
+            batch = preprocess_rows(self.chat_format, list(rows), pad_id=self.pad_id, want_text=want_text,
+                                    limits=self.limits)
             values = {contract.INPUT_IDS: batch.input_ids, contract.ATTENTION_MASK: batch.attention_mask,
                       contract.STATUS: contract.encode_strings(batch.status),
                       contract.NUM_TOKENS: batch.num_tokens.reshape(-1, 1),

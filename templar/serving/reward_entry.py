@@ -17,6 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
+from templar.export.repository import EntrySettings
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS, PreprocessedBatch, score_in_micro_batches
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
@@ -32,6 +33,7 @@ class TritonPythonModel:
         self.micro_batch_tokens = int(params["micro_batch_tokens"])
         padding = params.get("micro_batch_max_padding", "")
         self.micro_batch_max_padding = float(padding) if padding else None
+        self.max_request_bytes = int(params.get("max_request_bytes") or EntrySettings.max_request_bytes)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         # The families must outlive their metrics (the stub says so), hence both are kept on the instance.
         self._metric_families = [
@@ -45,30 +47,42 @@ class TritonPythonModel:
         self.scoring_ids_dtype = np.dtype(params.get("scoring_ids_dtype", "int64"))
 
     def execute(self, requests):
-        row_counts, rows = [], []
-        for request in requests:
+        """All rows of all requests of this dynamic batch scored together; a request past max_request_bytes is
+        refused alone (its neighbours are scored)."""
+        responses: list = [None] * len(requests)
+        accepted, rows = [], []
+        for i, request in enumerate(requests):
             conversations = pb_utils.get_input_tensor_by_name(request, contract.CONVERSATION).as_numpy().reshape(-1)
-            row_counts.append(len(conversations))
+            size = sum(len(row) for row in conversations)
+            if size > self.max_request_bytes:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"request is {size} bytes of conversations, over the limit of {self.max_request_bytes} "
+                    "(max_request_bytes): send fewer or smaller rows per request", pb_utils.TritonError.INVALID_ARG))
+                continue
+            accepted.append((i, len(conversations)))
             rows.append(conversations)
+        if not accepted:
+            return responses
         try:
             batch = self._preprocess(np.concatenate(rows))
         except _ModelFailure as exc:
-            error = pb_utils.TritonError(str(exc))
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+            for i, _ in accepted:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+            return responses
         scored = score_in_micro_batches(batch, self._score, max_rows=self.micro_batch_rows,
                                         max_tokens=self.micro_batch_tokens, max_padding=self.micro_batch_max_padding)
         self.tokens_metric.increment(float(scored.tokens))
         self.slots_metric.increment(float(scored.slots))
 
-        responses, start = [], 0
-        for count in row_counts:
+        start = 0
+        for i, count in accepted:
             part = slice(start, start + count)
             start += count
             values = {contract.SCORE: scored.scores[part], contract.STATUS: contract.encode_strings(batch.status[part]),
                       contract.NUM_TOKENS: batch.num_tokens[part], contract.TRUNCATED: batch.truncated[part]}
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(name, value.reshape(-1, 1).astype(self.dtypes[name], copy=False))
-                for name, value in values.items()]))
+                for name, value in values.items()])
         return responses
 
     def _preprocess(self, rows: np.ndarray) -> PreprocessedBatch:
