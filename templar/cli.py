@@ -24,6 +24,7 @@ COMMANDS = {
     "loadtest": ("templar.tools.loadtest", "gRPC load test of a served reward model at several concurrency levels"),
     "gateway": ("templar.tools.gateway", "OpenRLHF's remote reward server on Triton-served RMs (each with its own "
                 "chat template)"),
+    "soak": ("templar.tools.soak", "long load test at one concurrency: latency, memory and descriptors per window"),
     "hostile": ("templar.tools.hostile", "hostile-input campaign against a served RM: every row answered as it is "
                 "alone, no request failed whole"),
     "bench-gateway": ("templar.tools.bench_gateway", "the OpenRLHF gateway (one row per request) vs the direct gRPC "
