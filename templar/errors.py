@@ -7,7 +7,8 @@ asset, a server that cannot be reached) is a TemplarError whose message says wha
     ├── DataError          input data: prompt files, conversation files, wire rows (ConversationError)
     ├── ExportError        a reward model that cannot be exported (TensorRTUnavailable)
     ├── AssetError         a tokenizer or template that cannot be fetched or verified
-    └── ServingError       a reward server that cannot start or be reached (ServerError, RewardServerError)
+    ├── ServingError       a reward server that cannot start or be reached (ServerError, RewardServerError)
+    └── CheckpointError    a training checkpoint that cannot be written (a full disk) or is not complete
 """
 
 from __future__ import annotations
@@ -35,3 +36,8 @@ class AssetError(TemplarError, RuntimeError):
 
 class ServingError(TemplarError, RuntimeError):
     """A reward server could not start, stopped unexpectedly, or cannot be reached."""
+
+
+class CheckpointError(TemplarError, RuntimeError):
+    """A checkpoint could not be written (the previous one is left intact) or is not complete; the message names the
+    folder and says why."""

@@ -4,18 +4,43 @@ PNG of the reward, KL and loss curves at the end (OUTPUT_DIR/curves.png). Only r
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
+
+log = logging.getLogger("templar.trainer")
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a JSONL line; None for a line that is not a whole JSON object with a step (the last line of a run
+    killed mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def restart_jsonl(path: Path, resume_after_step: int | None) -> None:
-    """A fresh run starts the file anew; a resumed one drops the steps logged after its checkpoint (they are redone)."""
+    """A fresh run starts the file anew; a resumed one drops the steps logged after its checkpoint (they are redone)
+    and any torn line. The file is replaced by a rename, so a kill meanwhile leaves the old one."""
     if resume_after_step is None:
         path.unlink(missing_ok=True)
     elif path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_after_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            step = _step_of(line)
+            if step is None:
+                dropped += 1
+            elif step <= resume_after_step:
+                kept.append(line)
+        if dropped:
+            log.warning("%s: dropped %d torn line(s) (a run killed while writing it)", path, dropped)
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(partial, path)
 
 
 class MetricsLog:

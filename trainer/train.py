@@ -34,12 +34,13 @@ from templar.conversation import Messages
 from templar.errors import ConfigError
 from templar.trainer import ppo
 from templar.trainer.actor import Rollout, generate, response_logprobs, response_values
-from templar.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from templar.trainer.checkpoint import latest_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint
 from templar.trainer.config import TrainConfig, to_dict
 from templar.trainer.data import PromptStream, load_prompts
 from templar.trainer.distributed import (World, allreduce_sum, barrier, gather_objects, init_distributed, make_engine,
                                          parameters_sha256, rng_state, run_on_main, set_rng_state)
-from templar.trainer.metrics import MetricsLog, plot_curves
+from templar.trainer.faults import maybe_die
+from templar.trainer.metrics import MetricsLog, plot_curves, restart_jsonl
 from templar.trainer.models import load_actor, load_critic, load_reference
 from templar.trainer.reward_server import reward_endpoints
 from templar.trainer.rewards import RewardBatch, RewardModels, record_unscored, reward_conversations
@@ -118,6 +119,7 @@ class PPOTrainer:
         synced = self.config.deepspeed.zero_stage == 3 and self.world.size > 1
         rollout = generate(self.actor.module, self.actor_chat, prompts, self.config.generation, self.stop_ids,
                            self.pad_id, synced_gpus=synced)
+        maybe_die("rollout", step)  # testing hooks (templar.trainer.faults): a SIGKILL here when asked
         # 2. Every RM scores the structured conversation with its own template, in the background ...
         conversations = reward_conversations(prompts, rollout.texts)
         pending = self.rewards.submit(conversations)
@@ -125,10 +127,12 @@ class PPOTrainer:
         old = self.evaluate(rollout)
         # 4. Wait for the rewards; rows that could not be scored are masked out of the update.
         scored = self.collect(step, conversations, rollout, pending)
+        maybe_die("scoring", step)
         # 5. Per-token rewards (KL penalty, score at the last token), GAE, whitening.
         advantages, returns, kl = self.advantages(scored, old)
         # 6. PPO epochs over minibatches.
         losses = self.update(rollout, old, advantages, returns, scored.mask)
+        maybe_die("update", step)
         # 7. KL controller and metrics (summed over ranks).
         return self.metrics(rollout, scored, kl, losses, time.perf_counter() - started)
 
@@ -258,11 +262,17 @@ def _prepare(config: TrainConfig, world: World, resume: bool) -> tuple[Path, Pat
     _setup_logging(output_dir, world)
     if world.is_main:
         (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    checkpoint = latest_checkpoint(output_dir) if resume else None
+    checkpoint = run_on_main(world, lambda: _resume_point(output_dir, resume))
     if resume and checkpoint is None:
-        raise ConfigError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; run without --resume to start "
-                          "a new run")
+        raise ConfigError(f"--resume: no checkpoint in {output_dir / 'checkpoints'} (none complete); run without "
+                          "--resume to start a new run")
     return output_dir, checkpoint
+
+
+def _resume_point(output_dir: Path, resume: bool) -> Path | None:
+    """Rank 0: clear what an interrupted checkpoint save left behind; the newest complete checkpoint if resuming."""
+    remove_leftovers(output_dir)
+    return latest_checkpoint(output_dir) if resume else None
 
 
 def check_inputs(config: TrainConfig, output_dir: Path) -> tuple[ModelSources, list[Messages]]:
@@ -311,24 +321,28 @@ def _run_steps(trainer: PPOTrainer, config: TrainConfig, world: World, start: in
     from tqdm import tqdm
 
     output_dir = Path(config.output_dir)
-    metrics_log = MetricsLog(output_dir, world.is_main, resume_after_step=start - 1 if resumed else None)
+    after = start - 1 if resumed else None  # a resumed run redoes the steps logged after its checkpoint
+    restart_jsonl(output_dir / f"unscored.rank{world.rank}.jsonl", after)  # every rank writes its own
+    metrics_log = MetricsLog(output_dir, world.is_main, resume_after_step=after)  # metrics.jsonl, samples.jsonl
     progress = tqdm(total=config.steps, initial=start - 1, desc="ppo", unit="step", disable=not world.is_main,
                     dynamic_ncols=True)
     last_saved = step = start - 1
-    for step in range(start, config.steps + 1):
-        metrics = trainer.step(step)
-        metrics_log.log(step, metrics)
-        progress.update(1)
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
-                             s_per_step=f"{metrics['step_time_s']:.1f}")
-        stopping = allreduce_sum(np.array([float(stop["requested"])]))[0] > 0
-        if step % config.save_every == 0 or step == config.steps or stopping:
-            save_checkpoint(output_dir, step, trainer.engines, trainer.state_dict(step), world)
-            last_saved = step
-        if stopping:
-            break
-    progress.close()
-    metrics_log.close()
+    try:
+        for step in range(start, config.steps + 1):
+            metrics = trainer.step(step)
+            metrics_log.log(step, metrics)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl_mean']:.3f}",
+                                 s_per_step=f"{metrics['step_time_s']:.1f}")
+            stopping = allreduce_sum(np.array([float(stop["requested"])]))[0] > 0
+            if step % config.save_every == 0 or step == config.steps or stopping:
+                save_checkpoint(output_dir, step, trainer.engines, trainer.state_dict(step), world)
+                last_saved = step
+            if stopping:
+                break
+    finally:
+        progress.close()
+        metrics_log.close()
     if last_saved < step:
         save_checkpoint(output_dir, step, trainer.engines, trainer.state_dict(step), world)
     return step
