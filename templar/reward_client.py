@@ -5,7 +5,8 @@ scores through it; so do `templar score`, the integrations and any user code.
 - gives every attempt an end-to-end deadline (`request_timeout_s`);
 - retries with exponential backoff and full jitter, but only on UNAVAILABLE, DEADLINE_EXCEEDED and
   RESOURCE_EXHAUSTED (anything else is a real answer: retrying it would only repeat it);
-- spreads requests over several endpoints by least outstanding requests and fails over when one goes away;
+- spreads requests over several endpoints by least outstanding requests and fails over when one goes away or
+  hangs (UNAVAILABLE or DEADLINE_EXCEEDED cools the endpoint down for `endpoint_cooldown_s`, then it is tried again);
 - reads the RM's fingerprints (template and tokenizer sha256) on connect, logs them, and refuses replicas that
   serve different RMs under one name;
 - never invents a reward: a row that still fails gets NaN and a status saying why.
@@ -32,6 +33,7 @@ from templar.errors import ConfigError, ServingError
 log = logging.getLogger("templar.reward_client")
 
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
+COOL_DOWN = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})  # the endpoint is gone or hung: try the others first
 UNREACHED_PREFIXES = ("no reward endpoint serves", "reward request failed after")  # statuses of rows never scored
 
 
@@ -59,7 +61,7 @@ class RewardClientConfig:
     max_attempts: int = 6  # first attempt + retries, per request
     backoff_base_s: float = 0.25  # retry k sleeps uniform(0, min(backoff_max_s, backoff_base_s * 2**k))
     backoff_max_s: float = 8.0
-    endpoint_cooldown_s: float = 2.0  # an endpoint that answered UNAVAILABLE is avoided for this long
+    endpoint_cooldown_s: float = 2.0  # an endpoint that was UNAVAILABLE or missed a deadline is avoided this long
     connect_timeout_s: float = 30.0  # connect(): how long to wait for at least one endpoint to be ready
     compression: str | None = None  # "gzip" or "deflate" for large conversations over slow links
     headers: dict[str, str] = field(default_factory=dict)  # sent with every call (e.g. a proxy's auth header)
@@ -94,6 +96,8 @@ class _Endpoint:
     client: Any
     outstanding: int = 0
     down_until: float = 0.0
+    answered: int = 0  # requests it answered
+    failed: int = 0  # attempts that ended in an error there (unreachable, too slow, overloaded, refused)
 
 
 class RewardClient:
@@ -241,6 +245,11 @@ class RewardClient:
         candidates = [e for e in healthy if e.outstanding == fewest]
         return candidates[self._rr % len(candidates)]
 
+    def endpoint_stats(self) -> dict[str, dict[str, int]]:
+        """Per endpoint: requests answered, attempts that failed there, requests outstanding now."""
+        return {e.url: {"answered": e.answered, "failed": e.failed, "outstanding": e.outstanding}
+                for e in self._endpoints}
+
     def _has_other_healthy(self, endpoint: _Endpoint) -> bool:
         now = time.monotonic()
         return any(e is not endpoint and e.down_until <= now for e in self._endpoints)
@@ -289,17 +298,19 @@ class RewardClient:
                     self.config.model, wire.conversation_inputs(data), outputs=wire.requested_outputs(),
                     client_timeout=self.config.request_timeout_s, headers=self.config.headers or None,
                     compression_algorithm=self.config.compression)
+                endpoint.answered += 1
                 return wire.decode_entry(result), attempt
             except Exception as exc:  # noqa: BLE001 - classified below; never lost
                 code = wire.status_code(exc)
                 last_error = f"{code}: {wire.error_message(exc)}"
+                endpoint.failed += 1
                 if code not in RETRYABLE:
                     break
-                if code == "UNAVAILABLE":
+                if code in COOL_DOWN:  # gone, or hung (a stopped process answers nothing): avoid it for a while
                     endpoint.down_until = time.monotonic() + self.config.endpoint_cooldown_s
                 if attempt < self.config.max_attempts:
-                    if code == "UNAVAILABLE" and self._has_other_healthy(endpoint):
-                        log.info("reward endpoint %s unavailable, failing over", endpoint.url)
+                    if code in COOL_DOWN and self._has_other_healthy(endpoint):
+                        log.info("reward endpoint %s: %s, failing over", endpoint.url, code)
                         continue
                     delay = random.uniform(0, min(self.config.backoff_max_s,
                                                   self.config.backoff_base_s * 2 ** (attempt - 1)))

@@ -86,6 +86,8 @@ class LevelResult:
     errors: dict[str, int]  # gRPC code -> failed requests
     error_examples: dict[str, str]  # gRPC code / row error -> one message
     server: dict[str, Any] = field(default_factory=dict)
+    # how fast failed requests failed: an overloaded server that sheds load (a full queue) answers at once
+    error_latency_ms: dict[str, float | None] = field(default_factory=dict)
 
 
 # -- building requests ----------------------------------------------------------------------------------------------
@@ -253,6 +255,11 @@ def summarise(concurrency: int, outcomes: Sequence[RequestOutcome], wall_s: floa
     tokens = int(sum(int(o.num_tokens.sum()) for o in ok))
     latencies = np.array([o.latency_s for o in ok]) * 1e3
     pct = (lambda q: round(float(np.percentile(latencies, q)), 2)) if len(latencies) else (lambda q: None)
+    failed = np.array([o.latency_s for o in outcomes if o.code != "OK"]) * 1e3
+    error_latency = {}
+    if len(failed):
+        error_latency = {"p50": round(float(np.percentile(failed, 50)), 2),
+                         "p99": round(float(np.percentile(failed, 99)), 2), "max": round(float(failed.max()), 2)}
     return LevelResult(
         concurrency=concurrency, requests=len(outcomes), ok_requests=len(ok), conversations=rows,
         ok_rows=rows - len(bad_rows), row_errors=len(bad_rows), wall_s=wall_s,
@@ -261,7 +268,7 @@ def summarise(concurrency: int, outcomes: Sequence[RequestOutcome], wall_s: floa
         latency_ms={"p50": pct(50), "p95": pct(95), "p99": pct(99),
                     "mean": round(float(latencies.mean()), 2) if len(latencies) else None,
                     "max": round(float(latencies.max()), 2) if len(latencies) else None},
-        errors=dict(errors), error_examples=examples)
+        errors=dict(errors), error_examples=examples, error_latency_ms=error_latency)
 
 
 async def run_level(client, opts: LoadTestOptions, payloads: Sequence[np.ndarray], concurrency: int,
@@ -335,7 +342,8 @@ async def run_async(opts: LoadTestOptions, log: Callable[[str], None]) -> dict[s
             levels.append(level)
             latency = level.latency_ms
             log(f"concurrency {concurrency:>3}: {level.conversations_per_s:8.2f} conv/s  {level.requests_per_s:7.2f} "
-                f"req/s  p50 {latency['p50']} ms  p99 {latency['p99']} ms  errors {level.errors or 0}  "
+                f"req/s  p50 {latency['p50']} ms  p99 {latency['p99']} ms  errors {level.errors or 0}"
+                + (f" (failed in p99 {level.error_latency_ms['p99']} ms)" if level.errors else "") + "  "
                 f"row errors {level.row_errors}")
     finally:
         await client.close()

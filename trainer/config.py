@@ -63,7 +63,9 @@ class RewardConfig:
     rows_per_request: int = 16
     max_in_flight: int = 4
     request_timeout_s: float = 120.0
-    max_attempts: int = 6  # a row that still fails is masked out of the update and counted in failed_rows
+    # attempts per request, with backoff (~20 s in all at 10): enough to wait out a restart of the embedded server
+    # (7-9 s measured); a row that still fails is masked out of the update and counted in failed_rows
+    max_attempts: int = 10
     tls: bool = False  # reward.url over TLS (a server started with `templar serve --tls-cert/--tls-key`)
     tls_ca: str | None = None  # PEM file of the CA that signed the server's certificate; None = the system's roots
     tls_cert: str | None = None  # this client's certificate, for a server that demands one (mutual TLS)

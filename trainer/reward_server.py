@@ -1,5 +1,6 @@
 """Where the trainer's rewards come from: `reward.url` (a running Triton), or by default an embedded Triton that
-rank 0 starts on `reward.repo` after exporting the configured RMs into it, and stops at the end."""
+rank 0 starts on `reward.repo` after exporting the configured RMs into it, keeps serving (restarted when it or a
+model's stub dies: templar.supervisor) and stops at the end."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 from templar.embedded_server import EmbeddedTriton, free_server_ports
 from templar.errors import ConfigError
 from templar.export.exporter import ExportOptions, export_reward_model, is_exported
+from templar.supervisor import SupervisedTriton
 from templar.trainer.config import TrainConfig
 from templar.trainer.distributed import World, barrier, run_on_main
 from templar.trainer.sources import resolve_source
 
 log = logging.getLogger("templar.trainer")
+EVENTS_FILE = "reward_server_events.jsonl"  # the embedded server's restarts, one JSON line each
 
 
 def export_options(config: TrainConfig, output_dir: Path) -> list[ExportOptions]:
@@ -52,15 +55,16 @@ def reward_endpoints(config: TrainConfig, world: World, output_dir: Path) -> Ite
     if config.reward.url:
         yield [u.strip() for u in config.reward.url.split(",")]
         return
-    box: dict[str, EmbeddedTriton] = {}
+    box: dict[str, SupervisedTriton] = {}
 
     def start() -> str:
         ensure_exported(config, output_dir)
-        box["server"] = EmbeddedTriton(config.reward.repo, **free_server_ports(),
-                                       log_file=output_dir / "tritonserver.log")
-        box["server"].start(progress=log.info)
-        log.info("embedded Triton serving %s on %s", config.reward.repo, box["server"].grpc_url)
-        return box["server"].grpc_url
+        server = EmbeddedTriton(config.reward.repo, **free_server_ports(), log_file=output_dir / "tritonserver.log")
+        # supervised: restarted on the same ports if it or a model's stub dies (events in the run log and in
+        # reward_server_events.jsonl); the reward clients retry and reconnect to the same address
+        box["server"] = SupervisedTriton(server, events_path=output_dir / EVENTS_FILE).start(progress=log.info)
+        log.info("embedded Triton serving %s on %s", config.reward.repo, server.grpc_url)
+        return server.grpc_url
 
     try:
         url = run_on_main(world, start)
@@ -69,3 +73,6 @@ def reward_endpoints(config: TrainConfig, world: World, output_dir: Path) -> Ite
     finally:
         if "server" in box:
             box["server"].stop()
+            if box["server"].events:
+                log.info("embedded Triton: %d restart(s) during the run%s", box["server"].restarts,
+                         " (gave up restarting it)" if box["server"].gave_up else "")
