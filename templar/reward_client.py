@@ -9,6 +9,8 @@ scores through it; so do `templar score`, the integrations and any user code.
   hangs (UNAVAILABLE or DEADLINE_EXCEEDED cools the endpoint down for `endpoint_cooldown_s`, then it is tried again);
 - reads the RM's fingerprints (template and tokenizer sha256) on connect, logs them, and refuses replicas that
   serve different RMs under one name;
+- backs off when a server sheds load (its queue is full): fewer requests in flight (`InFlightWindow`, halved on
+  overload, grown back by one per window of answers) and a retry after a jittered wait, instead of hammering it;
 - never invents a reward: a row that still fails gets NaN and a status saying why.
 """
 
@@ -34,6 +36,9 @@ log = logging.getLogger("templar.reward_client")
 
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
 COOL_DOWN = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})  # the endpoint is gone or hung: try the others first
+# What Triton answers when a model's queue is full (dynamic_batching default_queue_policy max_queue_size): the server
+# is alive and shedding load, so the client slows down rather than avoiding the endpoint.
+OVERLOAD_MESSAGES = ("Exceeds maximum queue size",)
 UNREACHED_PREFIXES = ("no reward endpoint serves", "reward request failed after")  # statuses of rows never scored
 
 
@@ -41,6 +46,43 @@ def unreached(status: str) -> bool:
     """The row failed because the reward server could not be reached or did not answer in time (worth trying again
     later), not because of what the row holds."""
     return status.removeprefix(contract.ERROR_PREFIX).startswith(UNREACHED_PREFIXES)
+
+
+def overloaded(code: str, message: str) -> bool:
+    """A server that sheds load (RESOURCE_EXHAUSTED, or UNAVAILABLE because its queue is full)."""
+    return code == "RESOURCE_EXHAUSTED" or (code == "UNAVAILABLE" and any(m in message for m in OVERLOAD_MESSAGES))
+
+
+class InFlightWindow:
+    """How many requests may be in flight at once: starts at `limit`; an overloaded answer halves it (at most once per
+    `cooldown_s`, so one burst of refusals counts once); each answered request grows it by 1/size, i.e. by one per
+    window of answers (additive increase, multiplicative decrease, as TCP does)."""
+
+    def __init__(self, limit: int, cooldown_s: float = 1.0) -> None:
+        self.limit = limit
+        self.size = float(limit)
+        self.in_flight = 0
+        self.cooldown_s = cooldown_s
+        self.shrunk_at = float("-inf")
+        self._changed: asyncio.Condition | None = None
+
+    async def acquire(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < max(1, int(self.size)))
+            self.in_flight += 1
+
+    async def release(self, overloaded: bool) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            now = time.monotonic()
+            if overloaded and now - self.shrunk_at > self.cooldown_s:
+                self.size, self.shrunk_at = max(1.0, self.size / 2), now
+                log.info("reward server overloaded: at most %d request(s) in flight now", int(self.size))
+            elif not overloaded:
+                self.size = min(float(self.limit), self.size + 1.0 / self.size)
+            self._changed.notify_all()
 
 
 class RewardServerError(ServingError):
@@ -118,6 +160,7 @@ class RewardClient:
         self._thread: threading.Thread | None = None
         self._connected = False
         self._connect_lock: asyncio.Lock | None = None
+        self.window = InFlightWindow(config.max_in_flight)  # shared by every score() call of this client
 
     # -- event loop for the sync API ------------------------------------------------------------------------------
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -285,43 +328,62 @@ class RewardClient:
             attempts=sum(attempts for _, attempts in parts),
         )
 
+    async def _attempt(self, endpoint: _Endpoint, data: np.ndarray):
+        """One gRPC call, inside the in-flight window (released before any backoff wait)."""
+        await self.window.acquire()
+        shed = False
+        try:
+            return await endpoint.client.infer(
+                self.config.model, wire.conversation_inputs(data), outputs=wire.requested_outputs(),
+                client_timeout=self.config.request_timeout_s, headers=self.config.headers or None,
+                compression_algorithm=self.config.compression)
+        except Exception as exc:
+            shed = overloaded(wire.status_code(exc), wire.error_message(exc))
+            raise
+        finally:
+            await self.window.release(shed)
+
     async def _score_chunk(self, rows: list[bytes]) -> tuple[wire.EntryResult, int]:
-        """One request of `rows`, retried as configured; (per-row results, attempts made)."""
+        """One request of `rows`, retried as configured; (per-row results, gRPC attempts made). A refusal from a
+        server that sheds load does not use up an attempt: it is retried (after a wait) until request_timeout_s."""
         data = contract.encode_strings(rows)
         last_error = ""
-        attempt = 0
-        for attempt in range(1, self.config.max_attempts + 1):
+        failures = tries = 0  # failures count against max_attempts; tries are all gRPC calls made
+        shed_until = time.monotonic() + self.config.request_timeout_s
+        while True:
+            tries += 1
             endpoint = self._pick()
             endpoint.outstanding += 1
             try:
-                result = await endpoint.client.infer(
-                    self.config.model, wire.conversation_inputs(data), outputs=wire.requested_outputs(),
-                    client_timeout=self.config.request_timeout_s, headers=self.config.headers or None,
-                    compression_algorithm=self.config.compression)
+                result = await self._attempt(endpoint, data)
                 endpoint.answered += 1
-                return wire.decode_entry(result), attempt
+                return wire.decode_entry(result), tries
             except Exception as exc:  # noqa: BLE001 - classified below; never lost
-                code = wire.status_code(exc)
-                last_error = f"{code}: {wire.error_message(exc)}"
+                code, message = wire.status_code(exc), wire.error_message(exc)
+                last_error = f"{code}: {message}"
                 endpoint.failed += 1
-                if code not in RETRYABLE:
+                shedding = overloaded(code, message)  # alive and busy: slow down, do not avoid it
+                failures += not shedding
+                if code not in RETRYABLE or failures >= self.config.max_attempts or \
+                        (shedding and time.monotonic() > shed_until):
                     break
-                if code in COOL_DOWN:  # gone, or hung (a stopped process answers nothing): avoid it for a while
+                if code in COOL_DOWN and not shedding:  # gone, or hung (a stopped process answers nothing)
                     endpoint.down_until = time.monotonic() + self.config.endpoint_cooldown_s
-                if attempt < self.config.max_attempts:
-                    if code in COOL_DOWN and self._has_other_healthy(endpoint):
+                    if self._has_other_healthy(endpoint):
                         log.info("reward endpoint %s: %s, failing over", endpoint.url, code)
                         continue
-                    delay = random.uniform(0, min(self.config.backoff_max_s,
-                                                  self.config.backoff_base_s * 2 ** (attempt - 1)))
-                    log.info("reward request failed (%s) on %s; retry %d/%d in %.2fs", code, endpoint.url,
-                             attempt, self.config.max_attempts - 1, delay)
-                    await asyncio.sleep(delay)
+                await asyncio.sleep(self._backoff(max(failures, tries - failures), code, endpoint.url))
             finally:
                 endpoint.outstanding -= 1
-        status = contract.error_status(f"reward request failed after {attempt} attempt(s): {last_error}")
-        failed = _failed(len(rows), status, 0.0, attempt)
-        return wire.EntryResult(failed.scores, failed.status, failed.num_tokens, failed.truncated), attempt
+        status = contract.error_status(f"reward request failed after {tries} attempt(s): {last_error}")
+        failed = _failed(len(rows), status, 0.0, tries)
+        return wire.EntryResult(failed.scores, failed.status, failed.num_tokens, failed.truncated), tries
+
+    def _backoff(self, retry: int, code: str, url: str) -> float:
+        """Full jitter: uniform(0, min(backoff_max_s, backoff_base_s * 2**(retry-1)))."""
+        delay = random.uniform(0, min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (retry - 1)))
+        log.info("reward request failed (%s) on %s; retry %d in %.2fs", code, url, retry, delay)
+        return delay
 
 
 def _failed(n: int, status: str, latency_s: float, attempts: int) -> RewardResult:

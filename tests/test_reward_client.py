@@ -175,11 +175,22 @@ def test_resource_exhausted_is_retried(replica):
         with RewardClient(config) as client:
             result = client.score(rows(4))
     assert result.failed_rows == 0 and proxy.rejected == 3 and result.attempts == 4
+    # a server that sheds load is alive: its refusals do not use up max_attempts, they are retried (after a wait)
+    # until the request's deadline
     with GrpcProxy(replica.grpc_url, reject_first=10, reject_code=grpc.StatusCode.RESOURCE_EXHAUSTED) as proxy:
-        config = RewardClientConfig(model="rm_small", endpoints=[proxy.url], max_attempts=2, backoff_base_s=0.01)
+        config = RewardClientConfig(model="rm_small", endpoints=[proxy.url], max_attempts=2, backoff_base_s=0.01,
+                                    backoff_max_s=0.05)
         with RewardClient(config) as client:
             result = client.score(rows(3))
-    assert result.failed_rows == 3 and "after 2 attempt(s): RESOURCE_EXHAUSTED" in result.status[0]
+    assert result.failed_rows == 0 and proxy.rejected == 10 and result.attempts == 11
+    with GrpcProxy(replica.grpc_url, reject_first=10**6, reject_code=grpc.StatusCode.RESOURCE_EXHAUSTED) as proxy:
+        config = RewardClientConfig(model="rm_small", endpoints=[proxy.url], max_attempts=2, backoff_base_s=0.01,
+                                    backoff_max_s=0.05, request_timeout_s=1.0)
+        with RewardClient(config) as client:
+            started = time.monotonic()
+            result = client.score(rows(3))
+    assert result.failed_rows == 3 and "RESOURCE_EXHAUSTED" in result.status[0]
+    assert 1.0 <= time.monotonic() - started < 3.0 and result.attempts > 2
 
 
 def test_rows_per_request_is_capped_at_the_models_max_batch_size(tiny_rms, tmp_path):
