@@ -143,7 +143,7 @@ def test_two_servers_serve_side_by_side_and_stop_without_leftovers(small_repo, s
 
 
 def test_a_server_that_dies_keeps_its_log_for_reading(small_repo):
-    server = ServeProcess(small_repo)
+    server = ServeProcess(small_repo, extra=("--no-restart",))
     try:
         server.wait_for("Ctrl-C stops it.")
         log = Path(server.printed("log"))
@@ -259,3 +259,21 @@ def test_killing_templar_serve_leaves_no_server_behind(small_repo):
     server.process.wait(timeout=30)
     gone, alive = psutil.wait_procs(children, timeout=60)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline()[:1] for p in alive]
+
+
+def test_a_killed_server_is_restarted_on_the_same_ports(small_repo):
+    """Supervised by default: tritonserver SIGKILLed (a crash, the OOM killer) comes back on the same address."""
+    server = ServeProcess(small_repo)
+    try:
+        server.wait_for("Ctrl-C stops it.")
+        assert "restarted if it or a model stub dies" in "".join(server.output)
+        before = score_once(server.ports["grpc"])
+        triton = [p for p in server.descendants() if p.name() == "tritonserver"][0]
+        triton.kill()
+        server.wait_for("restarted: serving again on", timeout=120)
+        assert server.process.poll() is None
+        assert score_once(server.ports["grpc"]) == before  # the same RM, the same address
+        assert [p for p in server.descendants() if p.name() == "tritonserver"][0].pid != triton.pid
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0

@@ -1,4 +1,5 @@
-"""`templar serve`: the embedded Triton server (templar.embedded_server) on a model repository, until Ctrl-C."""
+"""`templar serve`: the embedded Triton server (templar.embedded_server) on a model repository, until Ctrl-C;
+supervised (templar.supervisor): restarted on the same ports when tritonserver or a model's stub dies."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from templar.embedded_server import (ADMIN_KEY_ENV, DEFAULT_HOST, DEFAULT_PORTS, STARTUP_TIMEOUT_S, EmbeddedTriton,
                                      ServerTls)
 from templar.errors import ConfigError
+from templar.supervisor import SupervisedTriton
 
 
 def add_arguments(parser) -> None:
@@ -28,6 +30,8 @@ def add_arguments(parser) -> None:
                         help=f"allow loading and unloading models while serving (`templar reload`), for clients "
                              f"that send the admin key from ${ADMIN_KEY_ENV} (default: off, the models load at start "
                              "and nobody can unload them)")
+    parser.add_argument("--no-restart", action="store_true",
+                        help="exit (code 1) when tritonserver or a model's stub dies, instead of restarting it")
     parser.add_argument("--tls-cert", type=Path, help="gRPC over TLS: the server's certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="gRPC over TLS: the server's private key (PEM)")
     parser.add_argument("--tls-client-ca", type=Path,
@@ -59,6 +63,23 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def banner(server: EmbeddedTriton, args, say) -> None:
+    models = sorted(m["name"] for m in server.repository_index())
+    say(f"Triton is ready: {len(models)} models ({', '.join(models)})")
+    say(f"  gRPC     {server.grpc_url}")
+    say(f"  HTTP     {server.http_url}")
+    say(f"  metrics  {server.metrics_url}")
+    say(f"  log      {server.log_path}")
+    say(f"  TLS      {'mutual (client certificates required)' if args.tls_client_ca else 'on' if server.tls else 'off'}"
+        f"; model control {'on (admin key: $' + ADMIN_KEY_ENV + ')' if args.model_control else 'off'}"
+        f"; {'no restarts' if args.no_restart else 'restarted if it or a model stub dies'}")
+    if not is_loopback(args.host):
+        say(f"  warning: listening on {args.host}, reachable from the network" +
+            ("" if server.tls else "; gRPC is plaintext (use --tls-cert/--tls-key)") +
+            "; HTTP and metrics have no TLS in Triton")
+    say("Ctrl-C stops it.")
+
+
 def main(args) -> int:
     server = EmbeddedTriton(args.repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                             metrics_port=args.metrics_port, log_file=args.log_file,
@@ -68,27 +89,18 @@ def main(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     say = lambda m: print(m, flush=True)  # noqa: E731
-    server.start(progress=say)  # a ServerError ends here as `templar serve: error: ...` (templar.cli)
-    models = sorted(m["name"] for m in server.repository_index())
-    say(f"Triton is ready: {len(models)} models ({', '.join(models)})")
-    say(f"  gRPC     {server.grpc_url}")
-    say(f"  HTTP     {server.http_url}")
-    say(f"  metrics  {server.metrics_url}")
-    say(f"  log      {server.log_path}")
-    say(f"  TLS      {'mutual (client certificates required)' if args.tls_client_ca else 'on' if server.tls else 'off'}"
-        f"; model control {'on (admin key: $' + ADMIN_KEY_ENV + ')' if args.model_control else 'off'}")
-    if not is_loopback(args.host):
-        say(f"  warning: listening on {args.host}, reachable from the network" +
-            ("" if server.tls else "; gRPC is plaintext (use --tls-cert/--tls-key)") +
-            "; HTTP and metrics have no TLS in Triton")
-    say("Ctrl-C stops it.")
-    while not stop.is_set() and server.alive():
+    # a ServerError at start ends here as `templar serve: error: ...` (templar.cli)
+    supervisor = None if args.no_restart else SupervisedTriton(server, on_event=lambda e: say(f"{e.kind}: {e.detail}"))
+    (supervisor or server).start(progress=say)
+    banner(server, args, say)
+    while not stop.is_set() and (server.alive() if supervisor is None else not supervisor.gave_up):
         stop.wait(0.5)
     died = not stop.is_set()
     tail = server.log_tail() if died else ""
-    server.stop()
+    (supervisor or server).stop()
     if died:
-        print(f"templar serve: error: tritonserver stopped unexpectedly:\n{tail}", file=sys.stderr)
+        reason = "gave up restarting it" if supervisor else "stopped unexpectedly"
+        print(f"templar serve: error: tritonserver {reason}:\n{tail}", file=sys.stderr)
         return 1
     say("stopped")
     return 0
