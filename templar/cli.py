@@ -18,6 +18,8 @@ COMMANDS = {
     "tiny-model": ("templar.tools.tiny_model", "build a small random model on a real tokenizer and template"),
     "export": ("templar.tools.export", "export a Hugging Face reward model into a Triton model repository"),
     "serve": ("templar.tools.serve", "run the embedded Triton server (CPU) on a model repository"),
+    "reload": ("templar.tools.reload", "serve a newly exported version of an RM (export --version N) with no failed "
+               "request, then unload the old one"),
     "score": ("templar.tools.score", "score conversations (JSONL) against a served reward model over gRPC"),
     "train": ("templar.tools.train", "PPO training against Triton-served reward models (embedded by default)"),
     "score-demo": ("templar.tools.score_demo", "serve a config's reward models and score sample conversations"),

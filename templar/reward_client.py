@@ -122,6 +122,12 @@ class RewardResult:
     truncated: np.ndarray  # [N] bool
     latency_s: float  # wall time of the whole score() call
     attempts: int  # gRPC attempts made, retries included
+    model_versions: dict[str, int] = field(default_factory=dict)  # RM version -> rows it scored
+
+    @property
+    def newest_version(self) -> str | None:
+        """The highest RM version that scored rows of this call (after a hot swap: the new one)."""
+        return max(self.model_versions, key=_version_key, default=None)
 
     @property
     def ok(self) -> np.ndarray:
@@ -161,6 +167,8 @@ class RewardClient:
         self._connected = False
         self._connect_lock: asyncio.Lock | None = None
         self.window = InFlightWindow(config.max_in_flight)  # shared by every score() call of this client
+        self.model_version: str | None = None  # the newest RM version seen answering
+        self.version_changes: list[dict[str, Any]] = []  # each swap seen: time, old and new version, fingerprints
 
     # -- event loop for the sync API ------------------------------------------------------------------------------
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -319,14 +327,41 @@ class RewardClient:
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         parts = await asyncio.gather(*(bounded(chunk) for chunk in chunks))
         results = [part for part, _ in parts]
+        versions: dict[str, int] = {}
+        for part in results:
+            if part.model_version:
+                versions[part.model_version] = versions.get(part.model_version, 0) + len(part.status)
+        await self._note_versions(versions)
         return RewardResult(
             scores=np.concatenate([r.scores for r in results] or [np.zeros(0)]).astype(np.float32),
             status=[s for r in results for s in r.status],
             num_tokens=np.concatenate([r.num_tokens for r in results] or [np.zeros(0)]).astype(np.int32),
             truncated=np.concatenate([r.truncated for r in results] or [np.zeros(0)]).astype(bool),
             latency_s=time.perf_counter() - started,
-            attempts=sum(attempts for _, attempts in parts),
+            attempts=sum(attempts for _, attempts in parts), model_versions=versions,
         )
+
+    async def _note_versions(self, versions: dict[str, int]) -> None:
+        """A version newer than the one seen so far answered: the RM was swapped. Read and log its fingerprints."""
+        newest = max(versions, key=_version_key, default=None)
+        if newest is None or newest == self.model_version or (
+                self.model_version is not None and _version_key(newest) < _version_key(self.model_version)):
+            return
+        old_version, old = self.model_version, dict(self.fingerprints)
+        self.model_version = newest
+        if old_version is None:
+            return  # the first answer: the version connect() found
+        try:
+            config = await self._pick().client.get_model_config(
+                self.config.model, as_json=True, headers=self.config.headers or None, client_timeout=5.0)
+            self.fingerprints = _fingerprints(config["config"])
+        except Exception as exc:  # noqa: BLE001 - the swap is still logged, without the new fingerprints
+            log.warning("reward model %s: could not read the new version's fingerprints (%s)", self.config.model, exc)
+        changed = {k: (old.get(k), v) for k, v in self.fingerprints.items() if old.get(k) != v}
+        self.version_changes.append({"time": time.time(), "from": old_version, "to": newest,
+                                     "fingerprints": dict(self.fingerprints), "changed": sorted(changed)})
+        log.warning("reward model %s: now served by version %s (was %s); changed: %s", self.config.model, newest,
+                    old_version, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "no fingerprint")
 
     async def _attempt(self, endpoint: _Endpoint, data: np.ndarray):
         """One gRPC call, inside the in-flight window (released before any backoff wait)."""
@@ -384,6 +419,10 @@ class RewardClient:
         delay = random.uniform(0, min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (retry - 1)))
         log.info("reward request failed (%s) on %s; retry %d in %.2fs", code, url, retry, delay)
         return delay
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)
 
 
 def _failed(n: int, status: str, latency_s: float, attempts: int) -> RewardResult:

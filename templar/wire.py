@@ -82,6 +82,7 @@ class EntryResult:
     status: list[str]
     num_tokens: np.ndarray  # [N] int32
     truncated: np.ndarray  # [N] bool
+    model_version: str = ""  # the version of the RM that answered (Triton's response says)
 
 
 def decode_entry(result: Any) -> EntryResult:
@@ -90,7 +91,8 @@ def decode_entry(result: Any) -> EntryResult:
         return result.as_numpy(name).reshape(-1).astype(contract.ENTRY.output(name).dtype.numpy, copy=False)
 
     return EntryResult(scores=column(contract.SCORE), status=contract.decode_strings(result.as_numpy(contract.STATUS)),
-                       num_tokens=column(contract.NUM_TOKENS), truncated=column(contract.TRUNCATED))
+                       num_tokens=column(contract.NUM_TOKENS), truncated=column(contract.TRUNCATED),
+                       model_version=result.get_response().model_version)
 
 
 def status_code(exc: BaseException) -> str:

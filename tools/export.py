@@ -25,11 +25,26 @@ def json_object(text: str) -> dict:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type of --version."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="Hugging Face reward model folder")
     parser.add_argument("--name", required=True, help="the RM's model name in Triton")
     parser.add_argument("--repo", type=Path, default=ExportOptions.repo,
                         help="model repository to write into (default: %(default)s)")
+    parser.add_argument("--version", type=positive_int,
+                        help="write version N beside the existing versions (a hot swap: then `templar reload`); "
+                        "must be the newest. Default: version 1, replacing the model's folders")
+    parser.add_argument("--force", action="store_true", help="with --version: replace that version if it exists")
     parser.add_argument("--max-length", type=int, help="token limit; longer conversations are cut from the start "
                         f"(default: min(max_position_embeddings, {DEFAULT_MAX_LENGTH_CAP}))")
     parser.add_argument("--chat-template", type=Path, help="Jinja chat template file (overrides the folder's)")
@@ -81,7 +96,7 @@ def main(args) -> int:
                          trust_remote_code=args.trust_remote_code,
                          precision="fp16" if args.gpu_fp16 else args.precision, tolerance=args.tolerance,
                          engine_tolerance=args.engine_tolerance, opset=args.opset,
-                         check_resources=not args.skip_resource_check,
+                         check_resources=not args.skip_resource_check, version=args.version, force=args.force,
                          settings=EntrySettings(max_row_bytes=args.max_row_bytes, max_messages=args.max_messages,
                                                 max_json_depth=args.max_json_depth,
                                                 max_request_bytes=args.max_request_bytes,

@@ -84,6 +84,7 @@ class RewardModels:
             request_timeout_s=config.request_timeout_s, max_attempts=config.max_attempts, tls=config.tls,
             tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key)
         self.normalizers = {rm.name: RunningMoments() for rm in config.models if rm.normalize}
+        self.versions: dict[str, list[dict]] = {rm.name: [] for rm in config.models}  # [{"version", "from_step"}]
 
     def connect(self) -> dict[str, dict[str, str]]:
         return self.ensemble.connect()
@@ -107,6 +108,24 @@ class RewardModels:
         combined[~valid] = np.nan
         latency = max(r.latency_s for r in results.values())
         return RewardBatch(combined, valid, results, latency)
+
+    def note_versions(self, step: int, batch: RewardBatch) -> dict[str, float]:
+        """Record at which step each RM's rewards began coming from a new version (a hot swap); returns the
+        `rm_version/<name>` metrics (the newest version that scored rows of this step)."""
+        metrics = {}
+        for name, result in batch.per_rm.items():
+            version = result.newest_version
+            if version is None:
+                continue
+            seen = self.versions[name]
+            if not seen or seen[-1]["version"] != version:
+                seen.append({"version": version, "from_step": step})
+                if len(seen) > 1:
+                    log.warning("step %d: rewards of %s now come from version %s (was %s)", step, name, version,
+                                seen[-2]["version"])
+            if version.isdigit():
+                metrics[f"rm_version/{name}"] = int(version)
+        return metrics
 
     def state_dict(self) -> dict:
         return {name: moments.state_dict() for name, moments in self.normalizers.items()}

@@ -68,6 +68,7 @@ class Scored:
     mask: torch.Tensor  # [B, Lr] response tokens of valid rows
     failed: int  # rows recorded as unscored
     wait_s: float
+    versions: dict[str, float]  # rm_version/<name>: the newest RM version that scored this step's rows
 
 
 class PPOTrainer:
@@ -154,7 +155,7 @@ class PPOTrainer:
             self._record_sample(step, conversations[0], bool(rollout.ended[0]), batch)
         mask = rollout.response_mask.float() * torch.from_numpy(batch.valid)[:, None]
         scores = torch.from_numpy(np.nan_to_num(batch.scores)).float()
-        return Scored(batch, scores, mask, failed, wait_s)
+        return Scored(batch, scores, mask, failed, wait_s, self.rewards.note_versions(step, batch))
 
     def advantages(self, scored: Scored, old: Evaluation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = self.config.ppo
@@ -215,7 +216,7 @@ class PPOTrainer:
         }
         for name, total in zip(batch.per_rm, totals[7 + len(losses):]):
             metrics[f"score/{name}"] = per_valid(total)
-        return metrics
+        return {**metrics, **scored.versions}
 
     def _record_sample(self, step: int, conversation: dict, ended: bool, batch: RewardBatch) -> None:
         row = {"step": step, "ended": ended, **conversation,
@@ -377,7 +378,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
         if completed:
             trainer.save_final()
         checksums = gather_objects(parameters_sha256(trainer.actor.module))
+        versions = trainer.rewards.versions  # per RM: [{"version", "from_step"}], a hot swap adds an entry
         trainer.rewards.close()
     return _summarise(output_dir, world, {
         "steps": step, "completed": completed, "ranks": world.size, "actor_sha256_per_rank": checksums,
-        "ranks_agree": len(set(checksums)) == 1, "reward_models": fingerprints, "output_dir": str(output_dir)})
+        "ranks_agree": len(set(checksums)) == 1, "reward_models": fingerprints, "output_dir": str(output_dir),
+        "reward_model_versions": versions})

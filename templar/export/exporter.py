@@ -34,7 +34,8 @@ from templar.conversation import Conversation, ConversationError
 from templar.errors import ExportError
 from templar.fingerprints import TOKENIZER_FILES, fingerprint_tokenizer_dir, sha256_file
 from templar.export.onnx_files import DATA_SUFFIX, gather_external_data, model_files, weights_sha256
-from templar.export.repository import EntrySettings, RewardModelEntry, StagedModel, check_name, read_parameters
+from templar.export.repository import (EntrySettings, RewardModelEntry, StagedModel, check_name, check_version,
+                                       read_parameters)
 from templar.export.resources import PROTOBUF_LIMIT, check_resources, estimate
 from templar.export.scorer import (PICKLE_PATTERNS, LoadedRewardModel, RewardScorer, load_reward_model, torch_scores,
                                    trace_to_onnx)
@@ -72,6 +73,8 @@ class ExportOptions:
     opset: int = 17
     check_resources: bool = True  # refuse up front when memory or disk will not do
     settings: EntrySettings = field(default_factory=EntrySettings)
+    version: int | None = None  # add version N beside the existing ones (hot swap); None: version 1, folders replaced
+    force: bool = False  # with `version`: replace that version if it exists
 
 
 @dataclass
@@ -176,6 +179,10 @@ def _check_options(opts: ExportOptions) -> None:
 
         require_tensorrt()
     check_name(opts.name)
+    if opts.version is not None:
+        check_version(opts.repo, opts.name, opts.version, opts.force)
+    elif opts.force:
+        raise ExportError("--force goes with --version N (without --version the export replaces version 1 anyway)")
     if not Path(opts.model).is_dir():
         raise ExportError(f"model folder {opts.model} does not exist")
     if opts.check_resources:
@@ -352,7 +359,8 @@ def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
     count = loaded.parameters
     log(f"      {loaded.kind}, model_type {loaded.config.model_type}, {count / 1e6:.1f}M parameters "
         f"({loaded.source_dtype} weights, served {opts.precision}), max_length {max_length}")
-    with StagedModel(opts.repo, opts.name) as staged, tempfile.TemporaryDirectory(prefix="templar-export-") as tmp:
+    with StagedModel(opts.repo, opts.name, opts.version) as staged, \
+            tempfile.TemporaryDirectory(prefix="templar-export-") as tmp:
         step("saving tokenizer and template for the preprocessing model")
         served, rows = _save_tokenizer(opts, chat_format, max_length, staged.tokenizer_dir)
         step(f"exporting ONNX (opset {opts.opset}){estimate(opts, 'exporting')}")
@@ -382,7 +390,8 @@ def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
         staged.finish()
         step.finish()
     report = ExportReport(opts.name, folders, max_diff, len(rows), entry.parameters, time.perf_counter() - started)
-    log(f"exported {opts.name!r} in {report.seconds:.1f}s: chat_template sha256 "
+    version = f" version {opts.version}" if opts.version else ""
+    log(f"exported {opts.name!r}{version} in {report.seconds:.1f}s: chat_template sha256 "
         f"{parameters[contract.PARAM_TEMPLATE_SHA256][:16]}…, tokenizer sha256 "
         f"{parameters[contract.PARAM_TOKENIZER_SHA256][:16]}…, weights sha256 "
         f"{parameters[contract.PARAM_WEIGHTS_SHA256][:16]}…")

@@ -1,11 +1,16 @@
 """Writes a reward model's Triton entries into a model repository (one folder per model, as Triton expects).
 
-    <name>/                 entry point (BLS, wire contract)         config.pbtxt, 1/model.py
-    <name>_preprocess/      this RM's template + tokenizer           config.pbtxt, 1/model.py, 1/tokenizer/*
+    <name>/                 entry point (BLS, wire contract)         config.pbtxt, N/model.py
+    <name>_preprocess/      this RM's template + tokenizer           config.pbtxt, N/model.py, N/serving.json,
+                                                                     N/tokenizer/*
     <name>_model/           the exported ONNX scorer                 config.pbtxt (onnxruntime_onnx, GPU container),
                                                                      configs/embedded.pbtxt (Python + ONNX Runtime,
-                                                                     the CPU embedded server), 1/model.onnx
-                                                                     [+ 1/model.onnx.data], 1/model.py
+                                                                     the CPU embedded server), N/model.onnx
+                                                                     [+ N/model.onnx.data], N/model.py
+
+N is 1 unless `templar export --version N` adds a version beside the existing ones (a hot swap, `templar reload`):
+the three models of one export share N, the entry calls its sub-models at its own version, and what differs between
+versions lives inside N/ (serving.json), since Triton re-initialises every version of a model whose config changes.
 
 Everything is built in a staging folder beside the repository and moved in at the end (`StagedModel`), so a failed
 export never leaves a half-written model behind (and a running server never sees one). A model past protobuf's 2 GB
@@ -14,8 +19,10 @@ limit keeps its weights in `model.onnx.data` beside `model.onnx` (templar.export
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import py_compile
 import re
 import shutil
 import tempfile
@@ -27,6 +34,7 @@ import numpy as np
 
 from templar import contract
 from templar.errors import ExportError
+from templar.serving.batching import SERVING_FILE, SERVING_PARAMS
 
 EMBEDDED_CONFIG_NAME = "embedded"  # `templar serve` passes --model-config-name=embedded
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -74,6 +82,32 @@ class RewardModelEntry:
 def check_name(name: str) -> None:
     if not NAME_PATTERN.match(name):
         raise ExportError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.' (max 100 chars)")
+
+
+def model_names(name: str) -> tuple[str, str, str]:
+    """An RM's three Triton models: preprocess, scoring, entry."""
+    return contract.preprocess_model_name(name), contract.scoring_model_name(name), name
+
+
+def existing_versions(repo: str | os.PathLike, name: str) -> set[int]:
+    """Version folders of any of the RM's three models."""
+    return {int(p.name) for folder in model_names(name) if (Path(repo) / folder).is_dir()
+            for p in (Path(repo) / folder).iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def check_version(repo: str | os.PathLike, name: str, version: int, force: bool = False) -> None:
+    """A new version must be a positive integer, new unless `force`, and the newest: config.pbtxt describes the
+    newest version, the one Triton's default policy (latest 1) serves."""
+    if version < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    versions = existing_versions(repo, name)
+    newest = max(versions, default=0)
+    if version in versions and not force:
+        raise ExportError(f"version {version} of {name!r} already exists in {repo}; export --version {newest + 1}, "
+                          "or pass --force to replace it")
+    if version < newest:
+        raise ExportError(f"{name!r} already has version {newest} in {repo}: a new version must be the newest "
+                          f"(config.pbtxt describes it); export --version {newest + 1}")
 
 
 def _params(values: dict[str, str]) -> str:
@@ -191,6 +225,35 @@ def _thin_model_py(module: str) -> str:
             f"from {module} import TritonPythonModel  # noqa: F401\n")
 
 
+def write_model_py(path: Path, module: str, final: Path) -> None:
+    """The thin model.py and its bytecode: without it the stub writes __pycache__/ into the version folder after
+    Triton took its timestamps, and the next load (`templar reload`) re-initialises that live version for nothing."""
+    path.write_text(_thin_model_py(module))
+    py_compile.compile(str(path), cfile=importlib.util.cache_from_source(str(path)), dfile=str(final), doraise=True)
+
+
+def serving_settings(entry: RewardModelEntry) -> dict[str, str]:
+    """What the preprocessing model of this version reads from `<version>/serving.json` (templar.serving.batching)."""
+    values = {**entry.parameters, **row_limit_parameters(entry.settings)}
+    return {key: values[key] for key in SERVING_PARAMS if key in values}
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """An unchanged file keeps its timestamp: Triton reloads every version of a model when a file beside the
+    version folders changes (e.g. the scorer's GPU config.pbtxt on the embedded server)."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def same_content(a: Path, b: Path) -> bool:
+    if a.is_file() and b.is_file():
+        return a.read_bytes() == b.read_bytes()
+    if a.is_dir() and b.is_dir():
+        names = sorted(p.name for p in a.iterdir())
+        return names == sorted(p.name for p in b.iterdir()) and all(same_content(a / n, b / n) for n in names)
+    return False
+
+
 class StagedModel:
     """An RM's three folders built beside the repository (same file system) and moved in at once.
 
@@ -199,24 +262,31 @@ class StagedModel:
     previous ones kept aside), and after the checks on the files at their final place `finish()` drops the previous
     ones, or `rollback()` puts them back. Leaving the `with` block without finish() rolls back what was committed and
     removes the staging folder: a failed export never leaves a half-written model (and a running server never sees
-    one)."""
+    one).
 
-    def __init__(self, repo: str | os.PathLike, name: str) -> None:
+    Without `version` the export is version 1 and replaces whole folders; with it, version N goes in beside the
+    existing versions and only the configs that changed are replaced."""
+
+    def __init__(self, repo: str | os.PathLike, name: str, version: int | None = None) -> None:
         check_name(name)
         self.repo, self.name = Path(repo), name
+        self.keep_versions = version is not None
+        self.version = str(version or 1)
         self.repo.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.repo.name}-staging-", dir=self.repo.parent))
-        self.names = (contract.preprocess_model_name(name), contract.scoring_model_name(name), name)
+        self.names = model_names(name)
         self.committed: list[Path] = []
+        self.moved: list[Path] = []  # what commit() put into the repository; what it replaced waits in `previous`
+        self.previous = self.staging / ".previous"
         self.finished = False
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.staging / self.names[0] / "1" / "tokenizer"
+        return self.staging / self.names[0] / self.version / "tokenizer"
 
     @property
     def onnx_path(self) -> Path:
-        path = self.staging / self.names[1] / "1" / "model.onnx"
+        path = self.staging / self.names[1] / self.version / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -226,16 +296,11 @@ class StagedModel:
 
     def write(self, entry: RewardModelEntry) -> None:
         """Configs and thin model.py files (and what the export did not write in place: tokenizer, ONNX, plan)."""
-        pre, scorer, main = (self.staging / n for n in self.names)
-        (pre / "1").mkdir(parents=True, exist_ok=True)
-        (pre / "config.pbtxt").write_text(preprocess_config(entry))
-        (pre / "1" / "model.py").write_text(_thin_model_py("templar.serving.preprocess"))
+        pre, scorer, main = (self.staging / n / self.version for n in self.names)
+        pre.mkdir(parents=True, exist_ok=True)
+        (pre / SERVING_FILE).write_text(json.dumps(serving_settings(entry), indent=1, sort_keys=True) + "\n")
         if Path(entry.tokenizer_dir).resolve() != self.tokenizer_dir.resolve():
             shutil.copytree(entry.tokenizer_dir, self.tokenizer_dir)
-        (scorer / "configs").mkdir(parents=True, exist_ok=True)
-        gpu_config = scorer_config_tensorrt(entry) if entry.tensorrt_plan else scorer_config_gpu(entry)
-        (scorer / "config.pbtxt").write_text(gpu_config)
-        (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt").write_text(scorer_config_embedded(entry))
         if Path(entry.onnx_path).resolve() != self.onnx_path.resolve():
             from templar.export.onnx_files import model_files
 
@@ -243,40 +308,60 @@ class StagedModel:
                 shutil.copyfile(file, self.onnx_path.parent / file.name.replace(Path(entry.onnx_path).name,
                                                                                  "model.onnx"))
         if entry.tensorrt_plan:
-            shutil.copyfile(entry.tensorrt_plan, scorer / "1" / "model.plan")
-        (scorer / "1" / "model.py").write_text(_thin_model_py("templar.serving.onnx_scorer"))
-        (main / "1").mkdir(parents=True, exist_ok=True)
-        (main / "config.pbtxt").write_text(entry_config(entry))
-        (main / "1" / "model.py").write_text(_thin_model_py("templar.serving.reward_entry"))
+            shutil.copyfile(entry.tensorrt_plan, scorer / "model.plan")
+        main.mkdir(parents=True, exist_ok=True)
+        for folder, module in ((pre, "preprocess"), (scorer, "onnx_scorer"), (main, "reward_entry")):
+            write_model_py(folder / "model.py", f"templar.serving.{module}", self.final(folder / "model.py"))
+        self.write_configs(entry, self.staging)
+
+    def write_configs(self, entry: RewardModelEntry, root: Path) -> None:
+        pre, scorer, main = (root / n for n in self.names)
+        (scorer / "configs").mkdir(parents=True, exist_ok=True)
+        gpu_config = scorer_config_tensorrt(entry) if entry.tensorrt_plan else scorer_config_gpu(entry)
+        for path, text in ((pre / "config.pbtxt", preprocess_config(entry)), (scorer / "config.pbtxt", gpu_config),
+                           (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt", scorer_config_embedded(entry)),
+                           (main / "config.pbtxt", entry_config(entry))):
+            write_if_changed(path, text)
 
     def rewrite_configs(self, entry: RewardModelEntry) -> None:
         """The configs again, in place (after the checks measured what the parameters record)."""
-        root = self.repo if self.committed else self.staging
-        pre, scorer, main = (root / n for n in self.names)
-        (pre / "config.pbtxt").write_text(preprocess_config(entry))
-        gpu_config = scorer_config_tensorrt(entry) if entry.tensorrt_plan else scorer_config_gpu(entry)
-        (scorer / "config.pbtxt").write_text(gpu_config)
-        (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt").write_text(scorer_config_embedded(entry))
-        (main / "config.pbtxt").write_text(entry_config(entry))
+        self.write_configs(entry, self.repo if self.committed else self.staging)
 
     def commit(self, log: Callable[[str], None] = lambda _: None) -> list[Path]:
         """Move the folders into the repository; the ones they replace wait in the staging folder."""
+        self.previous.mkdir()
         for name in self.names:
             target = self.repo / name
-            if target.exists():
-                log(f"replacing {target}")
-                target.rename(self.staging / f"{name}.previous")
-            (self.staging / name).rename(target)
+            if self.keep_versions and target.is_dir():
+                for item in sorted((self.staging / name).iterdir()):
+                    # an unchanged config keeps its timestamp (see write_if_changed)
+                    if not item.name.isdigit() and same_content(item, target / item.name):
+                        continue
+                    self.move_in(item, target / item.name, log)
+            else:
+                self.move_in(self.staging / name, target, log)
             self.committed.append(target)
         return list(self.committed)
 
+    def move_in(self, staged: Path, target: Path, log: Callable[[str], None]) -> None:
+        if target.exists():
+            log(f"replacing {target}")
+            aside = self.previous / target.relative_to(self.repo)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            target.rename(aside)
+        staged.rename(target)
+        self.moved.append(target)
+
     def rollback(self) -> None:
-        for target in self.committed:
-            shutil.rmtree(target, ignore_errors=True)
-            previous = self.staging / f"{target.name}.previous"
-            if previous.exists():
-                previous.rename(target)
-        self.committed = []
+        for target in reversed(self.moved):
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+            aside = self.previous / target.relative_to(self.repo)
+            if aside.exists():
+                aside.rename(target)
+        self.moved, self.committed = [], []
 
     def finish(self) -> None:
         self.finished = True

@@ -1,5 +1,6 @@
 """Batch logic of the served path, free of Triton so it can be tested and benchmarked on its own.
 
+`version_parameters`: a preprocessing model version's settings (its serving.json over the config's parameters).
 `load_chat_format`: the RM's template and tokenizer as the preprocessing model loads them.
 `right_pad`: token rows -> padded ids and attention mask (the served path, the export's parity check).
 `preprocess_rows`: wire rows -> right-padded token ids plus per-row status (a bad row never fails its neighbours).
@@ -13,6 +14,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +25,11 @@ from templar.conversation import DEFAULT_LIMITS, ConversationError, RowLimits, p
 # Counters the entry model exports on Triton's metrics endpoint (per model): padding waste = 1 - tokens / slots.
 METRIC_TOKENS = "templar_scored_tokens_total"  # real tokens scored
 METRIC_SLOTS = "templar_computed_token_slots_total"  # rows * longest row, summed over micro-batches
+# A preprocessing version's own settings and fingerprints, in `<version>/serving.json`: Triton re-initialises every
+# loaded version when a model's config changes, and config.pbtxt describes only the newest export.
+SERVING_FILE = "serving.json"
+SERVING_PARAMS = (*contract.FINGERPRINT_PARAMS, contract.PARAM_TEMPLATE_KWARGS, "max_row_bytes", "max_messages",
+                  "max_json_depth")
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None) -> tuple[np.ndarray,
@@ -59,6 +66,15 @@ class PreprocessedBatch:
                    np.concatenate([widen(p.attention_mask) for p in parts]),
                    [s for p in parts for s in p.status], np.concatenate([p.num_tokens for p in parts]),
                    np.concatenate([p.truncated for p in parts]), texts)
+
+
+def version_parameters(version_dir: str | os.PathLike, params: Mapping[str, str]) -> dict[str, str]:
+    """The config's parameters with the version's serving.json over them (a version exported before that file
+    existed has only the config's)."""
+    path = Path(version_dir) / SERVING_FILE
+    if not path.is_file():
+        return dict(params)
+    return {**params, **{key: str(value) for key, value in json.loads(path.read_text()).items()}}
 
 
 def load_chat_format(folder: str | os.PathLike, params: Mapping[str, str]) -> tuple[ChatFormat, int]:

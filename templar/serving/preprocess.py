@@ -1,8 +1,9 @@
 """`<rm>_preprocess`: this RM's own chat template and tokenizer, inside Triton (Python backend).
 
 CONVERSATION rows -> INPUT_IDS / ATTENTION_MASK (right-padded), STATUS, NUM_TOKENS, TRUNCATED and, when asked for, TEXT.
-The tokenizer files and the template sit beside the model in `<version>/tokenizer/`; their fingerprints are checked
-against the config at load, so a hand-edited template cannot be served under the old fingerprint.
+The tokenizer files and the template sit beside the model in `<version>/tokenizer/`, this version's settings and
+fingerprints in `<version>/serving.json` (the config's parameters for repositories exported before it); the
+fingerprints are checked at load, so a hand-edited template cannot be served under the old fingerprint.
 """
 
 from __future__ import annotations
@@ -13,22 +14,24 @@ import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.fingerprints import fingerprint_tokenizer_dir
-from templar.serving.batching import load_chat_format, preprocess_rows, row_limits
+from templar.serving.batching import SERVING_FILE, load_chat_format, preprocess_rows, row_limits, version_parameters
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        params = version_parameters(version_dir, model_parameters(args))
         self.dtypes = output_dtypes(args)
-        folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
+        folder = version_dir / "tokenizer"
         self.chat_format, self.pad_id = load_chat_format(folder, params)
         self.limits = row_limits(params)
         expected = {contract.PARAM_TEMPLATE_SHA256: self.chat_format.template_sha256,
                     contract.PARAM_TOKENIZER_SHA256: fingerprint_tokenizer_dir(folder)}
         for key, actual in expected.items():
             if params.get(key) != actual:
-                raise RuntimeError(f"{args['model_name']}: {key} of {folder} is {actual}, but config.pbtxt records "
+                recorded = SERVING_FILE if (version_dir / SERVING_FILE).is_file() else "config.pbtxt"
+                raise RuntimeError(f"{args['model_name']}: {key} of {folder} is {actual}, but {recorded} records "
                                    f"{params.get(key)}; re-export the model instead of editing it in place")
 
     def execute(self, requests):

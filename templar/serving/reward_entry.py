@@ -4,7 +4,9 @@ Why BLS and not an ensemble: the dynamic batcher only merges requests whose tens
 tokenizer that pads each request to its own length would defeat batching in the scoring step. Here the whole dynamic
 batch (all rows of all queued requests) is tokenized by `<rm>_preprocess` in one call, rows are sorted by length into
 micro-batches with little padding, each micro-batch is scored by `<rm>_model`, and scores go back to their rows.
-Rows that failed preprocessing skip the scoring model and keep their error status.
+Rows that failed preprocessing skip the scoring model and keep their error status. Both sub-models are called at
+this model's own version (the three models of one export share it), so during a hot swap (`templar reload`) a row is
+never tokenized by one export and scored by another.
 
 Two counters on Triton's metrics endpoint show what batching achieved: `templar_scored_tokens_total` (real tokens
 scored) and `templar_computed_token_slots_total` (rows * longest row of every micro-batch), per model; padding waste
@@ -28,6 +30,7 @@ class TritonPythonModel:
         self.dtypes = output_dtypes(args)
         self.preprocess_model = params["preprocess_model"]
         self.scoring_model = params["scoring_model"]
+        self.version = int(args["model_version"])
         self.preprocess_max_rows = int(params["preprocess_max_batch_size"])
         self.micro_batch_rows = int(params["micro_batch_rows"])
         self.micro_batch_tokens = int(params["micro_batch_tokens"])
@@ -91,7 +94,7 @@ class TritonPythonModel:
         for start in range(0, len(rows), self.preprocess_max_rows):
             chunk = rows[start : start + self.preprocess_max_rows].reshape(-1, 1)
             response = pb_utils.InferenceRequest(
-                model_name=self.preprocess_model,
+                model_name=self.preprocess_model, model_version=self.version,
                 requested_output_names=list(contract.PREPROCESS_FOR_SCORING),
                 inputs=[pb_utils.Tensor(contract.CONVERSATION, chunk)],
             ).exec()
@@ -108,7 +111,7 @@ class TritonPythonModel:
     def _score(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One micro-batch on the scoring model; raising makes the error these rows' status."""
         response = pb_utils.InferenceRequest(
-            model_name=self.scoring_model,
+            model_name=self.scoring_model, model_version=self.version,
             requested_output_names=[contract.SCORE],
             inputs=[pb_utils.Tensor(contract.INPUT_IDS, ids.astype(self.scoring_ids_dtype, copy=False)),
                     pb_utils.Tensor(contract.ATTENTION_MASK, mask.astype(self.scoring_ids_dtype, copy=False))],
