@@ -31,6 +31,12 @@ def test_demo_config_loads_with_overrides():
     ("reward.models.1.name=rm_llama3", "distinct, non-empty names"),
     ("generation.temperature=0", "temperature must be > 0"),
     ("nonsense", "is not key=value"),
+    ("ppo.advantage_estimator=ppo", "advantage_estimator must be one of gae, grpo, dr_grpo, rloo, reinforce_pp"),
+    ("ppo.kl_estimator=k4", "kl_estimator must be one of k1, k2, k3; got 'k4'"),
+    ("ppo.kl_in=advantage", "kl_in must be one of reward, loss"),
+    ("ppo.advantage_estimator=grpo", "grpo compares responses to the same prompt: set generation.samples_per_prompt "
+                                     "to 2 or more"),
+    ("generation.samples_per_prompt=0", "samples_per_prompt must be >= 1"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -40,3 +46,14 @@ def test_bad_values_name_the_key(override, message):
 def test_no_reward_models_is_an_error():
     with pytest.raises(ConfigError, match="reward.models is empty"):
         load_config(None, [])
+
+
+def test_group_sizes_and_critic_free_estimators():
+    grpo = DEMO.with_name("demo_grpo.yaml")
+    config = load_config(grpo, [])
+    assert config.ppo.advantage_estimator == "grpo" and config.generation.samples_per_prompt == 4
+    with pytest.raises(ConfigError, match=r"rollout_batch_size x generation.samples_per_prompt must be a multiple"):
+        load_config(DEMO, ["generation.samples_per_prompt=3", "ppo.mini_batch_size=64", "ppo.micro_batch_size=8"])
+    assert load_config(DEMO, ["ppo.advantage_estimator=reinforce_pp"]).generation.samples_per_prompt == 1
+    with pytest.raises(ConfigError, match="models.critic is set, but ppo.advantage_estimator rloo trains no critic"):
+        load_config(DEMO, ["ppo.advantage_estimator=rloo", "generation.samples_per_prompt=2", "models.critic=/x"])

@@ -203,6 +203,21 @@ def test_latest_checkpoint_passes_over_torn_folders(tmp_path, caplog):
     assert engines["critic"].loaded == root / "step-000008" / "critic" / "state"
 
 
+def test_critic_free_checkpoints_hold_the_actor_only_and_do_not_mix(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(tmp_path, 2, {"actor": FakeEngine()}, {"step": 2}, ONE_RANK)  # grpo, rloo, ...
+    assert sorted(p.name for p in (root / "step-000002").iterdir()) == ["COMPLETE", "actor", "rank0.pt"]
+    assert latest_checkpoint(tmp_path) == root / "step-000002"
+    actor_only = {"actor": FakeEngine()}
+    assert load_checkpoint(root / "step-000002", actor_only, ONE_RANK) == {"step": 2}
+    with pytest.raises(CheckpointError, match="holds the engines actor, this run has actor, critic: resume with "
+                                              "the ppo.advantage_estimator it was written with"):
+        load_checkpoint(root / "step-000002", {"actor": FakeEngine(), "critic": FakeEngine()}, ONE_RANK)
+    save(tmp_path, 4)  # with a critic (gae)
+    with pytest.raises(CheckpointError, match="holds the engines actor, critic, this run has actor:"):
+        load_checkpoint(root / "step-000004", {"actor": FakeEngine()}, ONE_RANK)
+
+
 def test_leftovers_of_a_killed_save_are_removed(tmp_path):
     save(tmp_path, 2)
     root = tmp_path / "checkpoints"

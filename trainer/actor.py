@@ -11,7 +11,7 @@ from templar.chat_format import ChatFormat
 from templar.conversation import Conversation, Messages
 from templar.modeling import position_ids
 from templar.trainer.config import GenerationConfig
-from templar.trainer.ppo import token_logprobs
+from templar.trainer.ppo import token_entropy, token_logprobs
 
 
 @dataclass
@@ -76,12 +76,26 @@ def generate(model, chat: ChatFormat, prompts: list[Messages], gen: GenerationCo
     return Rollout(query_ids, query_mask, response_ids, response_mask, ended, texts)
 
 
+def _response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                     response_length: int) -> torch.Tensor:
+    """Logits predicting each response token, [B, Lr, V]; only the needed positions' logits are computed."""
+    return model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                 logits_to_keep=response_length + 1, use_cache=False).logits[:, :-1]
+
+
 def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
                       temperature: float) -> torch.Tensor:
-    """log pi(response token | everything before it), [B, Lr]; only the needed positions' logits are computed."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   logits_to_keep=response_length + 1, use_cache=False).logits[:, :-1]
+    """log pi(response token | everything before it), [B, Lr]."""
+    logits = _response_logits(model, sequences, attention_mask, response_length)
     return token_logprobs(logits, sequences[:, -response_length:], temperature)
+
+
+def response_logprobs_and_entropy(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probs above and the policy's entropy at each response position, from one forward pass."""
+    logits = _response_logits(model, sequences, attention_mask, response_length)
+    return (token_logprobs(logits, sequences[:, -response_length:], temperature),
+            token_entropy(logits, temperature))
 
 
 def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor,

@@ -1,6 +1,7 @@
 """Atomic checkpoints: everything a resumed run needs, or nothing.
 
-OUTPUT_DIR/checkpoints/step-000040/{actor,critic}/   DeepSpeed engine states (weights, optimizer, ZeRO partitions)
+OUTPUT_DIR/checkpoints/step-000040/actor/ [critic/]  DeepSpeed engine states (weights, optimizer, ZeRO partitions);
+                                                       critic-free estimators (grpo, rloo, ...) have no critic
                                      rank<r>.pt        trainer state per rank: step, KL controller, data position,
                                                        reward normalisers, RNG states
                                      COMPLETE          the manifest, written last: the size of every file above
@@ -36,7 +37,7 @@ from templar.trainer.distributed import World, barrier, broadcast_object, gather
 from templar.trainer.faults import maybe_die
 
 log = logging.getLogger("templar.trainer")
-ENGINES = ("actor", "critic")
+ENGINES = ("actor", "critic")  # the engines a checkpoint may hold (a critic only with a critic estimator)
 MANIFEST = "COMPLETE"
 NAME = re.compile(r"step-(\d+)")
 DISK_FULL_BYTES = 16 << 20  # torch.save reports a full disk as a RuntimeError with no errno: this little left is full
@@ -54,7 +55,7 @@ def checkpoint_problem(path: Path) -> str | None:
     except FileNotFoundError:
         if not path.is_dir():
             return "the folder is missing"
-        if (path / "rank0.pt").is_file() and all((path / key).is_dir() for key in ENGINES):
+        if (path / "rank0.pt").is_file() and (path / "actor").is_dir():
             log.warning("checkpoint %s has no %s manifest (written before manifests existed): trusting it", path,
                         MANIFEST)
             return None
@@ -141,8 +142,8 @@ def _sync_files(folder: Path) -> dict[str, int]:
 def _write_staging(staging: Path, engines: dict, state: dict, world: World, step: int) -> None:
     """Every rank: its part of the checkpoint, into the staging folder."""
     staging.mkdir(parents=True, exist_ok=True)
-    for key in ENGINES:
-        engines[key].save_checkpoint(str(staging / key), tag="state")
+    for key, engine in engines.items():
+        engine.save_checkpoint(str(staging / key), tag="state")
     maybe_die("checkpoint", step)  # a testing hook (templar.trainer.faults)
     torch.save(state, staging / f"rank{world.rank}.pt")
 
@@ -264,6 +265,11 @@ def load_checkpoint(path: Path, engines: dict, world: World) -> dict:
     state_file = path / f"rank{world.rank}.pt"
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} has no state for rank {world.rank}; resume with the same number of ranks")
-    for key in ENGINES:
-        engines[key].load_checkpoint(str(path / key), tag="state")
+    saved = {key for key in ENGINES if (path / key).is_dir()}
+    if saved != set(engines):
+        raise CheckpointError(f"{path} holds the engines {', '.join(sorted(saved))}, this run has "
+                              f"{', '.join(sorted(engines))}: resume with the ppo.advantage_estimator it was written "
+                              "with (a critic estimator such as gae, or a critic-free one)")
+    for key, engine in engines.items():
+        engine.load_checkpoint(str(path / key), tag="state")
     return torch.load(state_file, weights_only=False)

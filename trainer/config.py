@@ -43,6 +43,7 @@ class GenerationConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0  # sampling temperature; log-probs for PPO use logits / temperature as well
     top_p: float = 1.0
+    samples_per_prompt: int = 1  # n responses per prompt (a group, for grpo / dr_grpo / rloo); rows = prompts x n
 
 
 @dataclass
@@ -74,8 +75,10 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    rollout_batch_size: int = 16  # prompts per rank per step
-    mini_batch_size: int = 8  # rows per optimizer step
+    # gae (with a critic) | grpo | dr_grpo | rloo | reinforce_pp (critic-free): see templar/trainer/estimators.py
+    advantage_estimator: str = "gae"
+    rollout_batch_size: int = 16  # prompts per rank per step (each answered generation.samples_per_prompt times)
+    mini_batch_size: int = 8  # rows (responses) per optimizer step
     micro_batch_size: int = 4  # rows per forward/backward; gradient accumulation = mini / micro
     ppo_epochs: int = 4  # passes over each rollout batch
     actor_lr: float = 1e-5
@@ -84,7 +87,9 @@ class PPOConfig:
     clip_range_value: float = 0.2  # value clip around the rollout's values
     gamma: float = 1.0
     lam: float = 0.95
-    kl_coef: float = 0.05  # per-token penalty -kl_coef * (logp - logp_ref)
+    kl_coef: float = 0.05  # weight of the KL to the reference model
+    kl_estimator: str = "k1"  # k1 | k2 | k3 (Schulman's estimators of KL(pi || pi_ref) per token)
+    kl_in: str = "reward"  # reward: -kl_coef * KL per token in the reward | loss: + kl_coef * KL in the policy loss
     adaptive_kl: bool = False  # Ziegler et al. controller: move kl_coef towards target_kl
     target_kl: float = 6.0
     kl_horizon: int = 10000
@@ -115,9 +120,12 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         p = self.ppo
-        if p.mini_batch_size % p.micro_batch_size or p.rollout_batch_size % p.mini_batch_size:
-            raise ConfigError("ppo: rollout_batch_size must be a multiple of mini_batch_size, and mini_batch_size "
-                              f"of micro_batch_size (got {p.rollout_batch_size}, {p.mini_batch_size}, "
+        self._validate_estimator()
+        rows = p.rollout_batch_size * self.generation.samples_per_prompt
+        if p.mini_batch_size % p.micro_batch_size or rows % p.mini_batch_size:
+            raise ConfigError("ppo: rollout_batch_size x generation.samples_per_prompt must be a multiple of "
+                              "mini_batch_size, and mini_batch_size of micro_batch_size (got "
+                              f"{p.rollout_batch_size} x {self.generation.samples_per_prompt}, {p.mini_batch_size}, "
                               f"{p.micro_batch_size})")
         if not self.reward.models:
             raise ConfigError("reward.models is empty: name at least one reward model")
@@ -129,6 +137,25 @@ class TrainConfig:
         if self.generation.temperature <= 0:
             raise ConfigError("generation.temperature must be > 0")
         return self
+
+    def _validate_estimator(self) -> None:
+        from templar.trainer.estimators import ESTIMATORS
+        from templar.trainer.ppo import KL_ESTIMATORS
+
+        p, n = self.ppo, self.generation.samples_per_prompt
+        choices = {"ppo.advantage_estimator": (p.advantage_estimator, ESTIMATORS),
+                   "ppo.kl_estimator": (p.kl_estimator, KL_ESTIMATORS), "ppo.kl_in": (p.kl_in, ("reward", "loss"))}
+        for key, (value, known) in choices.items():
+            if value not in known:
+                raise ConfigError(f"{key} must be one of {', '.join(known)}; got {value!r}")
+        estimator = ESTIMATORS[p.advantage_estimator]
+        if n < 1:
+            raise ConfigError(f"generation.samples_per_prompt must be >= 1, got {n}")
+        if n < estimator.min_group_size:
+            raise ConfigError(f"ppo.advantage_estimator {estimator.name} compares responses to the same prompt: set "
+                              f"generation.samples_per_prompt to {estimator.min_group_size} or more (got {n})")
+        if not estimator.needs_critic and self.models.critic != "actor":
+            raise ConfigError(f"models.critic is set, but ppo.advantage_estimator {estimator.name} trains no critic")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

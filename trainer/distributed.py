@@ -93,6 +93,13 @@ def allreduce_sum(values: np.ndarray) -> np.ndarray:
     return tensor.numpy()
 
 
+def allreduce_max(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor[0])
+
+
 def run_on_main(world: World, work: Callable[[], T]) -> T:
     """`work()` on rank 0, its result broadcast to every rank. If it raises, rank 0 raises the error and every other
     rank an error of the same class with the same message (a TemplarError stays one), so no rank waits forever at

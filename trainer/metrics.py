@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger("templar.trainer")
@@ -60,7 +61,8 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                for k, v in metrics.items()}}
+                                for k, v in metrics.items()},
+               "wall_time": round(time.time(), 3)}  # when the step ended (throughput between lines)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         for key, value in metrics.items():

@@ -1,14 +1,15 @@
 """PPO with DeepSpeed, rewards from Triton over gRPC, each model applying its own chat template (`templar train`).
 
 One step, top to bottom (`PPOTrainer.step`):
-  1. rollout     the actor formats each prompt with ITS template, samples, stops at its end-of-turn token, and the
-                 response is decoded back to plain text;
+  1. rollout     the actor formats each prompt with ITS template, samples (generation.samples_per_prompt responses
+                 per prompt), stops at its end-of-turn token, and the response is decoded back to plain text;
   2. rewards     {"messages": prompt + [assistant: response]} goes to every RM (each applies ITS template inside
                  Triton) in the background, while
-  3. the trainer computes the rollout's log-probs, the reference log-probs and the critic's values;
+  3. the trainer computes the rollout's log-probs, the reference log-probs and (with a critic) the values;
   4. wait        for the rewards; rows an RM could not score are masked out (and recorded), never zeroed;
-  5. advantages  per-token KL penalty, score at the last response token, GAE, whitening;
-  6. update      PPO epochs over minibatches: clipped policy loss (actor), clipped value loss (critic);
+  5. advantages  per-token KL estimate (k1/k2/k3) as a reward penalty or a loss term, then the advantage estimator
+                 (templar/trainer/estimators.py): GAE with the critic, or GRPO / Dr. GRPO / RLOO / REINFORCE++;
+  6. update      PPO epochs over minibatches: clipped policy loss (actor), clipped value loss (critic, if any);
   7. KL          controller update, metrics, checkpoint.
 
 The command line is `templar train` (templar.tools.train); `train(config)` here is the run itself.
@@ -19,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +35,15 @@ from templar.chat_format import ChatFormat
 from templar.conversation import Messages
 from templar.errors import ConfigError
 from templar.trainer import ppo
-from templar.trainer.actor import Rollout, generate, response_logprobs, response_values
+from templar.trainer.actor import (Rollout, generate, response_logprobs, response_logprobs_and_entropy,
+                                   response_values)
 from templar.trainer.checkpoint import latest_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint
 from templar.trainer.config import TrainConfig, to_dict
 from templar.trainer.data import PromptStream, load_prompts
-from templar.trainer.distributed import (World, allreduce_sum, barrier, gather_objects, init_distributed, make_engine,
-                                         parameters_sha256, rng_state, run_on_main, set_rng_state)
+from templar.trainer.distributed import (World, allreduce_max, allreduce_sum, barrier, gather_objects,
+                                         init_distributed, make_engine, parameters_sha256, rng_state, run_on_main,
+                                         set_rng_state)
+from templar.trainer.estimators import ESTIMATORS, AdvantageInputs
 from templar.trainer.faults import maybe_die
 from templar.trainer.metrics import MetricsLog, plot_curves, restart_jsonl
 from templar.trainer.models import load_actor, load_critic, load_reference
@@ -47,7 +52,18 @@ from templar.trainer.rewards import RewardBatch, RewardModels, record_unscored, 
 from templar.trainer.sources import ModelSources, resolve_models
 
 log = logging.getLogger("templar.trainer")
-LOSS_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac")
+
+
+def reduce_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel ranks (global statistics, e.g. REINFORCE++'s whitening)."""
+    return torch.from_numpy(allreduce_sum(values.detach().double().numpy()))
+
+
+def explained_variance(t: dict[str, float]) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens of every rank."""
+    var = lambda total, squares: squares / t["masked"] - (total / t["masked"]) ** 2  # noqa: E731
+    returns_var = var(t["ret"], t["ret_sq"])
+    return 1.0 - var(t["res"], t["res_sq"]) / returns_var if returns_var > 0 else float("nan")
 
 
 @dataclass
@@ -56,7 +72,8 @@ class Evaluation:
 
     logprobs: torch.Tensor  # log pi_old
     ref_logprobs: torch.Tensor  # log pi_ref
-    values: torch.Tensor  # V_old
+    values: torch.Tensor | None  # V_old (None without a critic)
+    entropy: torch.Tensor  # H(pi_old) at each response position
 
 
 @dataclass
@@ -68,7 +85,19 @@ class Scored:
     mask: torch.Tensor  # [B, Lr] response tokens of valid rows
     failed: int  # rows recorded as unscored
     wait_s: float
-    versions: dict[str, float]  # rm_version/<name>: the newest RM version that scored this step's rows
+    versions: dict[str, float] = field(default_factory=dict)  # rm_version/<name>: newest RM version that scored
+
+
+class StepTimes(dict):
+    """Seconds per phase of one step (`time/<phase>` in the metrics)."""
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - started
 
 
 class PPOTrainer:
@@ -81,22 +110,29 @@ class PPOTrainer:
         tokenizer = self.actor_chat.tokenizer
         self.stop_ids = self.actor_chat.stop_token_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.actor = make_engine(load_actor(sources.actor), config.ppo.actor_lr, config)
-        self.critic = make_engine(load_critic(sources.critic, sources.actor), config.ppo.critic_lr, config)
-        self.reference = load_reference(sources.actor)
         p = config.ppo
+        self.estimator = ESTIMATORS[p.advantage_estimator]
+        self.group_size = config.generation.samples_per_prompt
+        self.actor = make_engine(load_actor(sources.actor), p.actor_lr, config)
+        self.critic = (make_engine(load_critic(sources.critic, sources.actor), p.critic_lr, config)
+                       if self.estimator.needs_critic else None)
+        self.reference = load_reference(sources.actor)
         self.kl_ctl = (ppo.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
                        else ppo.FixedKLController(p.kl_coef))
         self.data = PromptStream(prompts, seed=config.seed, shuffle=config.data.shuffle, rank=world.rank,
                                  world_size=world.size)
         self.rewards = RewardModels(config.reward, endpoints, allreduce_sum)
         self.shuffle = torch.Generator().manual_seed(config.seed * 1000 + world.rank)
+        self.times = StepTimes()
+        self.checkpoint_s = 0.0  # the last checkpoint's write time, reported with the next step
         log.info("actor %s: chat_template sha256 %s, stop tokens %s", sources.actor, self.actor_chat.template_sha256,
                  tokenizer.convert_ids_to_tokens(self.stop_ids))
+        log.info("advantage estimator %s (%s), %d response(s) per prompt, KL %s in the %s", self.estimator.name,
+                 self.estimator.paper, self.group_size, p.kl_estimator, p.kl_in)
 
     @property
     def engines(self) -> dict:
-        return {"actor": self.actor, "critic": self.critic}
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict:
@@ -115,11 +151,15 @@ class PPOTrainer:
     # -- one PPO step: the phases below, in order --------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
-        # 1. Rollout with the actor's own template; responses back to plain text.
-        prompts = self.data.next_batch(self.config.ppo.rollout_batch_size)
+        self.times = StepTimes()
+        # 1. Rollout with the actor's own template (n responses per prompt: rows [g*n, (g+1)*n) are one group);
+        #    responses back to plain text.
+        prompts = [prompt for prompt in self.data.next_batch(self.config.ppo.rollout_batch_size)
+                   for _ in range(self.group_size)]
         synced = self.config.deepspeed.zero_stage == 3 and self.world.size > 1
-        rollout = generate(self.actor.module, self.actor_chat, prompts, self.config.generation, self.stop_ids,
-                           self.pad_id, synced_gpus=synced)
+        with self.times("rollout"):
+            rollout = generate(self.actor.module, self.actor_chat, prompts, self.config.generation, self.stop_ids,
+                               self.pad_id, synced_gpus=synced)
         maybe_die("rollout", step)  # testing hooks (templar.trainer.faults): a SIGKILL here when asked
         # 2. Every RM scores the structured conversation with its own template, in the background ...
         conversations = reward_conversations(prompts, rollout.texts)
@@ -129,93 +169,132 @@ class PPOTrainer:
         # 4. Wait for the rewards; rows that could not be scored are masked out of the update.
         scored = self.collect(step, conversations, rollout, pending)
         maybe_die("scoring", step)
-        # 5. Per-token rewards (KL penalty, score at the last token), GAE, whitening.
+        # 5. Per-token KL estimate, then the advantage estimator (GAE with the critic, or a critic-free one).
         advantages, returns, kl = self.advantages(scored, old)
         # 6. PPO epochs over minibatches.
         losses = self.update(rollout, old, advantages, returns, scored.mask)
         maybe_die("update", step)
         # 7. KL controller and metrics (summed over ranks).
-        return self.metrics(rollout, scored, kl, losses, time.perf_counter() - started)
+        return self.metrics(rollout, scored, old, kl, advantages, returns, losses, time.perf_counter() - started)
 
     def evaluate(self, rollout: Rollout) -> Evaluation:
         sequences, attention = rollout.sequences
         length, temperature = rollout.response_ids.shape[1], self.config.generation.temperature
         with torch.no_grad():
-            return Evaluation(response_logprobs(self.actor, sequences, attention, length, temperature),
-                              response_logprobs(self.reference, sequences, attention, length, temperature),
-                              response_values(self.critic, sequences, attention, length))
+            with self.times("old_logprobs"):
+                logprobs, entropy = response_logprobs_and_entropy(self.actor, sequences, attention, length,
+                                                                  temperature)
+            with self.times("reference"):
+                ref_logprobs = response_logprobs(self.reference, sequences, attention, length, temperature)
+            values = None
+            if self.critic is not None:
+                with self.times("critic"):
+                    values = response_values(self.critic, sequences, attention, length)
+        return Evaluation(logprobs, ref_logprobs, values, entropy)
 
     def collect(self, step: int, conversations: list[dict], rollout: Rollout, pending: dict) -> Scored:
-        waiting = time.perf_counter()
-        batch = self.rewards.collect(pending, rollout.ended.numpy())
-        wait_s = time.perf_counter() - waiting
+        with self.times("rewards_wait"):
+            batch = self.rewards.collect(pending, rollout.ended.numpy())
         failed = record_unscored(self.output_dir / f"unscored.rank{self.world.rank}.jsonl", step, conversations,
                                  batch)
         if self.world.is_main:  # one sample per step: what the actor said and what every RM made of it
             self._record_sample(step, conversations[0], bool(rollout.ended[0]), batch)
         mask = rollout.response_mask.float() * torch.from_numpy(batch.valid)[:, None]
         scores = torch.from_numpy(np.nan_to_num(batch.scores)).float()
-        return Scored(batch, scores, mask, failed, wait_s, self.rewards.note_versions(step, batch))
+        return Scored(batch, scores, mask, failed, self.times["rewards_wait"], self.rewards.note_versions(step, batch))
 
-    def advantages(self, scored: Scored, old: Evaluation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def advantages(self, scored: Scored, old: Evaluation) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(advantages, value targets or None, the per-token KL estimate)."""
         p = self.config.ppo
-        rewards, kl = ppo.kl_penalized_rewards(scored.scores, old.logprobs, old.ref_logprobs, scored.mask,
-                                               self.kl_ctl.value)
-        if p.whiten_rewards:
-            rewards = ppo.masked_whiten(rewards, scored.mask, shift_mean=False)
-        advantages, returns = ppo.gae_advantages(rewards, old.values, scored.mask, p.gamma, p.lam)
-        if p.whiten_advantages:
-            advantages = ppo.masked_whiten(advantages, scored.mask)
+        kl = ppo.kl_estimate(old.logprobs, old.ref_logprobs, p.kl_estimator) * scored.mask
+        kl_coef_in_reward = self.kl_ctl.value if p.kl_in == "reward" else 0.0
+        inputs = AdvantageInputs(scored.scores, torch.from_numpy(scored.batch.valid), -kl_coef_in_reward * kl,
+                                 scored.mask, old.values, self.group_size, reduce_over_ranks)
+        advantages, returns = self.estimator.compute(inputs, p)
         return advantages, returns, kl
 
-    def update(self, rollout: Rollout, old: Evaluation, advantages: torch.Tensor, returns: torch.Tensor,
+    def update(self, rollout: Rollout, old: Evaluation, advantages: torch.Tensor, returns: torch.Tensor | None,
                mask: torch.Tensor) -> dict[str, list[float]]:
         """DeepSpeed accumulates micro-batches up to a minibatch, then steps the optimizer."""
         p = self.config.ppo
         sequences, attention = rollout.sequences
-        length, temperature = rollout.response_ids.shape[1], self.config.generation.temperature
-        losses: dict[str, list[float]] = {k: [] for k in LOSS_KEYS}
+        rows, length = len(rollout.texts), rollout.response_ids.shape[1]
+        temperature = self.config.generation.temperature
+        # Dr. GRPO: the loss is a sum over tokens divided by a constant, not a mean over each batch's tokens
+        normalizer = p.micro_batch_size * self.config.generation.max_new_tokens if self.estimator.sum_over_tokens \
+            else None
+        losses: dict[str, list[float]] = {}
         for _ in range(p.ppo_epochs):
-            order = torch.randperm(p.rollout_batch_size, generator=self.shuffle)
-            for start in range(0, p.rollout_batch_size, p.micro_batch_size):
+            order = torch.randperm(rows, generator=self.shuffle)
+            for start in range(0, rows, p.micro_batch_size):
                 idx = order[start:start + p.micro_batch_size]
-                logprobs = response_logprobs(self.actor, sequences[idx], attention[idx], length, temperature)
-                pg_loss, pg_stats = ppo.policy_loss(logprobs, old.logprobs[idx], advantages[idx], mask[idx],
-                                                    p.clip_range)
-                self.actor.backward(pg_loss)
-                self.actor.step()
-                values = response_values(self.critic, sequences[idx], attention[idx], length)
-                vf_loss, vf_stats = ppo.value_loss(values, old.values[idx], returns[idx], mask[idx],
-                                                   p.clip_range_value)
-                self.critic.backward(vf_loss)
-                self.critic.step()
-                for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg_stats, **vf_stats}.items():
-                    losses[key].append(float(value.detach()))
+                with self.times("update"):
+                    logprobs = response_logprobs(self.actor, sequences[idx], attention[idx], length, temperature)
+                    loss, stats = ppo.policy_loss(logprobs, old.logprobs[idx], advantages[idx], mask[idx],
+                                                  p.clip_range, normalizer)
+                    stats["policy_loss"] = loss
+                    if p.kl_in == "loss":  # GRPO's way: the KL to the reference as a loss term, not in the reward
+                        stats["kl_loss"] = ppo.masked_mean(
+                            ppo.kl_estimate(logprobs, old.ref_logprobs[idx], p.kl_estimator), mask[idx])
+                        loss = loss + self.kl_ctl.value * stats["kl_loss"]
+                    self.actor.backward(loss)
+                    self.actor.step()
+                if self.critic is not None:
+                    with self.times("critic"):
+                        values = response_values(self.critic, sequences[idx], attention[idx], length)
+                        vf_loss, vf_stats = ppo.value_loss(values, old.values[idx], returns[idx], mask[idx],
+                                                           p.clip_range_value)
+                        self.critic.backward(vf_loss)
+                        self.critic.step()
+                    stats.update(value_loss=vf_loss, **vf_stats)
+                for key, value in stats.items():
+                    losses.setdefault(key, []).append(float(value.detach()))
         return losses
 
-    def metrics(self, rollout: Rollout, scored: Scored, kl: torch.Tensor, losses: dict[str, list[float]],
-                step_s: float) -> dict[str, float]:
-        batch, valid = scored.batch, torch.from_numpy(scored.batch.valid).float()
-        totals = allreduce_sum(np.array([
-            valid.sum(), (scored.scores * valid).sum(), (kl.sum(1) * valid).sum(),
-            float(len(valid)), float(rollout.response_mask.sum()), float((~rollout.ended).sum()), float(scored.failed),
-            *[np.nanmean(v) if v else 0.0 for v in losses.values()],
-            *[float(np.nansum(np.where(batch.valid, r.scores, 0.0))) for r in batch.per_rm.values()],
-        ], dtype=np.float64))
-        n_valid, score_sum, kl_sum, n_rows, tokens, unfinished, n_failed = totals[:7]
-        loss_means = totals[7:7 + len(losses)] / self.world.size
-        kl_mean = kl_sum / max(n_valid, 1)
-        self.kl_ctl.update(kl_mean, int(n_rows))
-        per_valid = lambda total: total / n_valid if n_valid else float("nan")  # noqa: E731
+    def metrics(self, rollout: Rollout, scored: Scored, old: Evaluation, kl: torch.Tensor, advantages: torch.Tensor,
+                returns: torch.Tensor | None, losses: dict[str, list[float]], step_s: float) -> dict[str, float]:
+        """Sums over every rank first (one all-reduce), then the per-row / per-token means the log shows."""
+        batch, valid, mask = scored.batch, torch.from_numpy(scored.batch.valid).float(), scored.mask
+        k1 = ((old.logprobs - old.ref_logprobs) * mask).sum(1)
+        group_std, all_equal = ppo.group_statistics(scored.scores, torch.from_numpy(batch.valid), self.group_size)
+        sums = {
+            "valid": valid.sum(), "score": (scored.scores * valid).sum(), "kl": k1.sum(), "kl_est": kl.sum(),
+            "rows": float(len(valid)), "tokens": float(rollout.response_mask.sum()),
+            "unfinished": float((~rollout.ended).sum()), "failed": float(scored.failed), "masked": mask.sum(),
+            "entropy": (old.entropy * mask).sum(), "adv": (advantages * mask).sum(),
+            "adv_sq": (advantages**2 * mask).sum(), "groups": float(len(group_std)), "group_std": group_std.sum(),
+            "groups_equal": all_equal.float().sum(),
+            **{f"loss/{k}": np.nanmean(v) for k, v in losses.items() if k != "ratio_max"},
+            **{f"score/{name}": float(np.nansum(np.where(batch.valid, r.scores, 0.0)))
+               for name, r in batch.per_rm.items()},
+        }
+        if returns is not None:  # explained variance of the critic's values
+            residual = returns - old.values
+            sums.update(ret=(returns * mask).sum(), ret_sq=(returns**2 * mask).sum(), res=(residual * mask).sum(),
+                        res_sq=(residual**2 * mask).sum())
+        t = dict(zip(sums, allreduce_sum(np.array([float(v) for v in sums.values()], dtype=np.float64))))
+        kl_mean = t["kl"] / max(t["valid"], 1)
+        self.kl_ctl.update(kl_mean, int(t["rows"]))
+        per_valid = lambda total: total / t["valid"] if t["valid"] else float("nan")  # noqa: E731
+        per_token = lambda total: total / t["masked"] if t["masked"] else float("nan")  # noqa: E731
         metrics = {
-            "reward_mean": per_valid(score_sum), "kl_mean": kl_mean, "kl_coef": self.kl_ctl.value,
-            **dict(zip(losses, map(float, loss_means))),
-            "response_length_mean": tokens / n_rows, "unfinished_rows": int(unfinished), "failed_rows": int(n_failed),
-            "rm_latency_s": batch.latency_s, "reward_wait_s": scored.wait_s,
+            "reward_mean": per_valid(t["score"]), "kl_mean": kl_mean, "kl_estimate_mean": per_valid(t["kl_est"]),
+            "kl_coef": self.kl_ctl.value,
+            **{key[5:]: t[key] / self.world.size for key in t if key.startswith("loss/")},
+            "ratio_max": allreduce_max(max(losses.get("ratio_max", [1.0]))),
+            "entropy": per_token(t["entropy"]), "advantage_mean": per_token(t["adv"]),
+            "advantage_std": math.sqrt(max(per_token(t["adv_sq"]) - per_token(t["adv"]) ** 2, 0.0))
+            if t["masked"] else float("nan"),
+            "reward_std_in_group": t["group_std"] / t["groups"], "groups_all_equal": t["groups_equal"] / t["groups"],
+            "response_length_mean": t["tokens"] / t["rows"], "unfinished_rows": int(t["unfinished"]),
+            "failed_rows": int(t["failed"]), "rm_latency_s": batch.latency_s, "reward_wait_s": scored.wait_s,
             "reward_wait_share": scored.wait_s / step_s, "step_time_s": step_s,
         }
-        for name, total in zip(batch.per_rm, totals[7 + len(losses):]):
-            metrics[f"score/{name}"] = per_valid(total)
+        if returns is not None:
+            metrics["explained_variance"] = explained_variance(t)
+        metrics.update({f"score/{name}": per_valid(t[f"score/{name}"]) for name in batch.per_rm})
+        metrics.update({f"time/{phase}": seconds for phase, seconds in self.times.items()})
+        metrics["time/checkpoint"], self.checkpoint_s = self.checkpoint_s, 0.0
         return {**metrics, **scored.versions}
 
     def _record_sample(self, step: int, conversation: dict, ended: bool, batch: RewardBatch) -> None:
@@ -337,7 +416,9 @@ def _run_steps(trainer: PPOTrainer, config: TrainConfig, world: World, start: in
                                  s_per_step=f"{metrics['step_time_s']:.1f}")
             stopping = allreduce_sum(np.array([float(stop["requested"])]))[0] > 0
             if step % config.save_every == 0 or step == config.steps or stopping:
+                saving = time.perf_counter()
                 save_checkpoint(output_dir, step, trainer.engines, trainer.state_dict(step), world)
+                trainer.checkpoint_s = time.perf_counter() - saving  # in the next step's time/checkpoint
                 last_saved = step
             if stopping:
                 break
