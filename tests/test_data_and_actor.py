@@ -102,3 +102,23 @@ def test_reward_conversations_and_running_moments():
     everything = torch.tensor([x for chunk in data for x in chunk]).numpy()
     assert moments.mean == pytest.approx(everything.mean(), abs=1e-5)
     assert moments.std == pytest.approx(everything.std(), abs=1e-5)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+def test_the_rollout_sampler_draws_from_the_tempered_top_p_distribution(temperature, top_p):
+    """The rollout's sampler (inverse CDF, returned as scores whose argmax is the draw) against the distribution
+    do_sample=True draws from: softmax(logits / T), renormalised over the top-p set."""
+    from templar.trainer.actor import CategoricalSampler
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    sampler = CategoricalSampler(temperature, top_p)
+    draws = torch.cat([sampler(None, logits.expand(1000, 5)).argmax(-1) for _ in range(40)])
+    observed = torch.bincount(draws, minlength=5).double() / len(draws)
+    expected = torch.softmax(logits[0].double() / temperature, -1)
+    ordered, order = expected.sort(descending=True)
+    kept = order[(ordered.cumsum(0) - ordered) < top_p]  # the smallest set of tokens reaching top_p
+    expected = torch.zeros_like(expected).index_copy(0, kept, expected[kept])
+    expected /= expected.sum()
+    assert (observed - expected).abs().max().item() < 0.01, (observed.tolist(), expected.tolist())
+    assert observed[expected == 0].sum().item() == 0  # nothing outside the top-p set, ever

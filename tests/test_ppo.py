@@ -223,3 +223,15 @@ def test_token_entropy_by_hand():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
     assert ppo.token_entropy(logits).item() == pytest.approx(1.5 * math.log(2))  # -(0.5 ln .5 + 2 * .25 ln .25)
     assert ppo.token_entropy(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
+
+
+def test_rollout_and_update_log_probs_agree_bit_for_bit():
+    """The rollout's log-probs (with the entropy) and the update's come from different functions; they must agree
+    exactly, or the first PPO ratio is not 1 and a step-1 KL to an identical reference is not 0."""
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(3, 5, 1000) * 3, torch.randint(0, 1000, (3, 5))
+    for temperature in (1.0, 0.7):
+        with_entropy, _ = ppo.token_logprobs_and_entropy(logits, tokens, temperature)
+        assert torch.equal(ppo.token_logprobs(logits, tokens, temperature), with_entropy)
+        expected = torch.log_softmax(logits / temperature, -1).gather(-1, tokens[..., None])[..., 0]
+        assert torch.allclose(with_entropy, expected, atol=1e-5)

@@ -100,7 +100,7 @@ class PPOConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2  # 0-3
+    zero_stage: int = 2  # 0-3 (a single rank without offload runs 0: there is nothing to partition over)
     offload: bool = False  # ZeRO-Offload: optimizer states (and parameters at stage 3) in CPU memory
     bf16: bool = False
 

@@ -42,7 +42,7 @@ from templar.trainer.config import TrainConfig, to_dict
 from templar.trainer.data import PromptStream, load_prompts
 from templar.trainer.distributed import (World, allreduce_max, allreduce_sum, barrier, gather_objects,
                                          init_distributed, make_engine, parameters_sha256, rng_state, run_on_main,
-                                         set_rng_state)
+                                         set_rng_state, zero_stage)
 from templar.trainer.estimators import ESTIMATORS, AdvantageInputs
 from templar.trainer.faults import maybe_die
 from templar.trainer.metrics import MetricsLog, plot_curves, restart_jsonl
@@ -449,7 +449,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict:
     with _stop_on_signals() as stop, reward_endpoints(config, world, output_dir) as endpoints:
         trainer = PPOTrainer(config, world, endpoints, sources, prompts)
         log.info("rank %d of %d on %s, DeepSpeed ZeRO stage %d", world.rank, world.size,
-                 next(trainer.actor.module.parameters()).device, config.deepspeed.zero_stage)
+                 next(trainer.actor.module.parameters()).device, zero_stage(config))
         fingerprints = trainer.rewards.connect()
         if world.is_main:
             (output_dir / "reward_models.json").write_text(json.dumps(fingerprints, indent=2))
