@@ -187,22 +187,31 @@ def test_embedded_default_exports_serves_and_stops(tiny_actor, tiny_rms, tmp_pat
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(repo) in " ".join(p.info["cmdline"] or [])]
 
 
-def test_demo_config_trains_reward_up_with_bounded_kl(tmp_path):
-    """The README's main job (configs/demo.yaml, embedded Triton, Qwen actor, Llama-3 + Gemma-3 RMs), as `make demo`
-    runs it but in a temporary folder: the reward rises and the KL stays bounded."""
+@pytest.mark.parametrize("config", ["demo.yaml", "demo_grpo.yaml"])
+def test_demo_config_trains_reward_up_with_bounded_kl(config, tmp_path):
+    """The README's main job (configs/demo.yaml: GAE with a critic; configs/demo_grpo.yaml: GRPO, 4 responses per
+    prompt, no critic), embedded Triton, Qwen actor, Llama-3 + Gemma-3 RMs, as `make demo` runs it but in a temporary
+    folder: the reward rises and the KL stays bounded."""
     out, repo = tmp_path / "demo", tmp_path / "model_repository"
-    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    demo = Path(__file__).resolve().parents[1] / "configs" / config
     result = templar_train("--config", str(demo), f"output_dir={out}", f"reward.repo={repo}", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     quarter = len(rows) // 4
     first = sum(r["reward_mean"] for r in rows[:quarter]) / quarter
     last = sum(r["reward_mean"] for r in rows[-quarter:]) / quarter
-    assert last > first + 0.3, (first, last)  # measured: 0.96 -> 1.65 (AMD EPYC); 0.9 -> 2.0 (Xeon with AMX)
-    assert max(r["kl_mean"] for r in rows) < 25  # nats per response; measured: peaks at 18 (EPYC), 17-19 (Xeon)
+    # measured (Xeon, 2 cores): GAE 1.11 -> 2.06, KL max 15.9; GRPO 1.00 -> 2.45, KL max 21.9
+    assert last > first + 0.3, (first, last)
+    assert max(r["kl_mean"] for r in rows) < 25  # nats per response (8 tokens)
     assert all(r["failed_rows"] == 0 for r in rows)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert set(samples[-1]["scores"]) == {"rm_llama3", "rm_gemma3"}
+    critic = config == "demo.yaml"
+    assert (out / "checkpoints" / "step-000040" / "critic").is_dir() == critic
+    assert (out / "final" / "critic").is_dir() == critic
+    if not critic:  # 8 prompts x 4 responses: at first the RMs tell a group's responses apart (later the policy
+        # narrows and some groups answer alike: 0.26 of them over the last quarter, measured)
+        assert sum(r["groups_all_equal"] for r in rows[:quarter]) / quarter < 0.1
 
 
 def test_rewards_combine_weights_normalisation_penalty_and_mask_failures(triton):

@@ -7,10 +7,11 @@ Both train the same tiny actor (Qwen2.5's tokenizer and template) with GRPO agai
 `mini_batch` rows (micro-batches of `micro_batch`), the KL to the reference as a k3 loss term with the same beta, the
 same learning rate, sampling at temperature 1.
 
-    templar   `templar train` (DeepSpeed ZeRO-2 on the CPU); the RMs exported to ONNX and served by the embedded Triton
-              over gRPC, each applying its own template, scored while the trainer computes reference log-probs
-    trl       `trl.GRPOTrainer` (accelerate on the CPU); the RMs in-process in torch, each re-templating with its own
-              tokenizer (`reward_processing_classes`)
+    templar      `templar train` (DeepSpeed on the CPU); the RMs exported to ONNX and served by the embedded Triton
+                 over gRPC, each applying its own template, scored while the trainer computes reference log-probs
+    trl          `trl.GRPOTrainer` (accelerate on the CPU); the RMs in-process in torch, each re-templating with its
+                 own tokenizer (`reward_processing_classes`); gradient checkpointing off, as in Templar
+    trl-default  the same with TRL's default gradient checkpointing (on: activations recomputed in the backward)
 
 Each runs `warmup + steps` steps in a process of its own, one after the other; the figure is the samples (responses)
 trained per second over the measured steps: wall time from the end of the last warm-up step to the end of the last
@@ -46,7 +47,7 @@ class TrainBenchOptions:
     lr: float = 2e-4
     beta: float = 0.07  # KL loss coefficient
     seed: int = 1
-    frameworks: tuple[str, ...] = ("templar", "trl")
+    frameworks: tuple[str, ...] = ("templar", "trl", "trl-default")
 
     @property
     def rows(self) -> int:
@@ -101,17 +102,21 @@ def run_templar(opts: TrainBenchOptions, models: dict[str, Path], work: Path, lo
             "reward_mean_first_last": [rows[0]["reward_mean"], rows[-1]["reward_mean"]]}
 
 
-def run_trl(opts: TrainBenchOptions, models: dict[str, Path], work: Path, log) -> dict[str, Any]:
+def run_trl(opts: TrainBenchOptions, models: dict[str, Path], work: Path, log,
+            gradient_checkpointing: bool = False) -> dict[str, Any]:
     try:
         import trl  # noqa: F401
     except ImportError:
         raise ConfigError("templar bench-train compares against TRL: pip install trl accelerate (the dev extra)") \
             from None
-    spec = work / "trl-spec.json"
+    name = "trl-default" if gradient_checkpointing else "trl"
+    spec = work / f"{name}-spec.json"
     spec.write_text(json.dumps({"options": {k: v for k, v in asdict(opts).items() if k not in ("out", "work")},
-                                "models": {k: str(v) for k, v in models.items()}, "out": str(work / "trl-run")}))
-    _run([sys.executable, "-m", "templar.tools.bench_train_trl", str(spec)], work / "trl.log", "TRL GRPOTrainer", log)
-    return json.loads((work / "trl-run" / "result.json").read_text())
+                                "models": {k: str(v) for k, v in models.items()}, "out": str(work / f"{name}-run"),
+                                "gradient_checkpointing": gradient_checkpointing}))
+    _run([sys.executable, "-m", "templar.tools.bench_train_trl", str(spec)], work / f"{name}.log",
+         f"TRL GRPOTrainer ({name})", log)
+    return json.loads((work / f"{name}-run" / "result.json").read_text())
 
 
 def _run(command: list[str], log_file: Path, what: str, log) -> None:
@@ -131,7 +136,8 @@ def run(opts: TrainBenchOptions, log=print) -> dict[str, Any]:
     work = opts.work or opts.out / "work-train"
     work.mkdir(parents=True, exist_ok=True)
     models = build_models(work, opts.seed)
-    runners = {"templar": run_templar, "trl": run_trl}
+    runners = {"templar": run_templar, "trl": run_trl,
+               "trl-default": lambda *a: run_trl(*a, gradient_checkpointing=True)}
     results = {}
     for name in opts.frameworks:
         results[name] = runners[name](opts, models, work, log)
@@ -141,9 +147,11 @@ def run(opts: TrainBenchOptions, log=print) -> dict[str, Any]:
     report = {"tool": "templar bench-train", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": machine_info(), "options": {k: str(v) for k, v in asdict(opts).items()},
               "results": results}
-    if "templar" in results and "trl" in results:
-        report["templar_vs_trl"] = results["templar"]["samples_per_s"] / results["trl"]["samples_per_s"]
-        log(f"Templar / TRL: x{report['templar_vs_trl']:.2f} (target >= 1.5)")
+    for other in ("trl", "trl-default"):
+        if "templar" in results and other in results:
+            ratio = results["templar"]["samples_per_s"] / results[other]["samples_per_s"]
+            report[f"templar_vs_{other}"] = ratio
+            log(f"Templar / {other}: x{ratio:.2f} (target >= 1.5)")
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "bench_train.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -165,13 +173,13 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
-    unknown = set(frameworks) - {"templar", "trl"}
+    unknown = set(frameworks) - {"templar", "trl", "trl-default"}
     if unknown:
-        raise ConfigError(f"--frameworks: unknown {', '.join(sorted(unknown))} (known: templar, trl)")
+        raise ConfigError(f"--frameworks: unknown {', '.join(sorted(unknown))} (known: templar, trl, trl-default)")
     opts = TrainBenchOptions(out=args.out, work=args.work, steps=args.steps, warmup=args.warmup, prompts=args.prompts,
                              samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
                              epochs=args.epochs, mini_batch=args.mini_batch, micro_batch=args.micro_batch,
                              frameworks=frameworks)
     report = run(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(json.dumps({k: report[k] for k in ("results", "templar_vs_trl") if k in report}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k == "results" or k.startswith("templar_vs")}, indent=2))
     return 0

@@ -37,7 +37,8 @@ def main(spec_path: str) -> dict:
         steps_per_generation=rows // o["micro_batch"], num_generations=o["samples_per_prompt"],
         num_iterations=o["epochs"], max_completion_length=o["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         beta=o["beta"], scale_rewards="group", disable_dropout=True, reward_weights=[1.0, 1.0],
-        max_steps=rollouts * optimizer_steps_per_rollout, dataloader_num_workers=0)
+        max_steps=rollouts * optimizer_steps_per_rollout, dataloader_num_workers=0,
+        gradient_checkpointing=spec["gradient_checkpointing"])  # TRL's default is on; Templar recomputes nothing
     ends: list[float] = []
 
     class Clock(TrainerCallback):
