@@ -47,7 +47,7 @@ class TrainBenchOptions:
     lr: float = 2e-4
     beta: float = 0.07  # KL loss coefficient
     seed: int = 1
-    frameworks: tuple[str, ...] = ("templar", "trl", "trl-default")
+    frameworks: tuple[str, ...] = ("templar", "trl")  # add "trl-default" for TRL with gradient checkpointing
 
     @property
     def rows(self) -> int:

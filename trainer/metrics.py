@@ -89,7 +89,9 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
     panels = [("reward_mean", "reward (RM score)"), ("kl_mean", "KL(actor || reference)"),
-              ("policy_loss", "policy loss"), ("value_loss", "value loss")]
+              ("policy_loss", "policy loss"), ("entropy", "policy entropy (per token)")]
+    if any(r.get("value_loss") is not None for r in rows):  # a critic estimator
+        panels.append(("value_loss", "value loss"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
         values = [r.get(key) for r in rows]
