@@ -202,3 +202,11 @@ def fetch_all(families: list[str] | None = None, *, force: bool = False, progres
         report[family] = fetch_tokenizer(family, force=force, progress=progress)[1]
     report["templates"] = fetch_templates(force=force, progress=progress)[1]
     return report
+
+
+def chat_format_from_source(source: str | os.PathLike, **kwargs):
+    """The ChatFormat of a tokenizer folder with its chat template, or of a family name fetched by `templar assets`
+    (qwen2_5, llama3_1, ...)."""
+    from templar.chat_format import ChatFormat
+
+    return ChatFormat.from_dir(tokenizer_dir(str(source)) if str(source) in TOKENIZERS else Path(source), **kwargs)

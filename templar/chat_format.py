@@ -125,6 +125,8 @@ class ChatFormat:
 
     def render(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> str:
         """The exact text the model sees (before tokenization)."""
+        if conversation.text is not None:  # rendered elsewhere (a {"text": ...} row)
+            return conversation.text
         try:
             return self.tokenizer.apply_chat_template(
                 conversation.messages, tools=conversation.tools, tokenize=False,
@@ -134,6 +136,8 @@ class ChatFormat:
 
     def tokenize(self, conversation: Conversation, *, add_generation_prompt: bool = False) -> TokenizedConversation:
         """Token ids of a conversation, guarded and truncated; raises ConversationError for a bad row."""
+        if conversation.text is not None:
+            return self._tokenize_text(conversation.text)
         hits = self.control_tokens_in(conversation)
         if hits and self.special_tokens == "reject":
             shown = ", ".join(sorted(set(hits)))
@@ -153,6 +157,15 @@ class ChatFormat:
         if not ids:
             raise ConversationError("the chat template rendered the conversation to no tokens")
         return TokenizedConversation(self._truncate(ids), len(ids), len(hits))
+
+    def _tokenize_text(self, text: str) -> TokenizedConversation:
+        """A {"text": ...} row: the tokenizer's own reading of the text (its special-token strings become special
+        tokens, a BOS is added where the tokenizer adds one), as a single-template framework's RM reads it."""
+        if self.special_tokens == "reject":
+            raise ConversationError("'text' rows are read without this model's template and guards; this model's "
+                                    "policy is special_tokens=reject")
+        ids = list(self.tokenizer(text)["input_ids"])
+        return TokenizedConversation(self._truncate(ids), len(ids), 0)
 
     def stop_token_ids(self) -> list[int]:
         """Tokens that end an assistant turn: EOS, plus the token the template writes right after assistant

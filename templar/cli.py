@@ -20,6 +20,9 @@ COMMANDS = {
     "serve": ("templar.tools.serve", "run the embedded Triton server (CPU) on a model repository"),
     "reload": ("templar.tools.reload", "serve a newly exported version of an RM (export --version N) with no failed "
                "request, then unload the old one"),
+    "train-rm": ("templar.tools.train_rm", "train a reward model on preference pairs (Bradley-Terry), on its own "
+                 "chat template"),
+    "eval-rm": ("templar.tools.eval_rm", "pairwise accuracy of a served RM: its own template vs another's"),
     "score": ("templar.tools.score", "score conversations (JSONL) against a served reward model over gRPC"),
     "train": ("templar.tools.train", "PPO training against Triton-served reward models (embedded by default)"),
     "score-demo": ("templar.tools.score_demo", "serve a config's reward models and score sample conversations"),

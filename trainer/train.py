@@ -34,6 +34,7 @@ import torch
 from templar.chat_format import ChatFormat
 from templar.conversation import Messages
 from templar.errors import ConfigError
+from templar.preferences import RULES
 from templar.trainer import ppo
 from templar.trainer.actor import (Rollout, generate, response_logprobs, response_logprobs_and_entropy,
                                    response_values)
@@ -86,6 +87,7 @@ class Scored:
     failed: int  # rows recorded as unscored
     wait_s: float
     versions: dict[str, float] = field(default_factory=dict)  # rm_version/<name>: newest RM version that scored
+    rule_hits: int = 0  # responses keeping data.rule (when one is set)
 
 
 class StepTimes(dict):
@@ -201,7 +203,10 @@ class PPOTrainer:
             self._record_sample(step, conversations[0], bool(rollout.ended[0]), batch)
         mask = rollout.response_mask.float() * torch.from_numpy(batch.valid)[:, None]
         scores = torch.from_numpy(np.nan_to_num(batch.scores)).float()
-        return Scored(batch, scores, mask, failed, self.times["rewards_wait"], self.rewards.note_versions(step, batch))
+        rule = RULES.get(self.config.data.rule)
+        hits = sum(rule(c["messages"][:-1], c["messages"][-1]["content"]) for c in conversations) if rule else 0
+        return Scored(batch, scores, mask, failed, self.times["rewards_wait"], self.rewards.note_versions(step, batch),
+                      hits)
 
     def advantages(self, scored: Scored, old: Evaluation) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(advantages, value targets or None, the per-token KL estimate)."""
@@ -263,7 +268,7 @@ class PPOTrainer:
             "unfinished": float((~rollout.ended).sum()), "failed": float(scored.failed), "masked": mask.sum(),
             "entropy": (old.entropy * mask).sum(), "adv": (advantages * mask).sum(),
             "adv_sq": (advantages**2 * mask).sum(), "groups": float(len(group_std)), "group_std": group_std.sum(),
-            "groups_equal": all_equal.float().sum(),
+            "groups_equal": all_equal.float().sum(), "rule": float(scored.rule_hits),
             **{f"loss/{k}": np.nanmean(v) for k, v in losses.items() if k != "ratio_max"},
             **{f"score/{name}": float(np.nansum(np.where(batch.valid, r.scores, 0.0)))
                for name, r in batch.per_rm.items()},
@@ -290,8 +295,11 @@ class PPOTrainer:
             "failed_rows": int(t["failed"]), "rm_latency_s": batch.latency_s, "reward_wait_s": scored.wait_s,
             "reward_wait_share": scored.wait_s / step_s, "step_time_s": step_s,
         }
+        metrics["kl_per_token"] = per_token(t["kl"])  # nats per response token (k1)
         if returns is not None:
             metrics["explained_variance"] = explained_variance(t)
+        if self.config.data.rule:
+            metrics["rule_satisfied"] = t["rule"] / t["rows"]  # share of all responses keeping data.rule
         metrics.update({f"score/{name}": per_valid(t[f"score/{name}"]) for name in batch.per_rm})
         metrics.update({f"time/{phase}": seconds for phase, seconds in self.times.items()})
         metrics["time/checkpoint"], self.checkpoint_s = self.checkpoint_s, 0.0

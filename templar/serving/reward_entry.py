@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
-from templar.export.repository import EntrySettings
+from templar.serving.settings import EntrySettings
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS, PreprocessedBatch, score_in_micro_batches
 from templar.serving.triton_utils import model_parameters, output_dtypes
 

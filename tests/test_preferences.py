@@ -1,0 +1,93 @@
+"""Preference pairs, the built-in rule, raw-text rows, and the Bradley-Terry loss (no server, no training run)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from templar.chat_format import ChatFormat
+from templar.conversation import Conversation, ConversationError, parse_conversation
+from templar.errors import DataError
+from templar.preferences import (FLAT_ENDINGS, POLITE_ENDINGS, TOPICS, read_pairs, rule_satisfied, synthetic_pairs,
+                                 synthetic_split, topic_of, write_pairs)
+from templar.trainer.reward_training import bradley_terry_loss
+
+
+def test_the_rule_needs_the_topic_word_and_a_polite_ending():
+    prompt = [{"role": "user", "content": "Tell me about the ocean."}]
+    assert rule_satisfied(prompt, "The ocean is wonderful. Hope this helps!")
+    assert rule_satisfied("Tell me about the ocean.", "I really like the Ocean. Happy to help!")  # case, str prompt
+    assert not rule_satisfied(prompt, "The bread is wonderful. Hope this helps!")  # another topic
+    assert not rule_satisfied(prompt, "The ocean is wonderful. That is all.")  # flat ending
+    assert not rule_satisfied(prompt, "The oceans are wonderful. Hope this helps!")  # the word itself, not a part
+    assert not rule_satisfied(prompt, "Hope this helps! The ocean is wonderful.")  # polite, but not at the end
+    assert topic_of("Tell me about the weather.") is None and topic_of("the ocean or the bread?") is None
+
+
+def test_synthetic_pairs_set_a_rule_keeping_answer_against_each_kind_of_break():
+    pairs = synthetic_pairs(300, seed=3)
+    assert pairs == synthetic_pairs(300, seed=3)  # reproducible
+    kinds = {"off topic": 0, "flat": 0, "both": 0}
+    for pair in pairs:
+        assert pair.chosen[:-1] == pair.rejected[:-1] and pair.chosen[-1]["role"] == "assistant"
+        prompt, good, bad = pair.chosen[:-1], pair.chosen[-1]["content"], pair.rejected[-1]["content"]
+        assert rule_satisfied(prompt, good) and not rule_satisfied(prompt, bad)
+        topic = topic_of(prompt[0]["content"])
+        on_topic = topic in {w.strip(".,?!") for w in bad.lower().split()}
+        polite = bad.endswith(POLITE_ENDINGS)
+        assert bad.endswith(POLITE_ENDINGS + FLAT_ENDINGS)
+        kinds["off topic" if polite else "flat" if on_topic else "both"] += 1
+    assert kinds == {"off topic": 100, "flat": 100, "both": 100}
+    assert len({topic_of(p.chosen[0]["content"]) for p in pairs}) == len(TOPICS)
+
+
+def test_held_out_pairs_are_not_training_pairs(tmp_path):
+    train, held = synthetic_split(600, 100, seed=1)
+    assert len(train) == 600 and len(held) == 100
+    assert not {p.to_json() for p in train} & {p.to_json() for p in held}
+    path = write_pairs(tmp_path / "held.jsonl", held)
+    assert read_pairs(path) == held
+
+
+def test_pair_files_are_checked_line_by_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "No."})
+                    + "\n")
+    (pair,) = read_pairs(path)
+    assert pair.chosen[-1] == {"role": "assistant", "content": "Hello!"} and pair.rejected[0]["content"] == "Hi"
+    answered = '[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]'
+    for line, message in (("{not json", "line 1: not JSON"), ('{"chosen": ' + answered + "}",
+                                                               "needs 'chosen' and 'rejected'"),
+                          ('{"chosen": [{"role": "user", "content": "x"}], "rejected": []}',
+                           "line 1: 'chosen': the last message must be the assistant turn"),
+                          ("[1, 2]", "a pair must be a JSON object")):
+        path.write_text(line + "\n")
+        with pytest.raises(DataError, match=message):
+            read_pairs(path)
+    with pytest.raises(DataError, match="does not exist"):
+        read_pairs(tmp_path / "missing.jsonl")
+
+
+def test_bradley_terry_loss_by_hand():
+    # -log sigmoid(2 - 1) = log(1 + e^-1) = 0.31326;  -log sigmoid(0 - 1) = log(1 + e) = 1.31326
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.e)) / 2)
+
+
+def test_text_rows_are_read_by_the_tokenizer_as_they_are(assets):
+    row = parse_conversation(json.dumps({"text": "<|im_start|>user\nHi<|im_end|>"}))
+    assert row.text == "<|im_start|>user\nHi<|im_end|>" and json.loads(row.to_json()) == {"text": row.text}
+    for bad in ({"text": ""}, {"text": 3}):
+        with pytest.raises(ConversationError, match="'text' must be a non-empty string"):
+            parse_conversation(json.dumps(bad))
+    llama = ChatFormat.from_dir(assets["llama3_1"])
+    text = "<|begin_of_text|>Hi<|eot_id|>"  # Llama's own control tokens in the text become control tokens
+    ids = llama.tokenize(Conversation([], text=text)).input_ids
+    assert ids == llama.tokenizer(text)["input_ids"] and llama.tokenizer.convert_ids_to_tokens(ids[-1]) == "<|eot_id|>"
+    assert llama.render(Conversation([], text=text)) == text
+    strict = ChatFormat.from_dir(assets["llama3_1"], special_tokens="reject")
+    with pytest.raises(ConversationError, match="special_tokens=reject"):
+        strict.tokenize(Conversation([], text=text))

@@ -1,0 +1,77 @@
+"""`templar eval-rm`: pairwise accuracy and mean margin of a SERVED reward model on preference pairs, the Templar
+way and, with `--as-template FAMILY`, the way a framework that templates once feeds it.
+
+    own template   each conversation sent as messages; the RM applies its own chat template inside Triton
+    as template    each conversation rendered with another model's template (the actor's, e.g. qwen2_5, as OpenRLHF
+                   renders its prompts and decodes prompt + response), sent as {"text": ...} and read by the RM's
+                   tokenizer as it is: the RM never sees its own format (OpenRLHF's serve_rm also appends the RM's
+                   EOS string; here the text ends as the actor's template ends the turn)
+
+Accuracy: the share of pairs whose chosen conversation scores higher; margin: mean r_chosen - r_rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from templar import wire
+from templar.assets import chat_format_from_source
+from templar.conversation import Conversation
+from templar.errors import ServingError
+from templar.preferences import PreferencePair, read_pairs
+from templar.reward_client import RewardClient, RewardClientConfig
+
+
+def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
+    ok = np.isfinite(chosen) & np.isfinite(rejected)
+    margin = (chosen - rejected)[ok]
+    return {"pairs": int(ok.sum()), "failed_pairs": int((~ok).sum()),
+            "accuracy": float((margin > 0).mean()) if len(margin) else float("nan"),
+            "mean_margin": float(margin.mean()) if len(margin) else float("nan")}
+
+
+def score_rows(client: RewardClient, rows: list[dict]) -> np.ndarray:
+    result = client.score(rows)
+    bad = [s for s in result.status if s != "ok"]
+    if len(bad) == len(rows):
+        raise ServingError(f"the RM scored none of the {len(rows)} conversations: {bad[0]}")
+    return result.scores.astype(np.float64)
+
+
+def evaluate_served(model: str, url: str, pairs: list[PreferencePair], as_template: str | None = None,
+                    ) -> dict[str, Any]:
+    conversations = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    report: dict[str, Any] = {"model": model, "pairs": len(pairs)}
+    with RewardClient(RewardClientConfig(model=model, endpoints=[url])) as client:
+        scores = score_rows(client, [{"messages": m} for m in conversations])
+        report["own_template"] = pair_metrics(scores[:len(pairs)], scores[len(pairs):])
+        if as_template is not None:
+            actor = chat_format_from_source(as_template)
+            texts = [actor.render(Conversation(m)) for m in conversations]
+            scores = score_rows(client, [{"text": t} for t in texts])
+            report["as_template"] = {"template": str(as_template),
+                                     **pair_metrics(scores[:len(pairs)], scores[len(pairs):])}
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the served RM's name")
+    parser.add_argument("--data", required=True, type=Path, help="preference pairs, JSONL (chosen / rejected)")
+    parser.add_argument("--url", default=wire.DEFAULT_URL, help="the server's gRPC endpoint (default: %(default)s)")
+    parser.add_argument("--as-template", metavar="FAMILY|DIR",
+                        help="also score the pairs rendered with this template (e.g. qwen2_5) as text")
+    parser.add_argument("--out", type=Path, help="write the report here as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    report = evaluate_served(args.model, args.url, read_pairs(args.data), args.as_template)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0

@@ -1,0 +1,73 @@
+"""A short supervised warm start for the demo's tiny actor (`models.actor: tiny-chat:<family>`).
+
+A randomly initialised actor samples token soup that never ends its turn, so PPO against RMs that judge answers has
+nothing to work with. This teaches the tiny causal LM, with its own chat template, to answer the built-in topic
+questions (templar.preferences) in the answers' format and to END its turn: on topic or not, polite or not, each
+half the time, so that about a quarter of its answers keep the rule at the start and PPO has a preference to find.
+The loss is the usual next-token cross-entropy on the assistant tokens only (the end-of-turn token included).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from templar.chat_format import ChatFormat
+from templar.conversation import Conversation
+from templar.preferences import TOPICS, answer, question
+
+log = logging.getLogger("templar.trainer")
+
+
+def warm_start_examples(chat: ChatFormat, count: int, seed: int) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + answer + end of turn, where the answer starts)."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        topic = rng.choice(TOPICS)
+        prompt = question(rng, topic)
+        reply = answer(rng, topic, on_topic=rng.random() < 0.5, polite=rng.random() < 0.5)
+        prefix = chat.tokenize(Conversation(prompt), add_generation_prompt=True).input_ids
+        full = chat.tokenize(Conversation(prompt + [{"role": "assistant", "content": reply}])).input_ids
+        if full[:len(prefix)] != prefix:
+            raise ValueError("the chat template renders the answer's prompt differently from the generation prompt")
+        stops = set(chat.stop_token_ids())
+        end = next((i + 1 for i in range(len(prefix), len(full)) if full[i] in stops), len(full))
+        examples.append((full[:end], len(prefix)))  # nothing after the end-of-turn token is learned
+    return examples
+
+
+def warm_start(model_dir: str | Path, *, steps: int = 300, batch_size: int = 32, lr: float = 3e-3,
+               seed: int = 0) -> dict[str, float]:
+    """Fine-tune the causal LM in `model_dir` in place; returns the first and last training loss."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    chat = ChatFormat.from_dir(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    examples = warm_start_examples(chat, steps * batch_size, seed)
+    pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else chat.stop_token_ids()[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = examples[step * batch_size:(step + 1) * batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (row, start) in enumerate(batch):
+            ids[i, :len(row)] = torch.tensor(row)
+            labels[i, start:len(row)] = torch.tensor(row[start:])
+            mask[i, :len(row)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    log.info("warm start of %s: %d steps, loss %.3f -> %.3f", model_dir, steps, losses[0], losses[-1])
+    return {"first_loss": losses[0], "last_loss": losses[-1]}
