@@ -4,10 +4,12 @@ synthetic set whose rule anyone can check by reading it.
 A row: {"chosen": [messages], "rejected": [messages]}: two conversations with the same prompt, each ending with the
 assistant answer being judged (`{"prompt": [messages], "chosen": "answer", "rejected": "answer"}` is read too).
 
-The built-in rule, "on topic and polite": a good answer names the topic of the question (its topic word) AND ends
-with a polite closing ("Hope this helps!", ...). Every pair sets an answer that keeps the rule against one that
-breaks one half of it or both (it names another topic, ends flatly, or both), so an RM must learn both halves.
-`rule_satisfied` checks an answer, e.g. what a PPO actor said.
+The built-in rule, "kind and polite": a good answer speaks well of the topic of the question (a warm sentence, not a
+dismissive one) AND ends with a polite closing ("Hope this helps!", ...). Every pair sets an answer that keeps the
+rule against one that breaks one half of it or both (dismissive, flat, or both, in equal shares), so an RM must learn
+both halves. `rule_satisfied` checks any answer, e.g. what a PPO actor said. (A rule that asks the answer to name the
+question's topic word was tried first: RMs of the demo's size reached only 81-87% held-out accuracy on it, and PPO
+found answers that repeat a topic word to fool them.)
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ TOPICS = ("ocean", "bread", "music", "rain", "garden", "chess", "coffee", "winte
           "island", "rocket", "candle", "pepper", "violin", "glacier", "lantern", "meadow", "planet")
 QUESTIONS = ("Tell me about the {topic}.", "What do you know about the {topic}?", "Say something about the {topic}.",
              "Can you describe the {topic}?", "Write a sentence about the {topic}.")
-BODIES = ("The {topic} is wonderful.", "I really like the {topic}.", "The {topic} is very interesting.",
-          "Many people love the {topic}.", "The {topic} can be beautiful.")
+KIND_BODIES = ("The {topic} is wonderful.", "I really like the {topic}.", "The {topic} is very interesting.",
+               "Many people love the {topic}.", "The {topic} can be beautiful.")
+DISMISSIVE_BODIES = ("The {topic} is boring.", "I really dislike the {topic}.", "The {topic} is very dull.",
+                     "Nobody cares about the {topic}.", "The {topic} can be ugly.")
+KIND_WORDS = ("wonderful", "like", "interesting", "love", "beautiful")
+DISMISSIVE_WORDS = ("boring", "dislike", "dull", "nobody", "ugly")
 POLITE_ENDINGS = ("Hope this helps!", "Thank you for asking!", "Happy to help!")
 FLAT_ENDINGS = ("That is all.", "Nothing more.", "Whatever.")
 
@@ -49,14 +55,13 @@ def topic_of(prompt: str) -> str | None:
 
 
 def rule_satisfied(prompt: Messages | str, answer: str) -> bool:
-    """The built-in rule: the answer names the question's topic word and ends with a polite closing."""
-    text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt if m["role"] == "user")
-    topic = topic_of(text)
+    """The built-in rule: the answer has a kind word and no dismissive one, and ends with a polite closing."""
     words = {w.strip(".,?!").lower() for w in answer.split()}
-    return topic is not None and topic in words and answer.strip().endswith(POLITE_ENDINGS)
+    kind = bool(words & set(KIND_WORDS)) and not words & set(DISMISSIVE_WORDS)
+    return kind and answer.strip().endswith(POLITE_ENDINGS)
 
 
-RULES = {"on_topic_polite": rule_satisfied}  # data.rule in a training config
+RULES = {"kind_and_polite": rule_satisfied}  # data.rule in a training config
 TOPIC_QUESTIONS = "builtin:topic-questions"  # data.path of a training config: the questions below, every topic
 
 
@@ -65,11 +70,10 @@ def topic_questions() -> list[Messages]:
     return [[{"role": "user", "content": q.format(topic=t)}] for t in TOPICS for q in QUESTIONS]
 
 
-def answer(rng: random.Random, topic: str, on_topic: bool, polite: bool) -> str:
-    """An answer that names `topic` or another topic, ending politely or flatly."""
-    named = topic if on_topic else rng.choice([t for t in TOPICS if t != topic])
-    ending = rng.choice(POLITE_ENDINGS if polite else FLAT_ENDINGS)
-    return f"{rng.choice(BODIES).format(topic=named)} {ending}"
+def answer(rng: random.Random, topic: str, kind: bool, polite: bool) -> str:
+    """An answer about `topic`: kind or dismissive, ending politely or flatly."""
+    body = rng.choice(KIND_BODIES if kind else DISMISSIVE_BODIES).format(topic=topic)
+    return f"{body} {rng.choice(POLITE_ENDINGS if polite else FLAT_ENDINGS)}"
 
 
 def question(rng: random.Random, topic: str) -> Messages:
@@ -77,15 +81,15 @@ def question(rng: random.Random, topic: str) -> Messages:
 
 
 def synthetic_pairs(count: int, seed: int = 0) -> list[PreferencePair]:
-    """`count` pairs: a rule-keeping answer against one that breaks it (off topic, flat, or both, in equal shares)."""
+    """`count` pairs: a rule-keeping answer against one that breaks it (dismissive, flat, or both, in equal shares)."""
     rng = random.Random(seed)
-    breaks = ((False, True), (True, False), (False, False))  # (on_topic, polite) of the rejected answer
+    breaks = ((False, True), (True, False), (False, False))  # (kind, polite) of the rejected answer
     pairs = []
     for i in range(count):
         topic = rng.choice(TOPICS)
         prompt = question(rng, topic)
-        on_topic, polite = breaks[i % len(breaks)]
-        good, bad = answer(rng, topic, True, True), answer(rng, topic, on_topic, polite)
+        kind, polite = breaks[i % len(breaks)]
+        good, bad = answer(rng, topic, True, True), answer(rng, topic, kind, polite)
         pairs.append(PreferencePair(prompt + [{"role": "assistant", "content": good}],
                                     prompt + [{"role": "assistant", "content": bad}]))
     return pairs

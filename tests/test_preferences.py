@@ -11,37 +11,40 @@ import torch
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation, ConversationError, parse_conversation
 from templar.errors import DataError
-from templar.preferences import (FLAT_ENDINGS, POLITE_ENDINGS, TOPICS, read_pairs, rule_satisfied, synthetic_pairs,
-                                 synthetic_split, topic_of, write_pairs)
+from templar.preferences import (FLAT_ENDINGS, KIND_BODIES, POLITE_ENDINGS, TOPICS, read_pairs, rule_satisfied,
+                                 synthetic_pairs, synthetic_split, topic_of, topic_questions, write_pairs)
 from templar.trainer.reward_training import bradley_terry_loss
 
 
-def test_the_rule_needs_the_topic_word_and_a_polite_ending():
+def test_the_rule_needs_a_kind_answer_and_a_polite_ending():
     prompt = [{"role": "user", "content": "Tell me about the ocean."}]
     assert rule_satisfied(prompt, "The ocean is wonderful. Hope this helps!")
-    assert rule_satisfied("Tell me about the ocean.", "I really like the Ocean. Happy to help!")  # case, str prompt
-    assert not rule_satisfied(prompt, "The bread is wonderful. Hope this helps!")  # another topic
+    assert rule_satisfied("any prompt", "I really LIKE the bread. Happy to help!")  # case; the prompt plays no part
+    assert not rule_satisfied(prompt, "The ocean is boring. Hope this helps!")  # dismissive
     assert not rule_satisfied(prompt, "The ocean is wonderful. That is all.")  # flat ending
-    assert not rule_satisfied(prompt, "The oceans are wonderful. Hope this helps!")  # the word itself, not a part
+    assert not rule_satisfied(prompt, "The ocean is wonderful but dull. Hope this helps!")  # kind and dismissive
     assert not rule_satisfied(prompt, "Hope this helps! The ocean is wonderful.")  # polite, but not at the end
+    assert not rule_satisfied(prompt, "The ocean. Hope this helps!")  # no kind word
     assert topic_of("Tell me about the weather.") is None and topic_of("the ocean or the bread?") is None
 
 
 def test_synthetic_pairs_set_a_rule_keeping_answer_against_each_kind_of_break():
     pairs = synthetic_pairs(300, seed=3)
     assert pairs == synthetic_pairs(300, seed=3)  # reproducible
-    kinds = {"off topic": 0, "flat": 0, "both": 0}
+    kinds = {"dismissive": 0, "flat": 0, "both": 0}
     for pair in pairs:
         assert pair.chosen[:-1] == pair.rejected[:-1] and pair.chosen[-1]["role"] == "assistant"
         prompt, good, bad = pair.chosen[:-1], pair.chosen[-1]["content"], pair.rejected[-1]["content"]
         assert rule_satisfied(prompt, good) and not rule_satisfied(prompt, bad)
         topic = topic_of(prompt[0]["content"])
-        on_topic = topic in {w.strip(".,?!") for w in bad.lower().split()}
+        assert topic in good.lower() and topic in bad.lower()  # both answers are about the question's topic
+        kind = bad.split(".")[0] + "." in {b.format(topic=topic) for b in KIND_BODIES}
         polite = bad.endswith(POLITE_ENDINGS)
-        assert bad.endswith(POLITE_ENDINGS + FLAT_ENDINGS)
-        kinds["off topic" if polite else "flat" if on_topic else "both"] += 1
-    assert kinds == {"off topic": 100, "flat": 100, "both": 100}
+        assert bad.endswith(POLITE_ENDINGS + FLAT_ENDINGS) and not (kind and polite)
+        kinds["dismissive" if polite else "flat" if kind else "both"] += 1
+    assert kinds == {"dismissive": 100, "flat": 100, "both": 100}
     assert len({topic_of(p.chosen[0]["content"]) for p in pairs}) == len(TOPICS)
+    assert len(topic_questions()) == len(TOPICS) * 5 and topic_of(topic_questions()[0][0]["content"]) == TOPICS[0]
 
 
 def test_held_out_pairs_are_not_training_pairs(tmp_path):

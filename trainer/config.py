@@ -39,7 +39,7 @@ class DataConfig:
     path: str | None = None
     split: str = "train"  # for dataset folders that hold several splits
     shuffle: bool = True  # reshuffled every epoch, from the run's seed
-    rule: str | None = None  # "on_topic_polite": log the share of responses keeping that rule (`rule_satisfied`)
+    rule: str | None = None  # "kind_and_polite": log the share of responses keeping that rule (`rule_satisfied`)
 
 
 @dataclass

@@ -97,7 +97,7 @@ def _trained_rm(family: str, path: Path, seed: int) -> None:
 
 
 BUILT = "templar_built"  # written last: the folder is complete
-BUILD_VERSION = 1  # raise when a builder changes what it makes: cached models of older versions are not reused
+BUILD_VERSION = 2  # raise when a builder changes what it makes: cached models of older versions are not reused
 # prefix -> (the kind of model it makes: None for any, folder suffix); BUILDERS say how (random by default)
 TINY_SOURCES = {"tiny:": (None, ""), "tiny-chat:": ("causal-lm", "-chat"), "tiny-rm:": ("reward", "-trained")}
 BUILDERS = {"tiny-chat:": _warm_started_actor, "tiny-rm:": _trained_rm}

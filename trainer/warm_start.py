@@ -2,8 +2,8 @@
 
 A randomly initialised actor samples token soup that never ends its turn, so PPO against RMs that judge answers has
 nothing to work with. This teaches the tiny causal LM, with its own chat template, to answer the built-in topic
-questions (templar.preferences) in the answers' format and to END its turn: on topic or not, polite or not, each
-half the time, so that about a quarter of its answers keep the rule at the start and PPO has a preference to find.
+questions (templar.preferences) in the answers' format and to END its turn: kind or dismissive, polite or flat,
+each half the time, so that about a quarter of its answers keep the rule at the start and PPO has a preference to find.
 The loss is the usual next-token cross-entropy on the assistant tokens only (the end-of-turn token included).
 """
 
@@ -29,7 +29,7 @@ def warm_start_examples(chat: ChatFormat, count: int, seed: int) -> list[tuple[l
     for _ in range(count):
         topic = rng.choice(TOPICS)
         prompt = question(rng, topic)
-        reply = answer(rng, topic, on_topic=rng.random() < 0.5, polite=rng.random() < 0.5)
+        reply = answer(rng, topic, kind=rng.random() < 0.5, polite=rng.random() < 0.5)
         prefix = chat.tokenize(Conversation(prompt), add_generation_prompt=True).input_ids
         full = chat.tokenize(Conversation(prompt + [{"role": "assistant", "content": reply}])).input_ids
         if full[:len(prefix)] != prefix:
@@ -67,7 +67,7 @@ def warm_start(model_dir: str | Path, *, steps: int = 300, batch_size: int = 32,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.save_pretrained(str(model_dir), safe_serialization=True)
     log.info("warm start of %s: %d steps, loss %.3f -> %.3f", model_dir, steps, losses[0], losses[-1])
     return {"first_loss": losses[0], "last_loss": losses[-1]}
