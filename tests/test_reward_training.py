@@ -41,30 +41,36 @@ def test_training_learns_the_rule_on_its_own_template(trained_rm):
 
 
 def test_a_served_trained_rm_beats_chance_on_held_out_pairs(trained_rm, tmp_path):
+    from templar.assets import chat_format_from_source
+    from templar.conversation import Conversation
+    from templar.reward_client import RewardClient, RewardClientConfig
+
     out, printed = trained_rm
     repo = tmp_path / "model_repository"
     export(out / "model", "rm_trained", repo)
     pairs = read_pairs(out / "eval_pairs.jsonl")
+    qwen_text = chat_format_from_source("qwen2_5").render(Conversation(pairs[0].chosen))
     with running(repo) as server:
         report = evaluate_served("rm_trained", server.grpc_url, pairs, as_template="qwen2_5")
         cli_out = tmp_path / "eval.json"
         assert cli(["eval-rm", "--model", "rm_trained", "--data", str(out / "eval_pairs.jsonl"), "--url",
                     server.grpc_url, "--out", str(cli_out)]) == 0
-    own, other = report["own_template"], report["as_template"]
-    assert own["pairs"] == 200 and own["failed_pairs"] == 0 and other["pairs"] == 200
+        with RewardClient(RewardClientConfig(model="rm_trained", endpoints=[server.grpc_url])) as client:
+            served = client.score([pairs[0].chosen, {"text": qwen_text}]).scores
+    own, other, agreement = report["own_template"], report["as_template"], report["agreement"]
+    assert own["pairs"] == 200 and own["failed_pairs"] == 0 and other["pairs"] == 200 and other["failed_pairs"] == 0
     # through Triton, on its own template: what training measured in torch on the same held-out pairs
     assert own["accuracy"] == pytest.approx(printed["held_out_accuracy"], abs=0.011) and own["accuracy"] > 0.7
     assert own["mean_margin"] > 0
     assert other["template"] == "qwen2_5" and 0 <= other["accuracy"] <= 1
+    assert -1 <= agreement["spearman"] < 1 and agreement["mean_score_shift"] != 0
+    assert agreement["margin_shrinks_x"] == pytest.approx(own["mean_margin"] / other["mean_margin"])
     assert json.loads(cli_out.read_text())["own_template"] == own  # the command line reports the same
-    # the served score of a pair's chosen side is the RM's torch score of its own rendering
+    # served scores are the RM's torch scores: of its own rendering, and of the Qwen text read by its tokenizer
     reference = TorchReference(out / "model")
-    from templar.reward_client import RewardClient, RewardClientConfig
-
-    with running(repo) as server, RewardClient(RewardClientConfig(model="rm_trained",
-                                                                  endpoints=[server.grpc_url])) as client:
-        served = client.score([pairs[0].chosen]).scores[0]
-    assert served == pytest.approx(reference.score(pairs[0].chosen), abs=1e-4)
+    assert served[0] == pytest.approx(reference.score(pairs[0].chosen), abs=1e-4)
+    assert served[1] == pytest.approx(reference.score_ids(reference.tokenizer(qwen_text)["input_ids"]), abs=1e-4)
+    assert "<|im_start|>assistant" in qwen_text and "<|start_header_id|>" not in qwen_text
 
 
 def test_train_rm_errors_are_one_line(tmp_path, capsys):

@@ -39,6 +39,7 @@ from templar.export.repository import EntrySettings
 from templar.serving.batching import (PreprocessedBatch, load_chat_format, padding_fraction, preprocess_rows,
                                       score_in_micro_batches)
 from templar.serving.onnx_runtime import create_session, run_scores
+from templar.stats import spearman
 from templar.tiny_models import FAMILY_BACKBONE, TinySize, build_tiny_model
 from templar.tools.loadtest import drive, grpc_client, machine_info, make_payloads, server_figures, snapshot
 from templar.tools.workload import conversations_from
@@ -342,10 +343,9 @@ def run_onnxruntime_int8(ctx: Context) -> BackendResult:
 def int8_agreement(fp32: BackendResult, int8: BackendResult) -> dict[str, float]:
     """How far the int8 graph's scores are from the float32 graph's: speed, largest and mean |d|, rank agreement."""
     a, b = fp32.scores.astype(np.float64), int8.scores.astype(np.float64)
-    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731
     return {"speedup_vs_fp32": int8.conversations_per_s / fp32.conversations_per_s,
             "max_abs_diff_vs_fp32": float(np.abs(a - b).max()), "mean_abs_diff_vs_fp32": float(np.abs(a - b).mean()),
-            "spearman_vs_fp32": float(np.corrcoef(ranks(a), ranks(b))[0, 1]), "fp32_score_std": float(a.std())}
+            "spearman_vs_fp32": spearman(a, b), "fp32_score_std": float(a.std())}
 
 
 def run_torch_sorted(ctx: Context) -> BackendResult:

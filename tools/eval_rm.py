@@ -7,7 +7,8 @@ way and, with `--as-template FAMILY`, the way a framework that templates once fe
                    tokenizer as it is: the RM never sees its own format (OpenRLHF's serve_rm also appends the RM's
                    EOS string; here the text ends as the actor's template ends the turn)
 
-Accuracy: the share of pairs whose chosen conversation scores higher; margin: mean r_chosen - r_rejected.
+Accuracy: the share of pairs whose chosen conversation scores higher; margin: mean r_chosen - r_rejected;
+agreement: how the same conversations score the two ways (Spearman rank correlation, mean shift, margin ratio).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from templar.conversation import Conversation
 from templar.errors import ServingError
 from templar.preferences import PreferencePair, read_pairs
 from templar.reward_client import RewardClient, RewardClientConfig
+from templar.stats import spearman
 
 
 def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
@@ -33,6 +35,15 @@ def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
     return {"pairs": int(ok.sum()), "failed_pairs": int((~ok).sum()),
             "accuracy": float((margin > 0).mean()) if len(margin) else float("nan"),
             "mean_margin": float(margin.mean()) if len(margin) else float("nan")}
+
+
+def score_agreement(own: np.ndarray, other: np.ndarray, own_pairs: dict, other_pairs: dict) -> dict[str, float]:
+    """How the same conversations score the two ways: rank agreement (Spearman, every conversation), the mean
+    shift of a score (other - own) and how many times smaller the mean margin gets."""
+    ok = np.isfinite(own) & np.isfinite(other)
+    return {"spearman": spearman(own[ok], other[ok]), "mean_score_shift": float((other - own)[ok].mean()),
+            "margin_shrinks_x": float(own_pairs["mean_margin"] / other_pairs["mean_margin"])
+            if other_pairs["mean_margin"] else float("inf")}
 
 
 def score_rows(client: RewardClient, rows: list[dict]) -> np.ndarray:
@@ -53,9 +64,10 @@ def evaluate_served(model: str, url: str, pairs: list[PreferencePair], as_templa
         if as_template is not None:
             actor = chat_format_from_source(as_template)
             texts = [actor.render(Conversation(m)) for m in conversations]
-            scores = score_rows(client, [{"text": t} for t in texts])
+            other = score_rows(client, [{"text": t} for t in texts])
             report["as_template"] = {"template": str(as_template),
-                                     **pair_metrics(scores[:len(pairs)], scores[len(pairs):])}
+                                     **pair_metrics(other[:len(pairs)], other[len(pairs):])}
+            report["agreement"] = score_agreement(scores, other, report["own_template"], report["as_template"])
     return report
 
 

@@ -35,7 +35,7 @@ log = logging.getLogger("templar.trainer")
 class RewardTrainConfig:
     output_dir: str = "runs/rm"  # the trained RM goes to OUTPUT_DIR/model
     base: str = "tiny:llama3_1"  # a *ForSequenceClassification folder (one label), or tiny:<family> (random, built)
-    data: str | None = None  # JSONL preference pairs; None = the built-in "on topic and polite" set
+    data: str | None = None  # JSONL preference pairs; None = the built-in "kind and polite" set
     eval_data: str | None = None  # held-out pairs; None = the built-in held-out split, or eval_fraction of `data`
     eval_fraction: float = 0.1
     train_pairs: int = 2400  # sizes of the built-in set

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -52,22 +53,35 @@ def warm_start(model_dir: str | Path, *, steps: int = 300, batch_size: int = 32,
     pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else chat.stop_token_ids()[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
+    backbone, lm_head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     losses = []
+    started = time.monotonic()
     for step in range(steps):
         batch = examples[step * batch_size:(step + 1) * batch_size]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
+        learned = torch.zeros((len(batch), width), dtype=torch.bool)  # positions that predict an answer token
         for i, (row, start) in enumerate(batch):
             ids[i, :len(row)] = torch.tensor(row)
-            labels[i, start:len(row)] = torch.tensor(row[start:])
             mask[i, :len(row)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            learned[i, start - 1:len(row) - 1] = True
+        hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        # the LM head (the whole vocabulary) only where an answer token is predicted: a few tokens of each row
+        logits = lm_head(hidden[learned]).float()
+        if softcap:  # Gemma-2/3 cap their logits in the model's own forward; the same here
+            logits = torch.tanh(logits / softcap) * softcap
+        targets = ids[:, 1:][learned[:, :-1]]
+        loss = torch.nn.functional.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            elapsed = time.monotonic() - started
+            log.info("warm start: step %d/%d, loss %.3f, %.0f s left", step + 1, steps, losses[-1],
+                     elapsed / (step + 1) * (steps - step - 1))
     model.save_pretrained(str(model_dir), safe_serialization=True)
     log.info("warm start of %s: %d steps, loss %.3f -> %.3f", model_dir, steps, losses[0], losses[-1])
     return {"first_loss": losses[0], "last_loss": losses[-1]}
