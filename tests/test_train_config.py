@@ -17,9 +17,10 @@ def test_demo_config_loads_with_overrides():
     assert isinstance(config, TrainConfig)
     assert config.steps == 3 and config.ppo.actor_lr == pytest.approx(2e-4)  # "2e-4" is a string in YAML 1.1
     assert [m.name for m in config.reward.models] == ["rm_llama3", "rm_gemma3"]
-    assert config.reward.models[1].weight == 0.25 and config.reward.models[0].path == "tiny:llama3_1"
+    assert config.reward.models[1].weight == 0.25 and config.reward.models[0].path == "tiny-rm:llama3_1"
     assert config.reward.url == "127.0.0.1:9001" and config.deepspeed.zero_stage == 3
-    assert config.models.actor == "tiny:qwen2_5" and config.generation.max_new_tokens == 8
+    assert config.models.actor == "tiny-chat:qwen2_5" and config.generation.max_new_tokens == 24
+    assert config.data.path == "builtin:topic-questions" and config.data.rule == "kind_and_polite"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -37,6 +38,7 @@ def test_demo_config_loads_with_overrides():
     ("ppo.advantage_estimator=grpo", "grpo compares responses to the same prompt: set generation.samples_per_prompt "
                                      "to 2 or more"),
     ("generation.samples_per_prompt=0", "samples_per_prompt must be >= 1"),
+    ("reward.rm_input=text", "reward.rm_input must be one of messages, actor_text; got 'text'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

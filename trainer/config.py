@@ -65,6 +65,10 @@ class RewardConfig:
     repo: str = "model_repository"  # embedded: the repository to export into and serve
     models: list[RewardModelConfig] = field(default_factory=list)
     unfinished_penalty: float = 1.0  # subtracted from the score of a response that never produced EOS
+    # what the RMs receive: "messages" (each RM applies its own template: Templar's way) or "actor_text" (prompt and
+    # response rendered once with the ACTOR's template and sent as text, as single-template frameworks do; only to
+    # measure what that costs)
+    rm_input: str = "messages"
     rows_per_request: int = 16
     max_in_flight: int = 4
     request_timeout_s: float = 120.0
@@ -75,6 +79,9 @@ class RewardConfig:
     tls_ca: str | None = None  # PEM file of the CA that signed the server's certificate; None = the system's roots
     tls_cert: str | None = None  # this client's certificate, for a server that demands one (mutual TLS)
     tls_key: str | None = None  # its private key
+
+
+RM_INPUTS = ("messages", "actor_text")
 
 
 @dataclass
@@ -144,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"data.rule must be one of {', '.join(RULES)}; got {self.data.rule!r}")
         if self.generation.temperature <= 0:
             raise ConfigError("generation.temperature must be > 0")
+        if self.reward.rm_input not in RM_INPUTS:
+            raise ConfigError(f"reward.rm_input must be one of {', '.join(RM_INPUTS)}; got {self.reward.rm_input!r}")
         return self
 
     def _validate_estimator(self) -> None:

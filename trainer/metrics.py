@@ -88,8 +88,11 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
 
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
-    panels = [("reward_mean", "reward (RM score)"), ("kl_mean", "KL(actor || reference)"),
-              ("policy_loss", "policy loss"), ("entropy", "policy entropy (per token)")]
+    panels = [("reward_mean", "reward (RM score)")]
+    if any(r.get("rule_satisfied") is not None for r in rows):  # data.rule: the share keeping the preference
+        panels.append(("rule_satisfied", "responses keeping the rule"))
+    panels += [("kl_per_token", "KL(actor || reference), nats/token"), ("policy_loss", "policy loss"),
+               ("entropy", "policy entropy (per token)")]
     if any(r.get("value_loss") is not None for r in rows):  # a critic estimator
         panels.append(("value_loss", "value loss"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from templar import contract
-from templar.conversation import Messages
+from templar.chat_format import ChatFormat
+from templar.conversation import Conversation, Messages
 from templar.reward_client import RewardResult
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
 from templar.trainer.config import RewardConfig
@@ -29,6 +30,12 @@ log = logging.getLogger("templar.trainer")
 def reward_conversations(prompts: list[Messages], responses: list[str]) -> list[dict]:
     return [{"messages": list(prompt) + [{"role": "assistant", "content": text}]}
             for prompt, text in zip(prompts, responses)]
+
+
+def actor_text_rows(conversations: list[dict], actor_chat: ChatFormat) -> list[dict]:
+    """The single-template way (reward.rm_input: actor_text): each conversation rendered once with the ACTOR's
+    template and sent as text, so every RM reads a format it was not trained on. Only to measure what that costs."""
+    return [{"text": actor_chat.render(Conversation(c["messages"]))} for c in conversations]
 
 
 class RunningMoments:

@@ -49,7 +49,8 @@ from templar.trainer.faults import maybe_die
 from templar.trainer.metrics import MetricsLog, plot_curves, restart_jsonl
 from templar.trainer.models import load_actor, load_critic, load_reference
 from templar.trainer.reward_server import reward_endpoints
-from templar.trainer.rewards import RewardBatch, RewardModels, record_unscored, reward_conversations
+from templar.trainer.rewards import (RewardBatch, RewardModels, actor_text_rows, record_unscored,
+                                     reward_conversations)
 from templar.trainer.sources import ModelSources, resolve_models
 
 log = logging.getLogger("templar.trainer")
@@ -131,6 +132,9 @@ class PPOTrainer:
                  tokenizer.convert_ids_to_tokens(self.stop_ids))
         log.info("advantage estimator %s (%s), %d response(s) per prompt, KL %s in the %s", self.estimator.name,
                  self.estimator.paper, self.group_size, p.kl_estimator, p.kl_in)
+        if config.reward.rm_input == "actor_text":
+            log.warning("reward.rm_input=actor_text: every RM reads the conversation in the ACTOR's template, as "
+                        "single-template frameworks feed it (for comparison; the RMs never saw this format)")
 
     @property
     def engines(self) -> dict:
@@ -165,7 +169,8 @@ class PPOTrainer:
         maybe_die("rollout", step)  # testing hooks (templar.trainer.faults): a SIGKILL here when asked
         # 2. Every RM scores the structured conversation with its own template, in the background ...
         conversations = reward_conversations(prompts, rollout.texts)
-        pending = self.rewards.submit(conversations)
+        pending = self.rewards.submit(conversations if self.config.reward.rm_input == "messages"
+                                      else actor_text_rows(conversations, self.actor_chat))
         # 3. ... while we compute the rollout's log-probs, the reference log-probs and the values.
         old = self.evaluate(rollout)
         # 4. Wait for the rewards; rows that could not be scored are masked out of the update.
