@@ -47,16 +47,21 @@ class PreferencePair:
         return json.dumps({"chosen": self.chosen, "rejected": self.rejected}, ensure_ascii=False)
 
 
+def words_of(text: str) -> set[str]:
+    """The lower-cased words of a text, without the punctuation around them."""
+    return {w.strip(".,?!").lower() for w in text.split()}
+
+
 def topic_of(prompt: str) -> str | None:
     """The topic word a built-in question asks about (None for other text)."""
-    words = {w.strip(".,?!").lower() for w in prompt.split()}
+    words = words_of(prompt)
     found = [t for t in TOPICS if t in words]
     return found[0] if len(found) == 1 else None
 
 
 def rule_satisfied(prompt: Messages | str, answer: str) -> bool:
     """The built-in rule: the answer has a kind word and no dismissive one, and ends with a polite closing."""
-    words = {w.strip(".,?!").lower() for w in answer.split()}
+    words = words_of(answer)
     kind = bool(words & set(KIND_WORDS)) and not words & set(DISMISSIVE_WORDS)
     return kind and answer.strip().endswith(POLITE_ENDINGS)
 

@@ -26,6 +26,7 @@ from templar.chat_format import ChatFormat
 from templar.conversation import Conversation
 from templar.errors import ConfigError
 from templar.preferences import PreferencePair, read_pairs, synthetic_split, write_pairs
+from templar.serving.batching import right_pad
 from templar.trainer.sources import resolve_source
 
 log = logging.getLogger("templar.trainer")
@@ -100,13 +101,8 @@ class PairScorer:
         return self.chat.tokenize(Conversation(messages)).input_ids
 
     def scores(self, rows: list[list[int]]) -> torch.Tensor:
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-        return self.scorer(ids, mask).squeeze(-1)
+        ids, mask = right_pad(rows, self.pad_id)
+        return self.scorer(torch.from_numpy(ids), torch.from_numpy(mask)).squeeze(-1)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

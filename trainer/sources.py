@@ -38,7 +38,7 @@ def resolve_source(source: str, role: str, kind: str, output_dir: Path, seed: in
     family = source[len(prefix):]
     if family not in FAMILY_BACKBONE:
         raise ConfigError(f"{role}: {source}: unknown family {family!r}; known: {', '.join(FAMILY_BACKBONE)}")
-    made_for, suffix = TINY_SOURCES[prefix]
+    made_for = TINY_SOURCES[prefix]
     if made_for not in (None, kind):
         raise ConfigError(f"{role}: {source} makes a {made_for} model, but {role} needs a {kind} model")
     try:
@@ -48,7 +48,8 @@ def resolve_source(source: str, role: str, kind: str, output_dir: Path, seed: in
     if made_for is None:  # random: cheap, built into the run's folder
         path = output_dir / "models" / f"{role}-{family}"
         if not (path / "config.json").is_file():
-            _random(kind)(family, path, seed)
+            log.info("building %s: a small random %s on the real %s tokenizer and template", path, kind, family)
+            build_tiny_model(family, path, kind=kind, seed=seed)
         return path
     # trained: minutes of work, so built once per machine in the cache and shared by every run
     path = cache_home() / "models" / f"{prefix[:-1]}-{family}-seed{seed}-v{BUILD_VERSION}"
@@ -65,14 +66,6 @@ def resolve_source(source: str, role: str, kind: str, output_dir: Path, seed: in
             shutil.rmtree(staging, ignore_errors=True)
     log.info("%s: %s (built once, cached)", role, path)
     return path
-
-
-def _random(kind: str):
-    def build(family: str, path: Path, seed: int) -> None:
-        log.info("building %s: a small random %s on the real %s tokenizer and template", path, kind, family)
-        build_tiny_model(family, path, kind=kind, seed=seed)
-
-    return build
 
 
 def _warm_started_actor(family: str, path: Path, seed: int) -> None:
@@ -98,8 +91,8 @@ def _trained_rm(family: str, path: Path, seed: int) -> None:
 
 BUILT = "templar_built"  # written last: the folder is complete
 BUILD_VERSION = 2  # raise when a builder changes what it makes: cached models of older versions are not reused
-# prefix -> (the kind of model it makes: None for any, folder suffix); BUILDERS say how (random by default)
-TINY_SOURCES = {"tiny:": (None, ""), "tiny-chat:": ("causal-lm", "-chat"), "tiny-rm:": ("reward", "-trained")}
+# prefix -> the kind of model it makes (None: any, random weights); BUILDERS say how the trained ones are made
+TINY_SOURCES = {"tiny:": None, "tiny-chat:": "causal-lm", "tiny-rm:": "reward"}
 BUILDERS = {"tiny-chat:": _warm_started_actor, "tiny-rm:": _trained_rm}
 
 

@@ -19,6 +19,7 @@ import torch
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation
 from templar.preferences import TOPICS, answer, question
+from templar.serving.batching import right_pad
 
 log = logging.getLogger("templar.trainer")
 
@@ -26,6 +27,7 @@ log = logging.getLogger("templar.trainer")
 def warm_start_examples(chat: ChatFormat, count: int, seed: int) -> list[tuple[list[int], int]]:
     """(token ids of prompt + answer + end of turn, where the answer starts)."""
     rng = random.Random(seed)
+    stops = set(chat.stop_token_ids())
     examples = []
     for _ in range(count):
         topic = rng.choice(TOPICS)
@@ -35,7 +37,6 @@ def warm_start_examples(chat: ChatFormat, count: int, seed: int) -> list[tuple[l
         full = chat.tokenize(Conversation(prompt + [{"role": "assistant", "content": reply}])).input_ids
         if full[:len(prefix)] != prefix:
             raise ValueError("the chat template renders the answer's prompt differently from the generation prompt")
-        stops = set(chat.stop_token_ids())
         end = next((i + 1 for i in range(len(prefix), len(full)) if full[i] in stops), len(full))
         examples.append((full[:end], len(prefix)))  # nothing after the end-of-turn token is learned
     return examples
@@ -59,13 +60,9 @@ def warm_start(model_dir: str | Path, *, steps: int = 300, batch_size: int = 32,
     started = time.monotonic()
     for step in range(steps):
         batch = examples[step * batch_size:(step + 1) * batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        learned = torch.zeros((len(batch), width), dtype=torch.bool)  # positions that predict an answer token
+        ids, mask = (torch.from_numpy(a) for a in right_pad([row for row, _ in batch], pad))
+        learned = torch.zeros(ids.shape, dtype=torch.bool)  # positions that predict an answer token
         for i, (row, start) in enumerate(batch):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
             learned[i, start - 1:len(row) - 1] = True
         hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         # the LM head (the whole vocabulary) only where an answer token is predicted: a few tokens of each row
