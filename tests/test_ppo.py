@@ -51,6 +51,13 @@ def test_kl_penalty_per_token_and_score_at_the_last_response_token():
     assert rewards.tolist()[1] == [0.0, 0.0, 0.0]  # a masked row gets no score anywhere
 
 
+def test_kl_penalty_is_minus_kl_coef_times_the_estimate_on_the_masked_tokens():
+    kl, mask = t([0.5, -1.0, 3.0]), t([1, 1, 0])
+    # -0.2 * [0.5, -1.0, (masked) 3.0]: a positive KL (drift from the reference) lowers the reward
+    assert ppo.kl_penalty(kl, mask, 0.2).tolist()[0] == pytest.approx([-0.1, 0.2, 0.0])
+    assert ppo.kl_penalty(kl, mask, 0.0).abs().max().item() == 0.0
+
+
 def test_gae_by_hand():
     # gamma 1, lam 0.5, values [0.5, 0.2, 0.1], reward 1 at the end:
     # t2: delta = 1 - 0.1 = 0.9, A = 0.9;  t1: delta = 0.1 - 0.2 = -0.1, A = -0.1 + 0.5 * 0.9 = 0.35

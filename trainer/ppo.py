@@ -93,10 +93,16 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def kl_penalty(kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """The KL part of the per-token reward: -kl_coef * kl on the masked tokens (a policy drifting from the reference
+    is penalised: kl_coef > 0 lowers the reward where the KL estimate is positive)."""
+    return -kl_coef * kl * mask
+
+
 def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards: -kl_coef * kl at every response token, plus the score at the last one (`kl` is a per-token
     KL estimate; kl_coef 0 leaves only the score)."""
-    rewards = -kl_coef * kl * mask
+    rewards = kl_penalty(kl, mask, kl_coef)
     rows = torch.arange(scores.shape[0], device=scores.device)
     rewards[rows, last_token_index(mask)] += scores * (mask.sum(1) > 0)
     return rewards

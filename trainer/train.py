@@ -39,7 +39,7 @@ from templar.trainer import ppo
 from templar.trainer.actor import (Rollout, generate, response_logprobs, response_logprobs_and_entropy,
                                    response_values)
 from templar.trainer.checkpoint import latest_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint
-from templar.trainer.config import TrainConfig, to_dict
+from templar.trainer.config import PPOConfig, TrainConfig, to_dict
 from templar.trainer.data import PromptStream, load_prompts
 from templar.trainer.distributed import (World, allreduce_max, allreduce_sum, barrier, gather_objects,
                                          init_distributed, make_engine, parameters_sha256, rng_state, run_on_main,
@@ -66,6 +66,25 @@ def explained_variance(t: dict[str, float]) -> float:
     var = lambda total, squares: squares / t["masked"] - (total / t["masked"]) ** 2  # noqa: E731
     returns_var = var(t["ret"], t["ret_sq"])
     return 1.0 - var(t["res"], t["res_sq"]) / returns_var if returns_var > 0 else float("nan")
+
+
+def kl_controller(p: PPOConfig) -> ppo.FixedKLController:
+    """`ppo.kl_coef`, moved towards `ppo.target_kl` over `ppo.kl_horizon` rows when `ppo.adaptive_kl` is on."""
+    return ppo.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl \
+        else ppo.FixedKLController(p.kl_coef)
+
+
+def actor_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+               advantages: torch.Tensor, mask: torch.Tensor, p: PPOConfig, kl_coef: float,
+               token_normalizer: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The actor's loss on one micro-batch, as the config assembles it: the clipped surrogate (`ppo.clip_range`),
+    plus `kl_coef` x the KL estimate (`ppo.kl_estimator`) when `ppo.kl_in` is "loss". Plain, so tests run it."""
+    loss, stats = ppo.policy_loss(logprobs, old_logprobs, advantages, mask, p.clip_range, token_normalizer)
+    stats["policy_loss"] = loss
+    if p.kl_in == "loss":  # GRPO's way: the KL to the reference as a loss term, not in the reward
+        stats["kl_loss"] = ppo.masked_mean(ppo.kl_estimate(logprobs, ref_logprobs, p.kl_estimator), mask)
+        loss = loss + kl_coef * stats["kl_loss"]
+    return loss, stats
 
 
 @dataclass
@@ -120,8 +139,7 @@ class PPOTrainer:
         self.critic = (make_engine(load_critic(sources.critic, sources.actor), p.critic_lr, config)
                        if self.estimator.needs_critic else None)
         self.reference = load_reference(sources.actor)
-        self.kl_ctl = (ppo.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
-                       else ppo.FixedKLController(p.kl_coef))
+        self.kl_ctl = kl_controller(p)
         self.data = PromptStream(prompts, seed=config.seed, shuffle=config.data.shuffle, rank=world.rank,
                                  world_size=world.size)
         self.rewards = RewardModels(config.reward, endpoints, allreduce_sum)
@@ -218,15 +236,21 @@ class PPOTrainer:
         p = self.config.ppo
         kl = ppo.kl_estimate(old.logprobs, old.ref_logprobs, p.kl_estimator) * scored.mask
         kl_coef_in_reward = self.kl_ctl.value if p.kl_in == "reward" else 0.0
-        inputs = AdvantageInputs(scored.scores, torch.from_numpy(scored.batch.valid), -kl_coef_in_reward * kl,
-                                 scored.mask, old.values, self.group_size, reduce_over_ranks)
+        kl_rewards = ppo.kl_penalty(kl, scored.mask, kl_coef_in_reward)  # the tested formula, not a copy of it
+        inputs = AdvantageInputs(scored.scores, torch.from_numpy(scored.batch.valid), kl_rewards, scored.mask,
+                                 old.values, self.group_size, reduce_over_ranks)
         advantages, returns = self.estimator.compute(inputs, p)
         return advantages, returns, kl
 
     def update(self, rollout: Rollout, old: Evaluation, advantages: torch.Tensor, returns: torch.Tensor | None,
                mask: torch.Tensor) -> dict[str, list[float]]:
-        """DeepSpeed accumulates micro-batches up to a minibatch, then steps the optimizer."""
+        """DeepSpeed accumulates micro-batches up to a minibatch, then steps the optimizer. A step in which no rank
+        has a scored token updates nothing: its zero gradients would still move the weights (AdamW's weight decay,
+        Adam's momentum). Each micro-batch's stats carry `scored` (1 if it had a scored token), so the logged
+        losses average only over micro-batches that had something to learn from."""
         p = self.config.ppo
+        if allreduce_sum(np.array([float(mask.sum())]))[0] == 0:  # every rank decides alike: no collective waits
+            return {}
         sequences, attention = rollout.sequences
         rows, length = len(rollout.texts), rollout.response_ids.shape[1]
         temperature = self.config.generation.temperature
@@ -240,13 +264,8 @@ class PPOTrainer:
                 idx = order[start:start + p.micro_batch_size]
                 with self.times("update"):
                     logprobs = response_logprobs(self.actor, sequences[idx], attention[idx], length, temperature)
-                    loss, stats = ppo.policy_loss(logprobs, old.logprobs[idx], advantages[idx], mask[idx],
-                                                  p.clip_range, normalizer)
-                    stats["policy_loss"] = loss
-                    if p.kl_in == "loss":  # GRPO's way: the KL to the reference as a loss term, not in the reward
-                        stats["kl_loss"] = ppo.masked_mean(
-                            ppo.kl_estimate(logprobs, old.ref_logprobs[idx], p.kl_estimator), mask[idx])
-                        loss = loss + self.kl_ctl.value * stats["kl_loss"]
+                    loss, stats = actor_loss(logprobs, old.logprobs[idx], old.ref_logprobs[idx], advantages[idx],
+                                             mask[idx], p, self.kl_ctl.value, normalizer)
                     self.actor.backward(loss)
                     self.actor.step()
                 if self.critic is not None:
@@ -257,6 +276,7 @@ class PPOTrainer:
                         self.critic.backward(vf_loss)
                         self.critic.step()
                     stats.update(value_loss=vf_loss, **vf_stats)
+                stats["scored"] = (mask[idx].sum() > 0).float()
                 for key, value in stats.items():
                     losses.setdefault(key, []).append(float(value.detach()))
         return losses
@@ -274,7 +294,10 @@ class PPOTrainer:
             "entropy": (old.entropy * mask).sum(), "adv": (advantages * mask).sum(),
             "adv_sq": (advantages**2 * mask).sum(), "groups": float(len(group_std)), "group_std": group_std.sum(),
             "groups_equal": all_equal.float().sum(), "rule": float(scored.rule_hits),
-            **{f"loss/{k}": np.nanmean(v) for k, v in losses.items() if k != "ratio_max"},
+            # per micro-batch losses, weighted by whether it had a scored token (a fully masked one logs a 0 loss)
+            "loss_weight": float(sum(losses.get("scored", []))),
+            **{f"loss/{k}": float(np.nansum(np.array(v) * losses["scored"])) for k, v in losses.items()
+               if k not in ("ratio_max", "scored")},
             **{f"score/{name}": float(np.nansum(np.where(batch.valid, r.scores, 0.0)))
                for name, r in batch.per_rm.items()},
         }
@@ -283,14 +306,16 @@ class PPOTrainer:
             sums.update(ret=(returns * mask).sum(), ret_sq=(returns**2 * mask).sum(), res=(residual * mask).sum(),
                         res_sq=(residual**2 * mask).sum())
         t = dict(zip(sums, allreduce_sum(np.array([float(v) for v in sums.values()], dtype=np.float64))))
-        kl_mean = t["kl"] / max(t["valid"], 1)
-        self.kl_ctl.update(kl_mean, int(t["rows"]))
         per_valid = lambda total: total / t["valid"] if t["valid"] else float("nan")  # noqa: E731
+        kl_mean = per_valid(t["kl"])
+        if t["valid"]:  # a step with no scored row tells the controller nothing about the KL
+            self.kl_ctl.update(kl_mean, int(t["valid"]))
         per_token = lambda total: total / t["masked"] if t["masked"] else float("nan")  # noqa: E731
         metrics = {
             "reward_mean": per_valid(t["score"]), "kl_mean": kl_mean, "kl_estimate_mean": per_valid(t["kl_est"]),
             "kl_coef": self.kl_ctl.value,
-            **{key[5:]: t[key] / self.world.size for key in t if key.startswith("loss/")},
+            **{key[5:]: t[key] / t["loss_weight"] if t["loss_weight"] else float("nan") for key in t
+               if key.startswith("loss/")},
             "ratio_max": allreduce_max(max(losses.get("ratio_max", [1.0]))),
             "entropy": per_token(t["entropy"]), "advantage_mean": per_token(t["adv"]),
             "advantage_std": math.sqrt(max(per_token(t["adv_sq"]) - per_token(t["adv"]) ** 2, 0.0))
