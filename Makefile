@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.templar-setup
 PIP    := $(BIN)/python -m pip
 
-.PHONY: setup test test-fast lint demo clean test-tools
+.PHONY: setup test test-fast lint demo clean test-tools mutations
 
 setup: $(STAMP)
 	@# idempotent: re-verifies the cached tokenizers and templates, fetches what is missing
@@ -28,6 +28,11 @@ test-fast: setup lint
 
 lint: setup
 	$(BIN)/ruff check templar trainer tools tests
+
+# One-line breaks of the trainer and serving code, one at a time, each against the tests that should catch it
+# (tools/mutations.py; a few minutes, not part of `make test`): caught / survived per break, runs/mutations.json
+mutations: setup
+	$(BIN)/python tools/mutations.py
 
 # The deployment tests validate docker-compose.yml with Debian's docker-compose (no Docker engine needed)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
