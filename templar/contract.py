@@ -46,8 +46,12 @@ PARAM_SOURCE_SHA256 = "source_sha256"  # the exported folder's files and the exp
 PARAM_TEMPLAR_VERSION = "templar_version"
 PARAM_WEIGHTS_SHA256 = "weights_sha256"  # the served graph's files (model.onnx and its data)
 PARAM_PRECISION = "precision"
+# Where the score is read (templar.export.scorer.ScorePosition): "last-non-pad" (with the pad id) or "last-token"
+PARAM_SCORE_POSITION = "score_position"
+PARAM_SCORE_PAD_ID = "score_pad_id"
+PARAM_SCORE_POSITION_REASON = "score_position_reason"
 FINGERPRINT_PARAMS = (PARAM_TEMPLATE_SHA256, PARAM_TOKENIZER_SHA256, PARAM_MAX_LENGTH, PARAM_SPECIAL_TOKENS,
-                      PARAM_WEIGHTS_SHA256, PARAM_PRECISION)
+                      PARAM_WEIGHTS_SHA256, PARAM_PRECISION, PARAM_SCORE_POSITION, PARAM_SCORE_PAD_ID)
 
 
 # -- the table -------------------------------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ Nothing is written per family: the parser learns the template by rendering probe
   blank line), the text comes back as that user turn, exactly as the actor saw it. Send the prompt's messages
   instead (OpenRLHF's label, see templar.integrations) where the system message must reach the reward model.
 - Templates that trim contents lose outer whitespace when they render; the parsed content is the trimmed one.
+- The end of a response loses every end-of-turn, EOS and padding token after it, in any order and repetition
+  (OpenRLHF sends `...<|end|><|endoftext|><|endoftext|>` where padding follows the end-of-turn token).
+- No parsed content may hold a control token of the actor (`TemplateParser.control_tokens`: the tokenizer's special
+  tokens, its end-of-turn, EOS, pad and BOS, and the added tokens the template's own turn wrapping writes). Decoded
+  text cannot tell such a token from the same characters typed as content, so a row where one would remain is refused
+  with an error naming it, never scored.
 
 Text that does not parse raises TemplateParseError saying why; nothing is guessed.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +93,11 @@ class TemplateParser:
         self.end_tokens = tuple(sorted(stops | ({tokens.eos_token} - {None}), key=len, reverse=True))
         # without a padding token of its own, trainers pad with EOS (OpenRLHF's get_tokenizer, most HF code)
         self.pad_token = tokens.pad_token or tokens.eos_token or None
+        # what may follow a response: its end-of-turn / EOS, then padding (longest first: one never hides another)
+        self.trailing_tokens = tuple(sorted(set(self.end_tokens) | ({self.pad_token} - {None}), key=len,
+                                            reverse=True))
+        self.control_tokens = self._control_tokens()
+        self._control_re = re.compile("|".join(map(re.escape, self.control_tokens)))
 
     @classmethod
     def from_source(cls, source: str | os.PathLike, template_kwargs: dict | None = None) -> TemplateParser:
@@ -93,6 +105,22 @@ class TemplateParser:
         from templar.assets import chat_format_from_source
 
         return cls(chat_format_from_source(source, template_kwargs=template_kwargs))
+
+    def _control_tokens(self) -> tuple[str, ...]:
+        """Strings that are structure, never content, in this actor's text: the tokenizer's special tokens, the end /
+        EOS / pad / BOS tokens, and added tokens the template's turn wrapping writes (DeepSeek's `<｜User｜>`, not
+        special); not added tokens that only appear inside contents (Qwen3's `<think>`)."""
+        tokens = self.tokenizer
+        found = {t.content for t in tokens.added_tokens_decoder.values() if t.special}
+        found |= set(tokens.all_special_tokens) | set(self.trailing_tokens) | ({tokens.bos_token} - {None})
+        wrapping = "\0".join(piece for roles in (("system", "user", "assistant", "user"), ("user", "assistant", "user"))
+                             if (skeleton := self._skeleton(roles)) is not None
+                             for piece in skeleton.pieces if isinstance(piece, str))
+        found |= {t.content for t in tokens.added_tokens_decoder.values() if t.content in wrapping}
+        return tuple(sorted((t for t in found if t and not t.isspace()), key=len, reverse=True))
+
+    def control_tokens_in(self, text: str) -> list[str]:
+        return [m.group(0) for m in self._control_re.finditer(text)] if self.control_tokens else []
 
     # -- rendering --------------------------------------------------------------------------------------------
     def render(self, messages: Sequence[dict], *, generation_prompt: bool, variables: dict | None = None) -> str:
@@ -145,10 +173,12 @@ class TemplateParser:
                                      f"up to {self.max_turns} turns gives it back): {_preview(text)}")
         return found[0]
 
-    def parse_query(self, query: str, prompt: str | None = None) -> ParsedQuery:
+    def parse_query(self, query: str, prompt: str | None = None, *, check_prompt: bool = True) -> ParsedQuery:
         """Split prompt + response text into the prompt's messages and the response. With `prompt` (the prompt as
         rendered, as OpenRLHF sends it), the split is where the prompt ends; without, the longest conversation whose
-        rendering is a prefix of the query."""
+        rendering is a prefix of the query. A response (or, with `check_prompt`, a prompt message) that would still
+        hold a control token is refused (see the module docstring); pass check_prompt=False when the prompt's
+        messages come from elsewhere (a label)."""
         query = self._strip_padding(query)
         if prompt is not None:
             prompt = self._strip_padding(prompt)
@@ -162,7 +192,20 @@ class TemplateParser:
             messages, end = found
             rest = query[end:]
         response, ended = self._strip_end(rest)
+        self._refuse_control_tokens("the response", response)
+        if check_prompt:
+            for i, message in enumerate(messages):
+                self._refuse_control_tokens(f"prompt message {i} ({message['role']})", message["content"])
         return ParsedQuery(messages, response, ended)
+
+    def _refuse_control_tokens(self, where: str, content: str) -> None:
+        hits = self.control_tokens_in(content)
+        if hits:
+            shown = ", ".join(repr(t) for t in dict.fromkeys(hits))
+            raise TemplateParseError(
+                f"{where} holds the actor's control token {shown} after parsing: decoded text cannot tell it from "
+                "the real token, so the row is refused rather than scored (send the prompt's messages in the label "
+                "and a response without template tokens)")
 
     def _best_match(self, text: str, *, prefix: bool) -> tuple[Messages, int] | None:
         """The reading of `text` (all of it, or a prefix) with the most user/assistant turns and, among those, without
@@ -218,16 +261,19 @@ class TemplateParser:
         return text
 
     def _strip_end(self, response: str) -> tuple[str, bool]:
-        """The response without its end-of-turn / EOS token (and the padding after it). Where padding is the EOS
-        token itself (DeepSeek), every trailing repetition of it goes."""
-        response = self._strip_padding(response, leading=False)
-        for token in self.end_tokens:
-            if response.endswith(token):
-                response = response[: -len(token)]
-                while token == self.pad_token and response.endswith(token):
+        """The response without the end-of-turn / EOS / padding tokens after it, in any order and repetition; ended
+        when one of them was an end-of-turn or EOS token."""
+        ended = False
+        stripped = True
+        while stripped:
+            stripped = False
+            for token in self.trailing_tokens:
+                if response.endswith(token):
                     response = response[: -len(token)]
-                return response, True
-        return response, False
+                    ended |= token in self.end_tokens
+                    stripped = True
+                    break
+        return response, ended
 
 
 def _split(piece: str | _Hole, mark: str, hole: _Hole) -> list[str | _Hole]:

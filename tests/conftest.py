@@ -140,10 +140,10 @@ def inserted_spans(base: list[int], longer: list[int]) -> list[list[int]]:
 
 
 class TorchReference:
-    """Scores from the RM's own torch modules on `tokenizer.apply_chat_template(messages)`: the ground truth the
-    served path must reproduce. The score is read at the last token. (HF's `*ForSequenceClassification.forward`
-    instead searches for the last token that is not `pad_token_id`; many RMs set pad = EOS, and then it reads the
-    token before the final EOS. `hf_logits` exposes that behaviour for the test that shows the difference.)"""
+    """Scores from the RM's OWN Hugging Face forward pass on its own template, the model card's snippet:
+    `rm(**tok.apply_chat_template(messages, return_dict=True, return_tensors="pt")).logits[0][0]`. The untouched
+    `*ForSequenceClassification` in float32, no code of Templar's between the ids and the number: the ground truth
+    the served path must reproduce (where the template ends with the pad token, the model reads the token before)."""
 
     def __init__(self, model_dir: Path, template_kwargs: dict | None = None, chat_template: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -154,23 +154,25 @@ class TorchReference:
         self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         self.template_kwargs = template_kwargs or {}
 
+    def inputs(self, messages, **kwargs) -> dict:
+        """`apply_chat_template(..., return_dict=True, return_tensors="pt")`: ids and attention mask, as model cards
+        build them; kwargs (tools, template variables) as the row gives them."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                                  **{**self.template_kwargs, **kwargs})
+
     def ids(self, messages, **kwargs) -> list[int]:
-        """`apply_chat_template` of the RM's tokenizer; kwargs (tools, template variables) as the row gives them."""
-        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                                       **{**self.template_kwargs, **kwargs}))
+        return self.inputs(messages, **kwargs)["input_ids"][0].tolist()
 
     def score_ids(self, ids: list[int]) -> float:
-        backbone = getattr(self.model, self.model.base_model_prefix)
+        """The model's own forward on these ids (one unpadded row)."""
         with torch.no_grad():
-            hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
-            return float(self.model.score(hidden)[0])
-
-    def hf_logits(self, ids: list[int]) -> float:
-        with torch.no_grad():
-            return float(self.model(input_ids=torch.tensor([ids])).logits[0, 0])
+            return float(self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                                                            dtype=torch.long)
+                                    ).logits[0][0])
 
     def score(self, messages, **kwargs) -> float:
-        return self.score_ids(self.ids(messages, **kwargs))
+        with torch.no_grad():
+            return float(self.model(**self.inputs(messages, **kwargs)).logits[0][0])
 
 
 @pytest.fixture(scope="session")

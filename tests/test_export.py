@@ -1,4 +1,5 @@
-"""`templar export`: real ONNX exports of real-tokenizer RMs, checked against torch; clear errors otherwise."""
+"""`templar export`: real ONNX exports of real-tokenizer RMs, checked against the model's own forward; clear errors
+otherwise."""
 
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_rms, tmp_path):
 
 def test_failed_parity_writes_nothing(tiny_rms, tmp_path):
     repo = tmp_path / "repo"
-    with pytest.raises(ExportError, match="differs from torch.*nothing was written"):
+    with pytest.raises(ExportError, match="differs from the model's own forward.*nothing was written"):
         export(tiny_rms["llama3_1"], "rm_strict", repo, tolerance=1e-12)
     assert not (repo / "rm_strict").exists() and not (repo / "rm_strict_model").exists()
     assert not list(tmp_path.glob(".repo-staging-*"))
@@ -185,8 +186,9 @@ def test_cli_shows_progress_and_fails_clearly(tiny_rms, tmp_path):
              "--max-length", "256")
     assert ok.returncode == 0, ok.stderr
     assert "[1/7] loading tokenizer" in ok.stderr and "[6/7] writing Triton entries" in ok.stderr
-    assert "[7/7] checking ONNX Runtime against torch on the served files" in ok.stderr
-    assert "max |onnxruntime - torch|" in ok.stderr
+    assert "[7/7] checking ONNX Runtime against the model's own forward on the served files" in ok.stderr
+    assert "max |onnxruntime - the model's own forward|" in ok.stderr
+    assert "score position: last-non-pad" in ok.stderr and "ends a conversation with that token" in ok.stderr
     bad = run("--model", str(tmp_path / "nowhere"), "--name", "rm_cli")
     assert bad.returncode == 2 and "model folder" in bad.stderr and "does not exist" in bad.stderr
     bad_name = run("--model", str(tiny_rms["mistral_nemo"]), "--name", "../evil")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aio
 
@@ -77,17 +78,26 @@ def test_openrlhf_failure_reproduced_and_fixed(triton, references):
     assert min(mismatches) > 1e-3, f"the foreign format should change every score: {mismatches}"
 
 
-def test_score_is_read_at_the_last_real_token_not_by_searching_for_the_pad_id(triton, references):
-    """The Llama-3 tokenizer has no pad token, so (like many RMs) the tiny RM uses pad = EOS = <|eot_id|>. HF's
-    sequence-classification forward then reads the token BEFORE the final <|eot_id|>; Templar reads the last one."""
+def test_a_template_ending_with_the_pad_token_is_scored_where_the_model_reads_it(triton, references, served_repo):
+    """The Llama-3 tokenizer has no pad token, so (like many RMs) the tiny RM uses pad = EOS = <|eot_id|>, and the
+    Llama-3 template ends every conversation with it. The model's own forward then reads the token BEFORE the final
+    <|eot_id|>: the served score must be that one, not the one at the trailing pad, and the export says why."""
     reference = references["llama3_1"]
-    assert reference.model.config.pad_token_id == reference.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    eot = reference.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert reference.model.config.pad_token_id == eot
     messages = sample_conversations()["single_turn"]
     ids = reference.ids(messages)
+    assert ids[-1] == eot
     served = infer(triton, "rm_llama3_1", [{"messages": messages}])[contract.SCORE].item()
-    assert served == pytest.approx(reference.score_ids(ids), abs=1e-4)
-    assert abs(reference.hf_logits(ids) - reference.score_ids(ids)) > 1e-3
-    assert reference.hf_logits(ids) == pytest.approx(reference.score_ids(ids[:-1]), abs=1e-5)
+    assert served == pytest.approx(reference.score(messages), rel=1e-5, abs=1e-5)
+    # reading the trailing pad instead (what Templar did before) gives another number: this test tells them apart
+    backbone = getattr(reference.model, reference.model.base_model_prefix)
+    with torch.no_grad():
+        at_pad = float(reference.model.score(backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, -1])[0])
+    assert abs(at_pad - served) > 1e-3
+    params = served_repo.reports["rm_llama3_1"].parameters
+    assert params[contract.PARAM_SCORE_POSITION] == "last-non-pad" and params[contract.PARAM_SCORE_PAD_ID] == str(eot)
+    assert "ends a conversation with that token" in params[contract.PARAM_SCORE_POSITION_REASON]
 
 
 def test_bad_rows_get_errors_and_the_rest_are_scored(triton, references):

@@ -12,6 +12,7 @@ from templar.chat_format import SPECIAL_TOKEN_POLICIES
 from templar.export.exporter import (DEFAULT_MAX_LENGTH_CAP, FORMATS, PRECISIONS, TOLERANCES, ExportOptions,
                                      export_reward_model)
 from templar.export.repository import EntrySettings
+from templar.export.scorer import SCORE_POSITIONS
 
 
 def json_object(text: str) -> dict:
@@ -65,8 +66,14 @@ def add_arguments(parser) -> None:
                         help="what is served: fp32 (everywhere), int8 (ONNX Runtime dynamic quantization, for the "
                         "embedded CPU server), fp16 / bf16 (the GPU paths; the ONNX graph stays fp32 for the CPU) "
                         "(default: %(default)s)")
-    parser.add_argument("--tolerance", type=float, help="max |onnxruntime - torch| allowed on the sample conversations "
-                        "(default: " + ", ".join(f"{k} {v:g}" for k, v in TOLERANCES.items()) + ")")
+    parser.add_argument("--score-position", default=ExportOptions.score_position, choices=SCORE_POSITIONS,
+                        help="where each score is read: auto (where the model's own forward reads it: for a "
+                        "*ForSequenceClassification the last token that is not config.pad_token_id, for an OpenRLHF "
+                        "value-head RM the last token), last-non-pad, or last-token (for RMs trained by code that "
+                        "read the last token even where the template ends with the pad token) (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, help="max |onnxruntime - reference| / max(1, |reference|) allowed "
+                        "on the sample conversations (default: "
+                        + ", ".join(f"{k} {v:g}" for k, v in TOLERANCES.items()) + ")")
     parser.add_argument("--engine-tolerance", type=float,
                         help="max |tensorrt - torch| allowed (default 1e-3, or 5e-2 with --gpu-fp16)")
     parser.add_argument("--opset", type=int, default=ExportOptions.opset, help="(default: %(default)s)")
@@ -95,6 +102,7 @@ def main(args) -> int:
                          value_head_prefix=args.value_head_prefix, allow_pickle=args.allow_pickle,
                          trust_remote_code=args.trust_remote_code,
                          precision="fp16" if args.gpu_fp16 else args.precision, tolerance=args.tolerance,
+                         score_position=args.score_position,
                          engine_tolerance=args.engine_tolerance, opset=args.opset,
                          check_resources=not args.skip_resource_check, version=args.version, force=args.force,
                          settings=EntrySettings(max_row_bytes=args.max_row_bytes, max_messages=args.max_messages,

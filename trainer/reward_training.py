@@ -77,12 +77,12 @@ def load_pairs(config: RewardTrainConfig) -> tuple[list[PreferencePair], list[Pr
 
 
 class PairScorer:
-    """The RM as the exported scorer sees it: score at the last attention-mask position of its own rendering."""
+    """The RM scored through its OWN forward pass (`model(input_ids, attention_mask).logits`), on its own rendering:
+    trained this way, the saved RM gives the trained score wherever its Hugging Face class is used (its model card's
+    snippet, `templar export`'s default score position), including where its template ends with the pad token."""
 
     def __init__(self, model_dir: Path, max_length: int) -> None:
         from transformers import AutoConfig, AutoModelForSequenceClassification
-
-        from templar.export.scorer import RewardScorer
 
         self.chat = ChatFormat.from_dir(model_dir, max_length=max_length)
         tokenizer = self.chat.tokenizer
@@ -90,19 +90,19 @@ class PairScorer:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         if config.num_labels != 1:
             raise ConfigError(f"base {model_dir}: a reward model has one label, this one has {config.num_labels}")
+        if config.pad_token_id is None:  # HF's classifiers pool a padded batch by the pad id (TRL sets pad = EOS too)
+            config.pad_token_id = self.pad_id
         for key in [k for k in vars(config) if "dropout" in k and isinstance(getattr(config, k), float)]:
             setattr(config, key, 0.0)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config,
                                                                         dtype=torch.float32, local_files_only=True)
-        head = getattr(self.model, "score", None) or self.model.classifier
-        self.scorer = RewardScorer(getattr(self.model, self.model.base_model_prefix), head)
 
     def ids(self, messages: list[dict]) -> list[int]:
         return self.chat.tokenize(Conversation(messages)).input_ids
 
     def scores(self, rows: list[list[int]]) -> torch.Tensor:
-        ids, mask = right_pad(rows, self.pad_id)
-        return self.scorer(torch.from_numpy(ids), torch.from_numpy(mask)).squeeze(-1)
+        ids, mask = right_pad(rows, self.pad_id)  # right padding: HF's positions and pooling hold for real tokens
+        return self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits[:, 0]
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ def resolve_source(source: str, role: str, kind: str, output_dir: Path, seed: in
             build_tiny_model(family, path, kind=kind, seed=seed)
         return path
     # trained: minutes of work, so built once per machine in the cache and shared by every run
-    path = cache_home() / "models" / f"{prefix[:-1]}-{family}-seed{seed}-v{BUILD_VERSION}"
+    path = cache_home() / "models" / f"{prefix[:-1]}-{family}-seed{seed}-v{BUILD_VERSIONS[prefix]}"
     if not (path / BUILT).is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
@@ -90,7 +90,9 @@ def _trained_rm(family: str, path: Path, seed: int) -> None:
 
 
 BUILT = "templar_built"  # written last: the folder is complete
-BUILD_VERSION = 2  # raise when a builder changes what it makes: cached models of older versions are not reused
+# raise a builder's version when it changes what it makes: cached models of older versions are not reused
+# (tiny-rm v3: trained through the model's own forward, which reads before a trailing pad token)
+BUILD_VERSIONS = {"tiny-chat:": 2, "tiny-rm:": 3}
 # prefix -> the kind of model it makes (None: any, random weights); BUILDERS say how the trained ones are made
 TINY_SOURCES = {"tiny:": None, "tiny-chat:": "causal-lm", "tiny-rm:": "reward"}
 BUILDERS = {"tiny-chat:": _warm_started_actor, "tiny-rm:": _trained_rm}

@@ -37,10 +37,11 @@ from templar.export.onnx_files import DATA_SUFFIX, gather_external_data, model_f
 from templar.export.repository import (EntrySettings, RewardModelEntry, StagedModel, check_name, check_version,
                                        read_parameters)
 from templar.export.resources import PROTOBUF_LIMIT, check_resources, estimate
-from templar.export.scorer import (PICKLE_PATTERNS, LoadedRewardModel, RewardScorer, load_reward_model, torch_scores,
-                                   trace_to_onnx)
+from templar.export.scorer import (PICKLE_PATTERNS, SCORE_POSITIONS, LoadedRewardModel, RewardScorer, ScorePosition,
+                                   choose_score_position, load_reward_model, parity_error, reads_as_the_model,
+                                   reference_scores, trace_to_onnx)
 from templar.samples import sample_conversations, without_system
-from templar.serving.batching import right_pad
+from templar.serving.batching import padding_id, right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
 
 DEFAULT_MAX_LENGTH_CAP = 4096
@@ -49,7 +50,8 @@ FORMATS = ("onnx", "tensorrt")
 # (docs/benchmarks.md: faster where the CPU has int8 instructions, scores agree less); fp16 / bf16: the GPU paths
 # (TensorRT execution accelerator or engine), the ONNX graph stays float32 for the CPU.
 PRECISIONS = ("fp32", "int8", "fp16", "bf16")
-TOLERANCES = {"fp32": 1e-4, "int8": 0.5, "fp16": 1e-4, "bf16": 1e-4}  # of the ONNX graph the CPU runs
+# max |served - reference| / max(1, |reference|) of the ONNX graph the CPU runs (scorer.parity_error)
+TOLERANCES = {"fp32": 1e-4, "int8": 0.5, "fp16": 1e-4, "bf16": 1e-4}
 Log = Callable[[str], None]
 
 
@@ -68,7 +70,9 @@ class ExportOptions:
     allow_pickle: bool = False  # load *.bin/*.pt weights (pickle can run code) when no safetensors exist
     trust_remote_code: bool = False  # run model code shipped in the folder (config.json auto_map)
     precision: str = "fp32"  # what is served: see PRECISIONS
-    tolerance: float | None = None  # max |ONNX Runtime - torch| on the samples; default TOLERANCES[precision]
+    # where each score is read: "auto" = where the model's own forward reads it (scorer.SCORE_POSITIONS)
+    score_position: str = "auto"
+    tolerance: float | None = None  # max relative |ONNX Runtime - reference| on the samples; default TOLERANCES
     engine_tolerance: float | None = None  # max |TensorRT - torch|; default 1e-3 (FP32) or 5e-2 (FP16/BF16)
     opset: int = 17
     check_resources: bool = True  # refuse up front when memory or disk will not do
@@ -116,7 +120,7 @@ def source_sha256(opts: ExportOptions) -> str:
         if file.is_file():
             digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
     shaping = {"max_length": opts.max_length, "special_tokens": opts.special_tokens, "format": opts.format,
-               "precision": opts.precision,
+               "precision": opts.precision, "score_position": opts.score_position,
                "template_kwargs": opts.template_kwargs, "value_head_prefix": opts.value_head_prefix,
                "opset": opts.opset, "settings": dataclasses.asdict(opts.settings)}
     digest.update(json.dumps(shaping, sort_keys=True, default=str).encode())
@@ -168,6 +172,8 @@ def _check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown --format {opts.format!r}; choose from {', '.join(FORMATS)}")
     if opts.precision not in PRECISIONS:
         raise ExportError(f"unknown --precision {opts.precision!r}; choose from {', '.join(PRECISIONS)}")
+    if opts.score_position not in SCORE_POSITIONS:
+        raise ExportError(f"unknown --score-position {opts.score_position!r}; choose from {', '.join(SCORE_POSITIONS)}")
     if opts.precision == "bf16" and opts.format != "tensorrt":
         raise ExportError("--precision bf16 needs --format tensorrt (a BF16 engine); Triton's ONNX Runtime backend "
                           "offers FP16 (--precision fp16) as its GPU reduced precision")
@@ -280,26 +286,58 @@ def quantize_int8(path: Path, log: Log = lambda _: None) -> None:
     log(f"      int8 weights: {sum(f.stat().st_size for f in model_files(path)) / 1e6:.0f} MB")
 
 
-def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: np.ndarray, rows: list[list[int]], log: Log) -> float:
-    """max |ONNX Runtime - torch| over the sample rows in one padded batch, on the files where they are served;
-    refuses a graph past the tolerance."""
+def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: Reference, rows: list[list[int]], pad_id: int,
+                log: Log) -> float:
+    """Largest relative difference between ONNX Runtime and the reference over the sample rows in one right-padded
+    batch (padded with the pad id, so padding must not move where a score is read), on the files where they are
+    served; refuses a graph past the tolerance."""
     tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCES[opts.precision]
-    ids, mask = right_pad(rows)
+    ids, mask = right_pad(rows, pad_id)
     session = create_session(onnx_path, prepacking=False)  # no packed copy of the weights: one copy in memory
     served = run_scores(session, ids, mask).reshape(-1).astype(np.float64)
     del session
-    max_diff = float(np.abs(served - reference).max())
-    log(f"      max |onnxruntime - torch| = {max_diff:.2e} over {len(rows)} conversations "
-        f"({min(map(len, rows))}..{max(map(len, rows))} tokens, one padded batch)")
+    errors = parity_error(served, reference.scores)
+    max_diff = float(errors.max())
+    log(f"      max |onnxruntime - {reference.name}| / max(1, |score|) = {max_diff:.2e} over {len(rows)} "
+        f"conversations ({min(map(len, rows))}..{max(map(len, rows))} tokens, one padded batch)")
     if not np.isfinite(max_diff) or max_diff > tolerance:
-        raise ExportError(f"ONNX Runtime differs from torch by {max_diff:.3e} > tolerance {tolerance}; "
-                          "nothing was written")
+        raise ExportError(f"ONNX Runtime differs from {reference.name} by {max_diff:.3e} (relative) > tolerance "
+                          f"{tolerance}; nothing was written")
     return max_diff
 
 
-def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[list[int]], reference: np.ndarray,
-                          max_length: int, tmp: Path, step: _Steps, log: Log) -> dict[str, str]:
-    """Build `tmp/model.plan` and check it against torch; returns the parameters to record."""
+@dataclass
+class Reference:
+    """The scores the served graph must reproduce on the sample rows, and what computed them."""
+
+    scores: np.ndarray
+    name: str  # e.g. "the model's own forward"
+
+
+def _reference(loaded: LoadedRewardModel, position: ScorePosition, rows: list[list[int]]) -> Reference:
+    name = "the model's own forward" if reads_as_the_model(loaded, position) else \
+        ("OpenRLHF's value-head reading" if loaded.classifier is None else f"torch read at {position.rule}")
+    return Reference(reference_scores(loaded, position, rows), name)
+
+
+def _score_position(opts: ExportOptions, loaded: LoadedRewardModel, served: ChatFormat, rows: list[list[int]],
+                    log: Log) -> ScorePosition:
+    """Choose where the graph reads each score (the scorer reads there from now on) and say why."""
+    position = choose_score_position(loaded, opts.score_position, rows,
+                                     token_name=served.tokenizer.convert_ids_to_tokens)
+    loaded.scorer.pad_id = position.pad_id
+    log(f"      score position: {position.rule}: {position.reason}")
+    if not reads_as_the_model(loaded, position) and loaded.classifier is not None:
+        moved = sum(position.index(r) != choose_score_position(loaded, "auto", rows).index(r) for r in rows)
+        if moved:
+            log(f"      note: {loaded.kind}'s own forward reads elsewhere on {moved} of {len(rows)} sample "
+                "conversations; the served scores follow --score-position, not the model's own forward")
+    return position
+
+
+def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[list[int]], reference: Reference,
+                          max_length: int, pad_id: int, tmp: Path, step: _Steps, log: Log) -> dict[str, str]:
+    """Build `tmp/model.plan` and check it against the reference; returns the parameters to record."""
     from templar.export.tensorrt import ShapeProfile, build_engine, engine_scores, export_int32_onnx
 
     precision = opts.precision if opts.precision in ("fp16", "bf16") else "fp32"
@@ -307,25 +345,25 @@ def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[
     step("building the TensorRT engine (int32 ids)")
     export_int32_onnx(scorer, tmp / "model_int32.onnx", opts.opset)
     build_engine(tmp / "model_int32.onnx", tmp / "model.plan", profile, precision=precision, log=log)
-    step(f"checking TensorRT against torch on {len(rows)} sample conversations")
+    step(f"checking TensorRT against {reference.name} on {len(rows)} sample conversations")
     tolerance = opts.engine_tolerance if opts.engine_tolerance is not None else \
         (5e-2 if precision != "fp32" else 1e-3)
     diffs = []
     for start in range(0, len(rows), profile.max_shape[0]):
-        ids, mask = right_pad(rows[start : start + profile.max_shape[0]])
+        ids, mask = right_pad(rows[start : start + profile.max_shape[0]], pad_id)
         served = engine_scores(tmp / "model.plan", ids, mask).astype(np.float64)
-        diffs.append(np.abs(served - reference[start : start + len(ids)]).max())
+        diffs.append(parity_error(served, reference.scores[start : start + len(ids)]).max())
     engine_diff = float(max(diffs))
-    log(f"      max |tensorrt - torch| = {engine_diff:.2e} ({precision.upper()})")
+    log(f"      max |tensorrt - {reference.name}| / max(1, |score|) = {engine_diff:.2e} ({precision.upper()})")
     if not np.isfinite(engine_diff) or engine_diff > tolerance:
-        raise ExportError(f"the TensorRT engine differs from torch by {engine_diff:.3e} > tolerance {tolerance} "
-                          "(--engine-tolerance); nothing was written")
+        raise ExportError(f"the TensorRT engine differs from {reference.name} by {engine_diff:.3e} (relative) > "
+                          f"tolerance {tolerance} (--engine-tolerance); nothing was written")
     return {**profile.as_parameters(), "tensorrt_precision": precision,
             "tensorrt_parity_max_abs_diff": f"{engine_diff:.3e}"}
 
 
 def _parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, max_length: int,
-                loaded: LoadedRewardModel, parameters: int) -> dict[str, str]:
+                loaded: LoadedRewardModel, parameters: int, position: ScorePosition) -> dict[str, str]:
     """What the configs record: fingerprints, serving options, where the model came from."""
     return {
         contract.PARAM_TEMPLATE_SHA256: served.template_sha256,
@@ -340,6 +378,8 @@ def _parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, ma
         "source_dtype": loaded.source_dtype,
         contract.PARAM_PRECISION: opts.precision,
         "parameters": str(parameters),
+        **position.as_parameters(),
+        contract.PARAM_SCORE_POSITION_REASON: position.reason,
     }
 
 
@@ -363,19 +403,22 @@ def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
             tempfile.TemporaryDirectory(prefix="templar-export-") as tmp:
         step("saving tokenizer and template for the preprocessing model")
         served, rows = _save_tokenizer(opts, chat_format, max_length, staged.tokenizer_dir)
+        position = _score_position(opts, loaded, served, rows, log)
         step(f"exporting ONNX (opset {opts.opset}){estimate(opts, 'exporting')}")
         _export_onnx(opts, loaded, rows, staged.onnx_path, log)
-        step(f"torch reference scores on {len(rows)} sample conversations")
-        reference = torch_scores(loaded.scorer, rows)
-        engine = _build_checked_engine(opts, loaded.scorer, rows, reference, max_length, Path(tmp), step, log) \
-            if tensorrt else {}
-        del loaded.scorer  # before ONNX Runtime loads its copy: never two models in memory at once
+        step(f"reference scores on {len(rows)} sample conversations")
+        reference = _reference(loaded, position, rows)
+        log(f"      {reference.name}, one unpadded conversation at a time")
+        pad_id = padding_id(served.tokenizer)  # what the preprocessing model pads with
+        engine = _build_checked_engine(opts, loaded.scorer, rows, reference, max_length, pad_id, Path(tmp), step,
+                                       log) if tensorrt else {}
+        loaded.release()  # before ONNX Runtime loads its copy: never two models in memory at once
         release_memory()
         if opts.precision == "int8":
             step("quantizing to int8 (ONNX Runtime dynamic quantization)")
             quantize_int8(staged.onnx_path, log)
-        parameters = {**_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count), **engine,
-                      contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
+        parameters = {**_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count, position),
+                      **engine, contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
         settings = dataclasses.replace(opts.settings, gpu_fp16=opts.settings.gpu_fp16 or opts.precision == "fp16")
         entry = RewardModelEntry(opts.name, staged.onnx_path, staged.tokenizer_dir, parameters, settings,
                                  tensorrt_plan=Path(tmp) / "model.plan" if tensorrt else None,
@@ -383,8 +426,8 @@ def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
         step(f"writing Triton entries for {opts.name!r} into {opts.repo}")
         staged.write(entry)
         folders = staged.commit(lambda m: log("      " + m))
-        step(f"checking ONNX Runtime against torch on the served files{estimate(opts, 'checking')}")
-        max_diff = _check_onnx(opts, staged.final(staged.onnx_path), reference, rows, log)
+        step(f"checking ONNX Runtime against {reference.name} on the served files{estimate(opts, 'checking')}")
+        max_diff = _check_onnx(opts, staged.final(staged.onnx_path), reference, rows, pad_id, log)
         entry.parameters["parity_max_abs_diff"] = f"{max_diff:.3e}"
         staged.rewrite_configs(entry)
         staged.finish()

@@ -1,6 +1,15 @@
-"""A reward model folder as one torch module, `RewardScorer`: backbone + scalar head, the score read at the last
-position where attention_mask is 1 (never by searching for the pad id, which is often the EOS id), with pad-aware
-position ids. The ONNX graph is traced from it, and the benchmark's in-process torch baseline runs it.
+"""A reward model folder as one torch module, `RewardScorer`: backbone + scalar head, with pad-aware position ids and
+the score read where the model's OWN forward pass reads it. The ONNX graph is traced from it, and the benchmark's
+in-process torch baseline runs it.
+
+Where the score is read (`ScorePosition`), by the reference each kind of RM is checked against:
+- a `*ForSequenceClassification` (Hugging Face): the last position whose token is not `config.pad_token_id`, or the
+  last position when the model has no pad id, as every such class's `forward` pools (transformers 5). Where a template
+  ends a conversation with the pad token (pad = EOS, the usual choice when a tokenizer has none, and Llama-3, Mistral,
+  Phi-3 and DeepSeek templates end with EOS), that is the token BEFORE the trailing pad run: where the RM was trained
+  to put its judgement, and what the model card's `rm(**tok.apply_chat_template(...)).logits` prints.
+- an OpenRLHF value-head RM: the last attention-mask position, as OpenRLHF's reward model code reads it.
+`--score-position` overrides the choice for RMs trained by code that read elsewhere.
 
 Accepted models: any decoder-only `*ForSequenceClassification` with one label that the installed transformers
 provides (or that the folder's own code defines, loaded only with --trust-remote-code), and the value-head RMs OpenRLHF
@@ -30,13 +39,53 @@ log = logging.getLogger("templar.export")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-class RewardScorer(nn.Module):
-    """Backbone + scalar head; the score is read at the last attention-mask position of each row."""
+# --score-position: "auto" = where the model's own forward reads (see the module docstring)
+SCORE_POSITIONS = ("auto", "last-non-pad", "last-token")
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, mean: float | None = None, std: float | None = None):
+
+@dataclass(frozen=True)
+class ScorePosition:
+    """Where each row's score is read: the last position whose id is not `pad_id` (HF's rule), or, with no pad id,
+    the last attention-mask position."""
+
+    rule: str  # "last-non-pad" or "last-token"
+    pad_id: int | None  # with "last-non-pad"
+    reason: str  # why this rule: recorded in serving.json and the export log
+
+    def __post_init__(self) -> None:
+        if (self.rule == "last-non-pad") != (self.pad_id is not None):
+            raise ValueError(f"score position {self.rule!r} with pad id {self.pad_id!r}")
+
+    def index(self, ids: list[int]) -> int:
+        """The position read in one unpadded row (the same rule as the graph)."""
+        if self.pad_id is None:
+            return len(ids) - 1
+        kept = [i for i, token in enumerate(ids) if token != self.pad_id]
+        return kept[-1] if kept else 0
+
+    def as_parameters(self) -> dict[str, str]:
+        return {contract.PARAM_SCORE_POSITION: self.rule,
+                contract.PARAM_SCORE_PAD_ID: "" if self.pad_id is None else str(self.pad_id)}
+
+
+def score_indices(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """[B] the position each row's score is read at: the last attention-mask position whose id is not `pad_id` (all
+    mask positions when `pad_id` is None). Right or left padding never moves it. A row of nothing but pad tokens
+    reads position 0, as HF's `(arange(L) * (ids != pad)).argmax(-1)` does."""
+    keep = attention_mask.long() if pad_id is None else attention_mask.long() * (input_ids != pad_id).long()
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    return (positions * keep).argmax(-1)
+
+
+class RewardScorer(nn.Module):
+    """Backbone + scalar head; each row's score is read at `score_indices(ids, mask, pad_id)`."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, mean: float | None = None, std: float | None = None,
+                 pad_id: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pad_id = pad_id
         self.normalize = mean is not None and std is not None
         self.register_buffer("mean", torch.tensor([mean or 0.0]), persistent=False)
         self.register_buffer("std", torch.tensor([std or 1.0]), persistent=False)
@@ -44,7 +93,7 @@ class RewardScorer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # last index where mask == 1
+        last = score_indices(input_ids, attention_mask, self.pad_id)
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
         score = self.head(hidden.gather(1, index).squeeze(1)).float()
         if self.normalize:
@@ -73,10 +122,24 @@ class LoadedRewardModel:
     config: Any
     kind: str  # e.g. "Qwen3ForSequenceClassification", or "value-head RM (value_head)"
     source_dtype: str  # the dtype the weights were shipped in, e.g. "bfloat16"
+    # The Hugging Face *ForSequenceClassification itself (sharing the scorer's modules): its own forward is the
+    # reference a served score is checked against. None for value-head RMs (no HF class: OpenRLHF's code reads them).
+    classifier: nn.Module | None = None
 
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.scorer.parameters())
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The pad id the model's own forward pools by (its text config's, as transformers reads it)."""
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        pad = getattr(text, "pad_token_id", None)
+        return None if pad is None else int(pad)
+
+    def release(self) -> None:
+        """Drop the torch weights (before ONNX Runtime loads its copy: never two models in memory at once)."""
+        self.scorer = self.classifier = None
 
 
 def decoder_only(model_type: str) -> bool:
@@ -159,7 +222,8 @@ def _value_head_scorer(config, model_dir: Path, files: list[Path], pickle: bool,
     return RewardScorer(backbone, head, *(config.mean, config.std) if normalize else (None, None))
 
 
-def _classifier_scorer(config, model_dir: Path, pickle: bool, trust_remote_code: bool) -> RewardScorer:
+def _classifier_scorer(config, model_dir: Path, pickle: bool,
+                       trust_remote_code: bool) -> tuple[RewardScorer, nn.Module]:
     from transformers import AutoModelForSequenceClassification
 
     archs = getattr(config, "architectures", None) or []
@@ -174,7 +238,7 @@ def _classifier_scorer(config, model_dir: Path, pickle: bool, trust_remote_code:
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if head is None:
         raise ExportError(f"{type(model).__name__} has no `score` or `classifier` head to read the reward from")
-    return RewardScorer(getattr(model, model.base_model_prefix), head)
+    return RewardScorer(getattr(model, model.base_model_prefix), head), model.float().eval()
 
 
 def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, value_head_prefix: str | None = None,
@@ -197,19 +261,71 @@ def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, valu
     files, pickle = weight_files(model_dir, allow_pickle)
     source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     prefix = _value_head_prefix(model_dir, files, pickle, value_head_prefix, config)
+    classifier = None
     if prefix is not None:
         scorer = _value_head_scorer(config, model_dir, files, pickle, prefix, trust_remote_code)
         kind = f"value-head RM ({prefix})"
     else:
-        scorer, kind = _classifier_scorer(config, model_dir, pickle, trust_remote_code), config.architectures[0]
-    return LoadedRewardModel(scorer.float().eval(), config, kind, source_dtype.replace("torch.", ""))
+        (scorer, classifier), kind = _classifier_scorer(config, model_dir, pickle, trust_remote_code), \
+            config.architectures[0]
+    return LoadedRewardModel(scorer.float().eval(), config, kind, source_dtype.replace("torch.", ""), classifier)
 
 
-def torch_scores(scorer: RewardScorer, rows: list[list[int]]) -> np.ndarray:
-    """Reference scores: one unpadded forward per row."""
+def choose_score_position(loaded: LoadedRewardModel, choice: str, rows: list[list[int]],
+                          token_name=str) -> ScorePosition:
+    """Where the served graph reads each score (see the module docstring), and why. `rows` are sample conversations
+    as the RM's template tokenizes them: the reason says whether the template ends with the pad token, the case
+    where reading the last token and reading the model's own way differ."""
+    if choice not in SCORE_POSITIONS:
+        raise ExportError(f"unknown --score-position {choice!r}; choose from {', '.join(SCORE_POSITIONS)}")
+    pad = loaded.pad_token_id
+    if choice == "last-token":
+        return ScorePosition("last-token", None, "--score-position last-token: the last token of the rendered "
+                             "conversation, as the code that trained this RM read it")
+    if choice == "auto" and loaded.classifier is None:
+        return ScorePosition("last-token", None, "an OpenRLHF value-head RM: OpenRLHF's reward model reads the "
+                             "last attention-mask position")
+    if pad is None:
+        if choice == "last-non-pad":
+            raise ExportError("--score-position last-non-pad needs a pad_token_id in the model's config.json")
+        return ScorePosition("last-token", None, f"{loaded.kind} has no pad_token_id: its forward reads the last "
+                             "token")
+    ending = sum(1 for r in rows if r and r[-1] == pad)
+    who = f"{loaded.kind}.forward" if choice == "auto" else "--score-position last-non-pad"
+    if ending:
+        why = (f"; this chat template ends a conversation with that token ({ending} of {len(rows)} samples), so the "
+               f"score is read on the token before the trailing {token_name(pad)!r}, where the RM's own forward "
+               "pass (and its model card's snippet) reads it")
+    else:
+        why = "; this chat template does not end a conversation with it, so that is the last token"
+    return ScorePosition("last-non-pad", pad, f"{who} reads the last token that is not pad_token_id {pad} "
+                         f"({token_name(pad)!r}){why}")
+
+
+def reads_as_the_model(loaded: LoadedRewardModel, position: ScorePosition) -> bool:
+    """True when `position` is where the Hugging Face classifier's own forward reads its score."""
+    return loaded.classifier is not None and position.pad_id == loaded.pad_token_id
+
+
+def reference_scores(loaded: LoadedRewardModel, position: ScorePosition, rows: list[list[int]]) -> np.ndarray:
+    """The scores a served graph must reproduce, one unpadded row at a time. For a Hugging Face classifier read its
+    own way, the model's own forward, `model(input_ids, attention_mask).logits[0, 0]` (no code of Templar's between
+    the ids and the number); otherwise the scorer, read at `position`: OpenRLHF's value-head reading, or an
+    override."""
     with torch.no_grad():
-        return np.array([scorer(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item() for r in rows],
-                        dtype=np.float64)
+        if reads_as_the_model(loaded, position):
+            return np.array([float(loaded.classifier(input_ids=torch.tensor([r]),
+                                                     attention_mask=torch.ones(1, len(r), dtype=torch.long)
+                                                     ).logits[0, 0]) for r in rows], dtype=np.float64)
+        return np.array([loaded.scorer(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item()
+                         for r in rows], dtype=np.float64)
+
+
+def parity_error(served: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """|served - reference| / max(1, |reference|): relative for scores of magnitude above 1, absolute below (where
+    float32 rounding, not the score's size, sets the floor)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    return np.abs(np.asarray(served, dtype=np.float64) - reference) / np.maximum(1.0, np.abs(reference))
 
 
 def trace_to_onnx(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, path: Path,

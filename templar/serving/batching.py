@@ -28,8 +28,8 @@ METRIC_SLOTS = "templar_computed_token_slots_total"  # rows * longest row, summe
 # A preprocessing version's own settings and fingerprints, in `<version>/serving.json`: Triton re-initialises every
 # loaded version when a model's config changes, and config.pbtxt describes only the newest export.
 SERVING_FILE = "serving.json"
-SERVING_PARAMS = (*contract.FINGERPRINT_PARAMS, contract.PARAM_TEMPLATE_KWARGS, "max_row_bytes", "max_messages",
-                  "max_json_depth")
+SERVING_PARAMS = (*contract.FINGERPRINT_PARAMS, contract.PARAM_TEMPLATE_KWARGS, contract.PARAM_SCORE_POSITION_REASON,
+                  "max_row_bytes", "max_messages", "max_json_depth")
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None) -> tuple[np.ndarray,
@@ -85,8 +85,13 @@ def load_chat_format(folder: str | os.PathLike, params: Mapping[str, str]) -> tu
         special_tokens=params.get(contract.PARAM_SPECIAL_TOKENS, "escape"),
         template_kwargs=json.loads(params.get(contract.PARAM_TEMPLATE_KWARGS) or "{}"),
     )
-    pad = chat_format.tokenizer.pad_token_id
-    return chat_format, 0 if pad is None else int(pad)
+    return chat_format, padding_id(chat_format.tokenizer)
+
+
+def padding_id(tokenizer) -> int:
+    """The id rows are right-padded with: the tokenizer's pad id, or 0 (padding sits under a 0 attention mask, and the
+    scorer never reads it whatever its id)."""
+    return 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
 
 
 def row_limits(params: Mapping[str, str]) -> RowLimits:
