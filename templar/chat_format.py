@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.nodes
 
 from templar.conversation import RESERVED_TEMPLATE_KWARGS, Conversation, ConversationError
 from templar.errors import ConfigError
@@ -45,12 +44,25 @@ class TokenizedConversation:
         return self.num_tokens_before_truncation > len(self.input_ids)
 
 
-def template_literal_text(chat_template: str) -> str:
-    """The literal text of a template (raw text and string constants), NUL-joined so no match spans two pieces."""
-    ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(chat_template)
-    literals = {node.data for node in ast.find_all(jinja2.nodes.TemplateData)}
-    literals |= {node.value for node in ast.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
-    return "\0".join(literals)
+# Role sequences rendered with sentinel contents to find what a template writes around contents itself
+WRAPPING_PROBES = (("system", "user", "assistant", "user"), ("user", "assistant", "user"))
+_PROBE = "TEMPLARCONTENTPROBE{}X"
+
+
+def template_wrapping_text(tokenizer: Any, template_kwargs: dict | None = None) -> str:
+    """What a chat template writes around message contents by itself (its turn markers, headers, default system
+    prompt), NUL-joined: probe conversations rendered with sentinel contents and a generation prompt, the sentinels
+    cut out. Markers a template only parses inside contents (Qwen3's `<think>`) are not wrapping."""
+    pieces = []
+    for roles in WRAPPING_PROBES:
+        probe = [{"role": role, "content": _PROBE.format(i)} for i, role in enumerate(roles)]
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True,
+                                                 **(template_kwargs or {}))
+        except Exception:  # noqa: BLE001 - a template that refuses this role sequence (a system turn)
+            continue
+        pieces.append(re.sub(_PROBE.format(r"\d+"), "\0", text))
+    return "\0".join(pieces)
 
 
 class ChatFormat:
@@ -102,11 +114,13 @@ class ChatFormat:
         return self.tokenizer.bos_token_id
 
     def _find_control_tokens(self) -> tuple[str, ...]:
-        """Special tokens, plus added tokens the template writes itself (e.g. Gemma's <start_of_turn>)."""
-        literal = template_literal_text(self.chat_template)
+        """Special tokens, plus added tokens the template writes around contents itself (DeepSeek's `<｜User｜>`);
+        not added tokens the template only reads inside contents (Qwen3's `<think>`, `<tool_call>`): the model's own
+        template turns those into its tokens, and so must the served path, or scores leave the model's own."""
+        wrapping = template_wrapping_text(self.tokenizer, self.template_kwargs)
         tokens = []
         for token in self.tokenizer.added_tokens_decoder.values():
-            if token.special or (token.content in literal and not token.content.isspace()):
+            if token.special or (token.content in wrapping and not token.content.isspace()):
                 tokens.append(token.content)
         return tuple(sorted(set(tokens)))
 

@@ -24,6 +24,8 @@ COMMANDS = {
                  "chat template"),
     "eval-rm": ("templar.tools.eval_rm", "pairwise accuracy of a served RM: its own template vs another's"),
     "score": ("templar.tools.score", "score conversations (JSONL) against a served reward model over gRPC"),
+    "check": ("templar.tools.check", "score conversations (JSONL) through a served RM and through the model's own "
+              "forward pass, and print the largest difference"),
     "train": ("templar.tools.train", "PPO training against Triton-served reward models (embedded by default)"),
     "score-demo": ("templar.tools.score_demo", "serve a config's reward models and score sample conversations"),
     "loadtest": ("templar.tools.loadtest", "gRPC load test of a served reward model at several concurrency levels"),

@@ -159,6 +159,7 @@ class RewardClient:
             raise ConfigError(f"{', '.join(given)} given but tls is off: set tls=True to talk TLS to the server")
         self.config = config
         self.fingerprints: dict[str, str] = {}
+        self.parameters: dict[str, str] = {}  # every parameter of the entry's config (fingerprints among them)
         self.max_batch_size: int | None = None
         self._endpoints: list[_Endpoint] = []
         self._rr = 0
@@ -242,6 +243,7 @@ class RewardClient:
                             self.config.model, as_json=True, headers=self.config.headers or None,
                             client_timeout=5.0)
                         seen[endpoint.url] = _fingerprints(config["config"])
+                        self.parameters = _parameters(config["config"])
                         if self.max_batch_size is None:
                             self.max_batch_size = int(config["config"].get("max_batch_size", 0)) or None
                     except Exception as exc:  # noqa: BLE001 - reported below with the endpoint's name
@@ -430,6 +432,10 @@ def _failed(n: int, status: str, latency_s: float, attempts: int) -> RewardResul
                         latency_s, attempts)
 
 
+def _parameters(config: Mapping[str, Any]) -> dict[str, str]:
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
 def _fingerprints(config: Mapping[str, Any]) -> dict[str, str]:
-    params = config.get("parameters", {})
-    return {key: params[key]["string_value"] for key in contract.FINGERPRINT_PARAMS if key in params}
+    params = _parameters(config)
+    return {key: params[key] for key in contract.FINGERPRINT_PARAMS if key in params}

@@ -107,16 +107,10 @@ class TemplateParser:
         return cls(chat_format_from_source(source, template_kwargs=template_kwargs))
 
     def _control_tokens(self) -> tuple[str, ...]:
-        """Strings that are structure, never content, in this actor's text: the tokenizer's special tokens, the end /
-        EOS / pad / BOS tokens, and added tokens the template's turn wrapping writes (DeepSeek's `<｜User｜>`, not
-        special); not added tokens that only appear inside contents (Qwen3's `<think>`)."""
-        tokens = self.tokenizer
-        found = {t.content for t in tokens.added_tokens_decoder.values() if t.special}
-        found |= set(tokens.all_special_tokens) | set(self.trailing_tokens) | ({tokens.bos_token} - {None})
-        wrapping = "\0".join(piece for roles in (("system", "user", "assistant", "user"), ("user", "assistant", "user"))
-                             if (skeleton := self._skeleton(roles)) is not None
-                             for piece in skeleton.pieces if isinstance(piece, str))
-        found |= {t.content for t in tokens.added_tokens_decoder.values() if t.content in wrapping}
+        """Strings that are structure, never content, in this actor's text: its ChatFormat's control tokens (special
+        tokens, added tokens the template's wrapping writes, e.g. DeepSeek's `<｜User｜>`; not Qwen3's `<think>`,
+        which contents hold) and the end / EOS / pad / BOS tokens."""
+        found = set(self.chat.control_tokens) | set(self.trailing_tokens) | ({self.tokenizer.bos_token} - {None})
         return tuple(sorted((t for t in found if t and not t.isspace()), key=len, reverse=True))
 
     def control_tokens_in(self, text: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,10 +66,12 @@ def tiny_config(family: str, vocab_size: int, pad_token_id: int | None, size: Ti
 
 
 def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed: int = 0,
-                     size: TinySize | None = None, tokenizer: str | Path | None = None,
-                     backbone: str | None = None) -> Path:
+                     size: TinySize | None = None, tokenizer: str | Path | Any | None = None,
+                     backbone: str | None = None, save_tokenizer: bool = True) -> Path:
     """Create `out` with config, safetensors weights, and the family's real tokenizer + chat template. `backbone`
-    picks another architecture (model_type) than the family's own, e.g. gemma2 on the Gemma-3 tokenizer."""
+    picks another architecture (model_type) than the family's own, e.g. gemma2 on the Gemma-3 tokenizer;
+    `tokenizer` another tokenizer folder, or a tokenizer already loaded (then `save_tokenizer=False` skips writing
+    it: many models on one large tokenizer)."""
     from transformers import AutoTokenizer
 
     if family not in FAMILY_BACKBONE:
@@ -77,14 +80,16 @@ def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     size = size or TinySize()
     out = Path(out)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir(family)), local_files_only=True)
+    tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
+        AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir(family)), local_files_only=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     config = tiny_config(family, len(tok), pad, size, backbone=backbone)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():  # a seeded build must not reset the caller's random stream
         torch.manual_seed(seed)
         _build_and_save(kind, config, tok, out, size)
-    tok.save_pretrained(str(out))
+    if save_tokenizer:
+        tok.save_pretrained(str(out))
     return out
 
 

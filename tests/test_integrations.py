@@ -177,8 +177,9 @@ def test_every_other_actor_family_through_the_reward_function_file(triton, refer
         expected = expected_reward(references, [*kept, {"role": "assistant", "content": response}])
         assert answer["rewards"][0] == pytest.approx(expected, abs=1e-4), (actor, prompt)
         assert answer["extra_logs"]["templar/failed"] == [0.0]
-        assert abs(answer["extra_logs"]["templar/rm_llama3_1"][0]
-                   - the_rm_reading_the_actors_text(references, query)) > 1e-3
+        if actor != "llama3_1":  # another family's text read as it is: not what the RM was trained on
+            assert abs(answer["extra_logs"]["templar/rm_llama3_1"][0]
+                       - the_rm_reading_the_actors_text(references, query)) > 1e-3
 
 
 def test_verl_compute_score_with_verls_argument_shapes(triton, references):
