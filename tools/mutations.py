@@ -226,6 +226,20 @@ MUTATIONS: tuple[Mutation, ...] = (
       "probs = torch.softmax(scores if self.temperature == 1.0 else scores / self.temperature, dim=-1)",
       "probs = torch.softmax(scores, dim=-1)",
       ("tests/test_data_and_actor.py::test_the_rollout_sampler_draws_from_the_tempered_top_p_distribution",)),
+    # -- fidelity (issue 20): a served score that is not the model's own --------------------------------------------
+    M("score-read-at-the-trailing-pad", "templar/export/scorer.py",
+      "keep = attention_mask.long() if pad_id is None else attention_mask.long() * (input_ids != pad_id).long()",
+      "keep = attention_mask.long()",
+      ("tests/test_fidelity.py::test_served_score_is_the_models_own_forward[ends_with_eos_equal_pad-llama]",),
+      "the score read at the trailing pad = EOS, one token later than the model's own forward reads it"),
+    M("end-of-turn-left-in-a-response", "templar/template_parser.py",
+      "            for token in self.trailing_tokens:", "            for token in self.trailing_tokens[:1]:",
+      ("tests/test_template_parser.py::test_every_query_parses_to_what_the_actor_saw_or_is_refused",),
+      "only the longest trailing token is stripped: an end-of-turn before padding stays in the response"),
+    M("batch-dependent-score", "templar/serving/batching.py",
+      "width = int(batch.num_tokens[index].max())", "width = max(1, int(batch.num_tokens[index].max()) - 1)",
+      ("tests/test_fidelity.py::test_a_score_does_not_depend_on_its_batch",),
+      "micro-batches cut one token short: the longest row of each scores differently than alone"),
 )
 
 
