@@ -34,12 +34,12 @@ COMMANDS = {
     "soak": ("templar.tools.soak", "long load test at one concurrency: latency, memory and descriptors per window"),
     "hostile": ("templar.tools.hostile", "hostile-input campaign against a served RM: every row answered as it is "
                 "alone, no request failed whole"),
-    "bench-train": ("templar.tools.bench_train", "samples per second of GRPO training steps: Templar vs TRL's "
+    "bench-train": ("templar.tools.bench.train", "samples per second of GRPO training steps: Templar vs TRL's "
                     "GRPOTrainer on the same models, one run"),
-    "bench-gateway": ("templar.tools.bench_gateway", "the OpenRLHF gateway (one row per request) vs the direct gRPC "
+    "bench-gateway": ("templar.tools.bench.gateway", "the OpenRLHF gateway (one row per request) vs the direct gRPC "
                       "client on one RM"),
-    "bench": ("templar.tools.bench", "Templar vs in-process ONNX Runtime, in-process torch and an OpenRLHF-style "
-              "HTTP server on one RM"),
+    "bench": ("templar.tools.bench.serving", "Templar vs in-process ONNX Runtime, in-process torch and an "
+              "OpenRLHF-style HTTP server on one RM"),
 }
 
 

@@ -32,6 +32,10 @@ INPUT_IDS = "INPUT_IDS"
 ATTENTION_MASK = "ATTENTION_MASK"
 TEXT = "TEXT"  # the exact text the RM's template rendered; only computed when a client asks for it
 
+# The scoring model's config for the embedded CPU server (`configs/embedded.pbtxt`, beside the GPU container's
+# config.pbtxt): `templar serve` starts Triton with --model-config-name=embedded
+EMBEDDED_CONFIG_NAME = "embedded"
+
 STATUS_OK = "ok"
 ERROR_PREFIX = "error: "
 
@@ -46,6 +50,8 @@ PARAM_SOURCE_SHA256 = "source_sha256"  # the exported folder's files and the exp
 PARAM_TEMPLAR_VERSION = "templar_version"
 PARAM_WEIGHTS_SHA256 = "weights_sha256"  # the served graph's files (model.onnx and its data)
 PARAM_PRECISION = "precision"
+# The entry model's own parameter: the dtype of the ids its scoring model takes (int32 for a TensorRT engine)
+PARAM_SCORING_IDS_DTYPE = "scoring_ids_dtype"
 # Where the score is read (templar.export.scorer.ScorePosition): "last-non-pad" (with the pad id) or "last-token"
 PARAM_SCORE_POSITION = "score_position"
 PARAM_SCORE_PAD_ID = "score_pad_id"

@@ -35,12 +35,12 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 
 @dataclass(frozen=True)
 class RowLimits:
-    """What one wire row may hold. The serving side's defaults; `templar export --max-row-bytes/--max-messages/
-    --max-json-depth` writes others into the preprocessing model's config."""
+    """What one wire row may hold; the defaults of templar.serving.settings.EntrySettings, which `templar export
+    --max-row-bytes/--max-messages/--max-json-depth` records in the preprocessing model's config."""
 
-    max_bytes: int = 1 << 20  # UTF-8 bytes of the row's JSON
+    max_row_bytes: int = 1 << 20  # UTF-8 bytes of the row's JSON
     max_messages: int = 1024
-    max_depth: int = 64  # JSON nesting (a row with tools is about 10 deep)
+    max_json_depth: int = 64  # JSON nesting (a row with tools is about 10 deep)
 
 
 DEFAULT_LIMITS = RowLimits()
@@ -113,18 +113,19 @@ def decode_row(row: bytes | str, limits: RowLimits = DEFAULT_LIMITS) -> Any:
     except json.JSONDecodeError as exc:
         raise ConversationError(f"row is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
-        raise ConversationError(f"row is nested too deep (limit: {limits.max_depth} levels, max_json_depth)") from None
+        raise ConversationError(f"row is nested too deep (limit: {limits.max_json_depth} levels, "
+                                "max_json_depth)") from None
     _check_json(value, limits)
     return value
 
 
 def _check_size(size: int, limits: RowLimits) -> None:
-    if size > limits.max_bytes:
-        raise ConversationError(f"row is {size} bytes, over the limit of {limits.max_bytes} (max_row_bytes)")
+    if size > limits.max_row_bytes:
+        raise ConversationError(f"row is {size} bytes, over the limit of {limits.max_row_bytes} (max_row_bytes)")
 
 
 def _check_json(value: Any, limits: RowLimits) -> None:
-    """Nesting within limits.max_depth and every string valid Unicode (JSON escapes can smuggle in lone
+    """Nesting within limits.max_json_depth and every string valid Unicode (JSON escapes can smuggle in lone
     surrogates, which no tokenizer can encode). Iterative: a hostile row cannot exhaust the stack here."""
     stack = [(value, 1)]
     while stack:
@@ -140,8 +141,8 @@ def _check_json(value: Any, limits: RowLimits) -> None:
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         if isinstance(item, dict):
             children = [*item.keys(), *children]
-        if children and depth > limits.max_depth:
-            raise ConversationError(f"row is nested more than {limits.max_depth} levels deep (max_json_depth)")
+        if children and depth > limits.max_json_depth:
+            raise ConversationError(f"row is nested more than {limits.max_json_depth} levels deep (max_json_depth)")
         stack.extend((child, depth + 1) for child in children)
 
 

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from templar.assets import fetch_all, template_path, tokenizer_dir  # noqa: E402
-from templar.embedded_server import EmbeddedTriton, free_server_ports  # noqa: E402
+from templar.server.embedded import EmbeddedTriton  # noqa: E402
+from templar.server.ports import free_server_ports  # noqa: E402
 from templar.export.exporter import ExportOptions, export_reward_model  # noqa: E402
 from templar.export.repository import EntrySettings  # noqa: E402
 from templar.tiny_models import build_tiny_model  # noqa: E402

@@ -5,6 +5,7 @@ private name used across modules, or a function grown past the limit fails here.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,67 @@ def test_the_generated_model_files_import_only_the_library():
     graph = import_graph()
     for module in ("templar.serving.preprocess", "templar.serving.reward_entry", "templar.serving.onnx_scorer"):
         assert all(layer(t) == "library" for t in graph[module]), graph[module]
+
+
+def readme_folder_rows() -> dict[str, str]:
+    """`folder/` -> its row of the README's folder table."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| folder | what it holds |"):]
+    table = table[: table.index("\n\n")]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w/]+/)` \| (.*) \|$", table, re.MULTILINE)}
+
+
+def test_the_readme_folder_table_names_every_module():
+    rows = readme_folder_rows()
+    for folder in ("templar/", "templar/export/", "templar/serving/", "templar/server/", "templar/integrations/",
+                   "trainer/", "tools/", "tools/bench/"):
+        assert folder in rows, f"README's folder table has no row for {folder}"
+        named = set(re.findall(r"`(\w+\.py)`", rows[folder]))
+        present = {p.name for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
+        assert named == present, f"{folder}: missing {sorted(present - named)}, gone {sorted(named - present)}"
+
+
+# Paths that look like repository files but are not (a folder inside an exported model, an example, a metric key)
+NOT_FILES = {"configs/embedded.pbtxt", "configs/my.yaml", "templar/failed", "templar/tools", "templar/trainer"}
+NOT_MODULES = {"templar.log"}  # a log file's name
+
+
+def test_file_and_module_references_in_docs_and_comments_exist():
+    """Every `folder/file` path and every `templar.x.y` module named in the docs, the comments and the configs is
+    one that exists (a module: importable, or an attribute of one)."""
+    import importlib
+
+    files = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("templar/**/*.py"), *ROOT.glob("trainer/*.py"),
+             *ROOT.glob("tools/**/*.py"), *ROOT.glob("configs/*.yaml"), ROOT / "Makefile", ROOT / "docker-compose.yml",
+             *ROOT.glob("docker/*")]
+    path_ref = re.compile(r"(?<![\w./-])((?:templar|trainer|tools|tests|docs|configs|docker|model_repository)/"
+                          r"[\w./-]*\w)")
+    module_ref = re.compile(r"(?<![\w./-])(templar(?:\.[a-z_]\w*)+)")
+    loggers = {name for file in files for name in re.findall(r"getLogger\([\"'](templar[\w.]*)", file.read_text())}
+    known = modules()
+    missing = set()
+    for file in files:
+        text = file.read_text(errors="ignore")
+        for ref in path_ref.findall(text):
+            if ref not in NOT_FILES and not (ROOT / ref).exists():
+                missing.add(f"{file.relative_to(ROOT)}: {ref}")
+        for ref in set(module_ref.findall(text)) - loggers - NOT_MODULES:
+            if ref not in known and not _resolves(importlib, ref):
+                missing.add(f"{file.relative_to(ROOT)}: {ref}")
+    assert not missing, sorted(missing)
+
+
+def _resolves(importlib, dotted: str) -> bool:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        obj = module
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from templar.cli import main
-from templar.embedded_server import free_port
+from templar.server.ports import free_port
 
 
 @pytest.fixture()

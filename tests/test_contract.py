@@ -60,14 +60,32 @@ def test_requests_and_responses_use_the_table():
     assert encoded.shape == (2, 1) and contract.decode_strings(encoded) == ['{"messages": []}', "é"]
 
 
-def test_the_reward_client_stays_importable_from_the_trainer():
-    from templar import reward_client
-    from templar.trainer import reward_client as old_path
-
-    assert old_path.RewardClient is reward_client.RewardClient
-    assert old_path.RewardClientConfig is reward_client.RewardClientConfig
-
-
 def test_model_repository_readme_matches_the_layout():
     text = (Path(__file__).resolve().parents[1] / "model_repository" / "README.md").read_text()
-    assert repository.EMBEDDED_CONFIG_NAME == "embedded" and "configs/embedded.pbtxt" in text
+    assert contract.EMBEDDED_CONFIG_NAME == "embedded" and "configs/embedded.pbtxt" in text
+
+
+def test_the_settings_table_round_trips_through_the_generated_configs(tmp_path):
+    """Every knob EntrySettings records is written into its model's config and read back, typed, by
+    `from_parameters` (what the three Python models call): no key is written under one name and read under another."""
+    settings = EntrySettings(max_batch_size=64, micro_batch_rows=8, micro_batch_tokens=1000,
+                             micro_batch_max_padding=None, intra_op_threads=3, intra_op_spinning=True,
+                             max_row_bytes=999, max_messages=7, max_json_depth=9, max_request_bytes=12345)
+    entry = RewardModelEntry("rm", tmp_path / "model.onnx", tmp_path, {"max_length": "8"}, settings)
+    configs = {"entry": repository.entry_config(entry), "preprocess": repository.preprocess_config(entry),
+               "scorer": repository.scorer_config_embedded(entry)}
+    recorded = set()
+    for model, text in configs.items():
+        params = {k: v.string_value for k, v in text_format.Parse(text, model_config_pb2.ModelConfig())
+                  .parameters.items()}
+        back = EntrySettings.from_parameters(params, model)
+        for key, f in EntrySettings.table(model).items():
+            assert key in params, (model, key)
+            assert getattr(back, f.name) == getattr(settings, f.name) != getattr(EntrySettings(), f.name), key
+            recorded.add(f.name)
+    assert recorded == {"max_batch_size", "micro_batch_rows", "micro_batch_tokens", "micro_batch_max_padding",
+                        "intra_op_threads", "intra_op_spinning", "max_row_bytes", "max_messages", "max_json_depth",
+                        "max_request_bytes"}
+    assert settings.row_limits.max_messages == 7
+    # a config written before a key existed keeps that key's documented default
+    assert EntrySettings.from_parameters({}, "entry") == EntrySettings()

@@ -57,7 +57,7 @@ def _row(*messages: tuple[str, str], **extra) -> bytes:
 
 
 def test_limits_bound_size_messages_and_nesting_each_named():
-    limits = RowLimits(max_bytes=200, max_messages=3, max_depth=6)
+    limits = RowLimits(max_row_bytes=200, max_messages=3, max_json_depth=6)
     assert parse_conversation(_row(("user", "x" * 100), ("assistant", "y")), limits)
     with pytest.raises(ConversationError, match=r"row is \d+ bytes, over the limit of 200 \(max_row_bytes\)"):
         parse_conversation(_row(("user", "x" * 200), ("assistant", "y")), limits)

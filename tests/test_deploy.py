@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2
 
 from templar import contract
 from templar.export.repository import EntrySettings, RewardModelEntry, scorer_config_tensorrt
-from templar.embedded_server import free_ports
+from templar.server.ports import free_ports
 
 from conftest import export
 

@@ -23,7 +23,7 @@ from templar.errors import ExportError
 from templar.export.repository import read_parameters
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations, without_system
-from templar.serving.batching import right_pad
+from templar.padding import right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
 from templar.tiny_models import TinySize, build_tiny_model
 

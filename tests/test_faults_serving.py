@@ -16,10 +16,11 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 
-from templar.embedded_server import EmbeddedTriton, free_server_ports
+from templar.server.embedded import EmbeddedTriton
+from templar.server.ports import free_server_ports
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations
-from templar.supervisor import RestartPolicy, SupervisedTriton, stub_processes
+from templar.server.supervisor import RestartPolicy, SupervisedTriton, stub_processes
 from templar.trainer.metrics import read_metrics
 from templar.trainer.reward_server import EVENTS_FILE
 
@@ -152,7 +153,7 @@ def test_the_supervisor_gives_up_after_too_many_restarts(small_repo, tmp_path, c
     supervisor = SupervisedTriton(EmbeddedTriton(small_repo, **free_server_ports(), log_file=tmp_path / "triton.log"),
                                   policy).start()
     try:
-        with caplog.at_level(logging.WARNING, logger="templar.supervisor"):
+        with caplog.at_level(logging.WARNING, logger="templar.server.supervisor"):
             first = supervisor.server.process.pid
             os.kill(first, signal.SIGKILL)
             wait_until(lambda: supervisor.restarts == 1, timeout=300, what="the restart")

@@ -34,8 +34,9 @@ from templar.conversation import conversation_rows
 from templar.export.scorer import choose_score_position, load_reward_model, parity_error, trace_to_onnx
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations
-from templar.serving.batching import (load_chat_format, padding_id, preprocess_rows, right_pad,
-                                      score_in_micro_batches, version_parameters)
+from templar.padding import right_pad
+from templar.serving.batching import preprocess_rows, score_in_micro_batches
+from templar.serving.settings import load_chat_format, padding_id, version_parameters
 from templar.serving.onnx_runtime import create_session, run_scores
 from templar.serving.settings import EntrySettings
 from templar.tiny_models import TinySize, build_tiny_model
@@ -224,6 +225,7 @@ def openrlhf_value_head_reward(folder: Path, input_ids: torch.Tensor, attention_
     return float((reward - config["mean"]) / config["std"])
 
 
+@pytest.mark.integration  # exports ONNX graphs
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("quirk", QUIRKS)
 def test_served_score_is_the_models_own_forward(graphs, quirk, arch):

@@ -14,7 +14,7 @@ import torch
 
 from templar.chat_format import ChatFormat
 from templar.export.exporter import sample_token_rows
-from templar.serving.batching import right_pad
+from templar.padding import right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
 
 from conftest import MAX_LENGTH, export

@@ -21,10 +21,10 @@ import tritonclient.grpc as grpcclient
 from templar import contract, wire
 from templar.cli import main as cli
 from templar.conversation import conversation_rows
-from templar.embedded_server import ADMIN_KEY_ENV
+from templar.server.embedded import ADMIN_KEY_ENV
 from templar.errors import ExportError
 from templar.export.repository import check_version, read_parameters
-from templar.hot_swap import ModelControl, ReloadOptions, reload_model, with_versions
+from templar.server.hot_swap import ModelControl, ReloadOptions, reload_model, with_versions
 from templar.samples import sample_conversations
 from templar.tiny_models import build_tiny_model
 from templar.tools.loadtest import LoadTestOptions, run

@@ -15,7 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from templar.embedded_server import free_port
+from templar.server.ports import free_port
 from templar.samples import sample_conversations
 from templar.template_parser import TemplateParser
 

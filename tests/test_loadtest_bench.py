@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from templar.cli import main as cli
-from templar.tools.bench import BenchError, BenchOptions, parse_setting, run_bench
-from templar.tools.http_rm_server import HttpRewardServer
+from templar.tools.bench.serving import BenchError, BenchOptions, parse_setting, run_bench
+from templar.tools.bench.http_rm_server import HttpRewardServer
 from templar.tools.loadtest import LoadTestOptions, run
 from templar.export.repository import EntrySettings
-from templar.tools.torch_rm import TorchRewardModel
+from templar.tools.bench.torch_rm import TorchRewardModel
 from templar.tools.workload import conversation_mix
 
 from conftest import running

@@ -11,8 +11,8 @@ import torch
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation, ConversationError, parse_conversation
 from templar.errors import DataError
-from templar.preferences import (FLAT_ENDINGS, KIND_BODIES, POLITE_ENDINGS, TOPICS, read_pairs, rule_satisfied,
-                                 synthetic_pairs, synthetic_split, topic_of, topic_questions, write_pairs)
+from templar.trainer.preferences import (FLAT_ENDINGS, KIND_BODIES, POLITE_ENDINGS, TOPICS, read_pairs, rule_satisfied,
+                                         synthetic_pairs, synthetic_split, topic_of, topic_questions, write_pairs)
 from templar.trainer.reward_training import bradley_terry_loss
 
 

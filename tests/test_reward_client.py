@@ -13,7 +13,8 @@ import tritonclient.grpc as grpcclient
 
 from templar import contract
 from templar.samples import sample_conversations
-from templar.embedded_server import EmbeddedTriton, free_port, free_server_ports
+from templar.server.embedded import EmbeddedTriton
+from templar.server.ports import free_port, free_server_ports
 from templar.reward_client import FingerprintMismatchError, RewardClient, RewardClientConfig
 
 from conftest import TEST_SETTINGS, export, running

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from templar.cli import main as cli
-from templar.preferences import read_pairs
+from templar.trainer.preferences import read_pairs
 from templar.tools.eval_rm import evaluate_served
 
 from conftest import TorchReference, export, running

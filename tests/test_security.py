@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from templar.embedded_server import ADMIN_KEY_ENV, GRPC_ADMIN_HEADER, ServerTls
+from templar.server.embedded import ADMIN_KEY_ENV, GRPC_ADMIN_HEADER, ServerTls
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations
 

@@ -20,7 +20,8 @@ import tritonclient.grpc as grpcclient
 
 from templar import contract, wire
 from templar.conversation import conversation_rows
-from templar.embedded_server import EmbeddedTriton, ServerError, free_ports, free_server_ports
+from templar.server.embedded import EmbeddedTriton, ServerError
+from templar.server.ports import free_ports, free_server_ports
 from templar.samples import sample_conversations
 
 pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
@@ -73,7 +74,8 @@ def score_once(grpc_port: int, host: str = "127.0.0.1") -> float:
 def score_once_reference(repo: Path) -> float:
     """The same conversation through the exported graph in-process (what any server must answer)."""
     from templar.export.repository import read_parameters
-    from templar.serving.batching import load_chat_format, preprocess_rows
+    from templar.serving.batching import preprocess_rows
+    from templar.serving.settings import load_chat_format
     from templar.serving.onnx_runtime import create_session, run_scores
 
     params = read_parameters(repo / "rm_small" / "config.pbtxt")

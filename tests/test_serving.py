@@ -17,7 +17,7 @@ import tritonclient.grpc.aio as aio
 from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation
-from templar.embedded_server import ServerError
+from templar.server.embedded import ServerError
 from templar.samples import sample_conversations
 from templar.assets import template_path, tokenizer_dir
 

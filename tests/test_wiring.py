@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from templar.modeling import position_ids
+from templar.padding import position_ids
 from templar.reward_client import RewardResult
 from templar.tiny_models import TinySize, tiny_config
 from templar.trainer import ppo, train

@@ -24,9 +24,9 @@ from templar import wire
 from templar.assets import chat_format_from_source
 from templar.conversation import Conversation
 from templar.errors import ServingError
-from templar.preferences import PreferencePair, read_pairs
+from templar.trainer.preferences import PreferencePair, read_pairs
 from templar.reward_client import RewardClient, RewardClientConfig
-from templar.stats import spearman
+from templar.tools.stats import spearman
 
 
 def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """`templar reload`: swap a served RM to a newly exported version (`templar export --version N`) without failing a
-request, then unload the old version (templar.hot_swap). The server needs model control (`templar serve
+request, then unload the old version (templar.server.hot_swap). The server needs model control (`templar serve
 --model-control`); the admin key comes from $TEMPLAR_ADMIN_KEY."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from templar.embedded_server import ADMIN_KEY_ENV
-from templar.hot_swap import ReloadOptions, reload_model
+from templar.server.embedded import ADMIN_KEY_ENV
+from templar.server.hot_swap import ReloadOptions, reload_model
 from templar.wire import TlsSettings
 
 

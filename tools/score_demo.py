@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from templar import contract
-from templar.embedded_server import DEFAULT_PORTS, EmbeddedTriton, free_port, port_available
+from templar.server.ports import DEFAULT_PORTS, free_port, port_available
+from templar.server.embedded import EmbeddedTriton
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations
 from templar.trainer.config import load_config

@@ -1,5 +1,5 @@
-"""`templar serve`: the embedded Triton server (templar.embedded_server) on a model repository, until Ctrl-C;
-supervised (templar.supervisor): restarted on the same ports when tritonserver or a model's stub dies."""
+"""`templar serve`: the embedded Triton server (templar.server.embedded) on a model repository, until Ctrl-C;
+supervised (templar.server.supervisor): restarted on the same ports when tritonserver or a model's stub dies."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import sys
 import threading
 from pathlib import Path
 
-from templar.embedded_server import (ADMIN_KEY_ENV, DEFAULT_HOST, DEFAULT_PORTS, STARTUP_TIMEOUT_S, EmbeddedTriton,
-                                     ServerTls)
+from templar.server.embedded import ADMIN_KEY_ENV, STARTUP_TIMEOUT_S, EmbeddedTriton, ServerTls
+from templar.server.ports import DEFAULT_HOST, DEFAULT_PORTS
 from templar.errors import ConfigError
-from templar.supervisor import SupervisedTriton
+from templar.server.supervisor import SupervisedTriton
 
 
 def add_arguments(parser) -> None:

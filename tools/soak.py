@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from templar.embedded_server import EmbeddedTriton, free_server_ports
+from templar.server.embedded import EmbeddedTriton
+from templar.server.ports import free_server_ports
 from templar.errors import ConfigError
 from templar.tools.loadtest import drive, grpc_client, machine_info, make_payloads, summarise
 from templar.tools.workload import conversation_mix

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from templar.embedded_server import free_port
+from templar.server.ports import free_port
 from templar.trainer.config import load_config
 from templar.trainer.reward_server import ensure_exported
 from templar.trainer.train import train

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from templar.trainer.config import load_dataclass
 from templar.trainer.reward_training import RewardTrainConfig, train_reward_model
+from templar.trainer.sources import resolve_source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = load_dataclass(RewardTrainConfig, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    summary = train_reward_model(config)
+    base = resolve_source(config.base, "base", "reward", Path(config.output_dir), seed=config.seed)
+    summary = train_reward_model(config, base)
     last = summary["history"][-1]
     print(json.dumps({"model": summary["model"], "held_out_accuracy": last["held_out_accuracy"],
                       "held_out_mean_margin": last["held_out_mean_margin"], "seconds": round(summary["seconds"], 1)}))

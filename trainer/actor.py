@@ -9,7 +9,7 @@ import torch
 
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation, Messages
-from templar.modeling import position_ids
+from templar.padding import position_ids
 from templar.trainer.config import GenerationConfig
 from templar.trainer.ppo import token_logprobs, token_logprobs_and_entropy
 

@@ -35,7 +35,7 @@ class ModelsConfig:
 @dataclass
 class DataConfig:
     # JSONL, Parquet, or a Hugging Face datasets folder; None = the built-in prompts; "builtin:topic-questions" =
-    # the questions of the built-in preference set (templar/preferences.py)
+    # the questions of the built-in preference set (trainer/preferences.py)
     path: str | None = None
     split: str = "train"  # for dataset folders that hold several splits
     shuffle: bool = True  # reshuffled every epoch, from the run's seed
@@ -86,7 +86,7 @@ RM_INPUTS = ("messages", "actor_text")
 
 @dataclass
 class PPOConfig:
-    # gae (with a critic) | grpo | dr_grpo | rloo | reinforce_pp (critic-free): see templar/trainer/estimators.py
+    # gae (with a critic) | grpo | dr_grpo | rloo | reinforce_pp (critic-free): see trainer/estimators.py
     advantage_estimator: str = "gae"
     rollout_batch_size: int = 16  # prompts per rank per step (each answered generation.samples_per_prompt times)
     mini_batch_size: int = 8  # rows (responses) per optimizer step
@@ -145,7 +145,7 @@ class TrainConfig:
             raise ConfigError(f"reward.models need distinct, non-empty names (got {names})")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
-        from templar.preferences import RULES
+        from templar.trainer.preferences import RULES
 
         if self.data.rule is not None and self.data.rule not in RULES:
             raise ConfigError(f"data.rule must be one of {', '.join(RULES)}; got {self.data.rule!r}")

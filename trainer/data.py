@@ -16,7 +16,7 @@ import numpy as np
 
 from templar.conversation import ConversationError, Messages, validate_messages
 from templar.errors import DataError
-from templar.preferences import TOPIC_QUESTIONS, topic_questions
+from templar.trainer.preferences import TOPIC_QUESTIONS, topic_questions
 
 
 class PromptDataError(DataError):

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from templar.embedded_server import free_port
+from templar.server.ports import free_port
 from templar.errors import TemplarError
 from templar.trainer.config import TrainConfig
 

@@ -1,6 +1,6 @@
 """Where the trainer's rewards come from: `reward.url` (a running Triton), or by default an embedded Triton that
 rank 0 starts on `reward.repo` after exporting the configured RMs into it, keeps serving (restarted when it or a
-model's stub dies: templar.supervisor) and stops at the end."""
+model's stub dies: templar.server.supervisor) and stops at the end."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from templar.embedded_server import EmbeddedTriton, free_server_ports
+from templar.server.embedded import EmbeddedTriton
+from templar.server.ports import free_server_ports
 from templar.errors import ConfigError
 from templar.export.exporter import ExportOptions, export_reward_model, is_exported
-from templar.supervisor import SupervisedTriton
+from templar.server.supervisor import SupervisedTriton
 from templar.trainer.config import TrainConfig
 from templar.trainer.distributed import World, barrier, run_on_main
 from templar.trainer.sources import resolve_source

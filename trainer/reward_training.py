@@ -25,9 +25,8 @@ import torch
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation
 from templar.errors import ConfigError
-from templar.preferences import PreferencePair, read_pairs, synthetic_split, write_pairs
-from templar.serving.batching import right_pad
-from templar.trainer.sources import resolve_source
+from templar.trainer.preferences import PreferencePair, read_pairs, synthetic_split, write_pairs
+from templar.padding import right_pad
 
 log = logging.getLogger("templar.trainer")
 
@@ -123,15 +122,15 @@ def evaluate(scorer: PairScorer, pairs: list[tuple[list[int], list[int]]], batch
             "mean_margin": float(margin.mean()) if len(margin) else math.nan, "pairs": len(margin)}
 
 
-def train_reward_model(config: RewardTrainConfig) -> dict:
-    """Train as configured; returns the run summary (also OUTPUT_DIR/metrics.json)."""
+def train_reward_model(config: RewardTrainConfig, base: Path) -> dict:
+    """Train as configured, starting from the model folder `base` (`config.base` resolved by the caller:
+    templar.trainer.sources); returns the run summary (also OUTPUT_DIR/metrics.json)."""
     from tqdm import tqdm
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     train_pairs, held_pairs = load_pairs(config)  # bad data fails before minutes of work
-    base = resolve_source(config.base, "base", "reward", out, seed=config.seed)
     write_pairs(out / "eval_pairs.jsonl", held_pairs)
     scorer = PairScorer(base, config.max_length)
     tokenized = [(scorer.ids(p.chosen), scorer.ids(p.rejected)) for p in train_pairs]

@@ -83,7 +83,8 @@ def _trained_rm(family: str, path: Path, seed: int) -> None:
     log.info("building %s: a small RM on the real %s tokenizer and template, trained on the built-in preference "
              "pairs rendered with its own template", path, family)
     run = path.with_name(path.name + "-training")
-    summary = train_reward_model(RewardTrainConfig(output_dir=str(run), base=f"tiny:{family}", seed=seed))
+    config = RewardTrainConfig(output_dir=str(run), base=f"tiny:{family}", seed=seed)
+    summary = train_reward_model(config, resolve_source(config.base, "base", "reward", run, seed=seed))
     shutil.copytree(summary["model"], path)
     shutil.copy(run / "metrics.json", path / "training_metrics.json")
     shutil.copy(run / "eval_pairs.jsonl", path / "eval_pairs.jsonl")

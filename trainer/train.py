@@ -8,7 +8,7 @@ One step, top to bottom (`PPOTrainer.step`):
   3. the trainer computes the rollout's log-probs, the reference log-probs and (with a critic) the values;
   4. wait        for the rewards; rows an RM could not score are masked out (and recorded), never zeroed;
   5. advantages  per-token KL estimate (k1/k2/k3) as a reward penalty or a loss term, then the advantage estimator
-                 (templar/trainer/estimators.py): GAE with the critic, or GRPO / Dr. GRPO / RLOO / REINFORCE++;
+                 (trainer/estimators.py): GAE with the critic, or GRPO / Dr. GRPO / RLOO / REINFORCE++;
   6. update      PPO epochs over minibatches: clipped policy loss (actor), clipped value loss (critic, if any);
   7. KL          controller update, metrics, checkpoint.
 
@@ -34,7 +34,7 @@ import torch
 from templar.chat_format import ChatFormat
 from templar.conversation import Messages
 from templar.errors import ConfigError
-from templar.preferences import RULES
+from templar.trainer.preferences import RULES
 from templar.trainer import ppo
 from templar.trainer.actor import (Rollout, generate, response_logprobs, response_logprobs_and_entropy,
                                    response_values)
@@ -62,7 +62,9 @@ def reduce_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def explained_variance(t: dict[str, float]) -> float:
-    """1 - Var(returns - values) / Var(returns) over the masked tokens of every rank."""
+    """1 - Var(returns - values) / Var(returns) over the masked tokens of every rank (NaN without any)."""
+    if not t["masked"]:
+        return float("nan")
     var = lambda total, squares: squares / t["masked"] - (total / t["masked"]) ** 2  # noqa: E731
     returns_var = var(t["ret"], t["ret_sq"])
     return 1.0 - var(t["res"], t["res_sq"]) / returns_var if returns_var > 0 else float("nan")

@@ -2,7 +2,7 @@
 
 A randomly initialised actor samples token soup that never ends its turn, so PPO against RMs that judge answers has
 nothing to work with. This teaches the tiny causal LM, with its own chat template, to answer the built-in topic
-questions (templar.preferences) in the answers' format and to END its turn: kind or dismissive, polite or flat,
+questions (templar.trainer.preferences) in the answers' format and to END its turn: kind or dismissive, polite or flat,
 each half the time, so that about a quarter of its answers keep the rule at the start and PPO has a preference to find.
 The loss is the usual next-token cross-entropy on the assistant tokens only (the end-of-turn token included).
 """
@@ -18,8 +18,8 @@ import torch
 
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation
-from templar.preferences import TOPICS, answer, question
-from templar.serving.batching import right_pad
+from templar.trainer.preferences import TOPICS, answer, question
+from templar.padding import right_pad
 
 log = logging.getLogger("templar.trainer")
 

@@ -41,7 +41,8 @@ from templar.export.scorer import (PICKLE_PATTERNS, SCORE_POSITIONS, LoadedRewar
                                    choose_score_position, load_reward_model, parity_error, reads_as_the_model,
                                    reference_scores, trace_to_onnx)
 from templar.samples import sample_conversations, without_system
-from templar.serving.batching import padding_id, right_pad
+from templar.serving.settings import padding_id
+from templar.padding import right_pad
 from templar.serving.onnx_runtime import create_session, run_scores
 
 DEFAULT_MAX_LENGTH_CAP = 4096

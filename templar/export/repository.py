@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from templar import contract
+from templar.contract import EMBEDDED_CONFIG_NAME
 from templar.errors import ExportError
-from templar.serving.batching import SERVING_FILE, SERVING_PARAMS
-from templar.serving.settings import EntrySettings
+from templar.serving.settings import SERVING_FILE, SERVING_PARAMS, EntrySettings
 
-EMBEDDED_CONFIG_NAME = "embedded"  # `templar serve` passes --model-config-name=embedded
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -112,12 +111,6 @@ def _dynamic_batching(delay_us: int, max_queue_size: int = 0) -> str:
     return f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us}{policy} }}\n"
 
 
-def row_limit_parameters(settings: EntrySettings) -> dict[str, str]:
-    """The preprocessing model's row limits (templar.conversation.RowLimits), as config parameters."""
-    return {"max_row_bytes": str(settings.max_row_bytes), "max_messages": str(settings.max_messages),
-            "max_json_depth": str(settings.max_json_depth)}
-
-
 def scorer_signature(entry: RewardModelEntry) -> contract.Signature:
     """A TensorRT engine takes int32 ids; an ONNX graph int64."""
     return contract.scorer_signature("TYPE_INT32" if entry.tensorrt_plan else "TYPE_INT64")
@@ -131,14 +124,8 @@ def entry_config(entry: RewardModelEntry) -> str:
         + _instances("KIND_CPU", s.entry_instances) + _dynamic_batching(s.queue_delay_us, s.max_queue_size)
         + _params({
             **entry.parameters,
-            "preprocess_model": contract.preprocess_model_name(entry.name),
-            "scoring_model": contract.scoring_model_name(entry.name),
-            "preprocess_max_batch_size": str(s.max_batch_size),
-            "micro_batch_rows": str(s.micro_batch_rows),
-            "micro_batch_tokens": str(s.micro_batch_tokens),
-            "micro_batch_max_padding": "" if s.micro_batch_max_padding is None else str(s.micro_batch_max_padding),
-            "scoring_ids_dtype": np.dtype(ids_type).name,  # what `<rm>_model` takes (its config says the same)
-            "max_request_bytes": str(s.max_request_bytes),
+            **s.to_parameters("entry"),
+            contract.PARAM_SCORING_IDS_DTYPE: np.dtype(ids_type).name,  # what `<rm>_model` takes (its config too)
         })
     )
 
@@ -148,7 +135,7 @@ def preprocess_config(entry: RewardModelEntry) -> str:
     return (_header(contract.preprocess_model_name(entry.name), contract.PREPROCESS, s.max_batch_size,
                     'backend: "python"')
             + _instances("KIND_CPU", s.preprocess_instances)
-            + _params({**entry.parameters, **row_limit_parameters(s)}))
+            + _params({**entry.parameters, **s.to_parameters("preprocess")}))
 
 
 def scorer_config_gpu(entry: RewardModelEntry) -> str:
@@ -180,8 +167,7 @@ def scorer_config_embedded(entry: RewardModelEntry) -> str:
     return (_header(contract.scoring_model_name(entry.name), scorer_signature(entry), s.micro_batch_rows,
                     'backend: "python"')
             + _instances("KIND_CPU", s.scorer_instances)
-            + _params({"intra_op_threads": str(s.intra_op_threads),
-                       "intra_op_spinning": "1" if s.intra_op_spinning else "0"}))
+            + _params(s.to_parameters("scorer")))
 
 
 def read_parameters(config_path: str | os.PathLike) -> dict[str, str]:
@@ -207,7 +193,7 @@ def write_model_py(path: Path, module: str, final: Path) -> None:
 
 def serving_settings(entry: RewardModelEntry) -> dict[str, str]:
     """What the preprocessing model of this version reads from `<version>/serving.json` (templar.serving.batching)."""
-    values = {**entry.parameters, **row_limit_parameters(entry.settings)}
+    values = {**entry.parameters, **entry.settings.to_parameters("preprocess")}
     return {key: values[key] for key in SERVING_PARAMS if key in values}
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from templar import contract
 from templar.errors import ExportError
-from templar.modeling import position_ids
+from templar.padding import position_ids
 
 log = logging.getLogger("templar.export")
 

@@ -1,8 +1,6 @@
-"""Batch logic of the served path, free of Triton so it can be tested and benchmarked on its own.
+"""Batch logic of the served path, free of Triton so it can be tested and benchmarked on its own (the settings a
+version loads are in templar.serving.settings, padding in templar.padding).
 
-`version_parameters`: a preprocessing model version's settings (its serving.json over the config's parameters).
-`load_chat_format`: the RM's template and tokenizer as the preprocessing model loads them.
-`right_pad`: token rows -> padded ids and attention mask (the served path, the export's parity check).
 `preprocess_rows`: wire rows -> right-padded token ids plus per-row status (a bad row never fails its neighbours).
 `plan_micro_batches`: group rows of similar length so the scoring model sees little padding.
 `score_in_micro_batches`: score the good rows of a batch micro-batch by micro-batch (the entry model, the benchmark).
@@ -10,39 +8,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import DEFAULT_LIMITS, ConversationError, RowLimits, parse_conversation
+from templar.padding import right_pad
 
 # Counters the entry model exports on Triton's metrics endpoint (per model): padding waste = 1 - tokens / slots.
 METRIC_TOKENS = "templar_scored_tokens_total"  # real tokens scored
 METRIC_SLOTS = "templar_computed_token_slots_total"  # rows * longest row, summed over micro-batches
-# A preprocessing version's own settings and fingerprints, in `<version>/serving.json`: Triton re-initialises every
-# loaded version when a model's config changes, and config.pbtxt describes only the newest export.
-SERVING_FILE = "serving.json"
-SERVING_PARAMS = (*contract.FINGERPRINT_PARAMS, contract.PARAM_TEMPLATE_KWARGS, contract.PARAM_SCORE_POSITION_REASON,
-                  "max_row_bytes", "max_messages", "max_json_depth")
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None) -> tuple[np.ndarray,
-                                                                                               np.ndarray]:
-    """Token rows -> ([N, W] int64 ids right-padded with pad_id, [N, W] int64 attention mask); W = the longest row
-    (at least 1) unless given."""
-    width = max(1, max(map(len, rows), default=0)) if width is None else width
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 @dataclass
@@ -66,42 +44,6 @@ class PreprocessedBatch:
                    np.concatenate([widen(p.attention_mask) for p in parts]),
                    [s for p in parts for s in p.status], np.concatenate([p.num_tokens for p in parts]),
                    np.concatenate([p.truncated for p in parts]), texts)
-
-
-def version_parameters(version_dir: str | os.PathLike, params: Mapping[str, str]) -> dict[str, str]:
-    """The config's parameters with the version's serving.json over them (a version exported before that file
-    existed has only the config's)."""
-    path = Path(version_dir) / SERVING_FILE
-    if not path.is_file():
-        return dict(params)
-    return {**params, **{key: str(value) for key, value in json.loads(path.read_text()).items()}}
-
-
-def load_chat_format(folder: str | os.PathLike, params: Mapping[str, str]) -> tuple[ChatFormat, int]:
-    """(ChatFormat, pad id) for a tokenizer folder and the model-config parameters written by `templar export`."""
-    chat_format = ChatFormat.from_dir(
-        folder,
-        max_length=int(params[contract.PARAM_MAX_LENGTH]),
-        special_tokens=params.get(contract.PARAM_SPECIAL_TOKENS, "escape"),
-        template_kwargs=json.loads(params.get(contract.PARAM_TEMPLATE_KWARGS) or "{}"),
-    )
-    return chat_format, padding_id(chat_format.tokenizer)
-
-
-def padding_id(tokenizer) -> int:
-    """The id rows are right-padded with: the tokenizer's pad id, or 0 (padding sits under a 0 attention mask, and the
-    scorer never reads it whatever its id)."""
-    return 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
-
-
-def row_limits(params: Mapping[str, str]) -> RowLimits:
-    """The row limits a preprocessing model's config records (the defaults for configs written before them)."""
-    def get(key: str, default: int) -> int:
-        return int(params.get(key) or default)
-
-    return RowLimits(max_bytes=get("max_row_bytes", DEFAULT_LIMITS.max_bytes),
-                     max_messages=get("max_messages", DEFAULT_LIMITS.max_messages),
-                     max_depth=get("max_json_depth", DEFAULT_LIMITS.max_depth))
 
 
 def preprocess_rows(chat_format: ChatFormat, rows: Sequence[bytes | str], *, pad_id: int = 0,

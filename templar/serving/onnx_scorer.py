@@ -12,16 +12,17 @@ import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.serving.onnx_runtime import create_session, run_scores
+from templar.serving.settings import EntrySettings
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
+        settings = EntrySettings.from_parameters(model_parameters(args), "scorer")
         self.score_dtype = output_dtypes(args)[contract.SCORE]
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = create_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")),
-                                      spinning=params.get("intra_op_spinning", "0") == "1")
+        self.session = create_session(path, intra_op_threads=settings.intra_op_threads,
+                                      spinning=settings.intra_op_spinning)
 
     def execute(self, requests):
         responses = []

@@ -14,7 +14,8 @@ import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.fingerprints import fingerprint_tokenizer_dir
-from templar.serving.batching import SERVING_FILE, load_chat_format, preprocess_rows, row_limits, version_parameters
+from templar.serving.batching import preprocess_rows
+from templar.serving.settings import SERVING_FILE, EntrySettings, load_chat_format, version_parameters
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
@@ -25,7 +26,7 @@ class TritonPythonModel:
         self.dtypes = output_dtypes(args)
         folder = version_dir / "tokenizer"
         self.chat_format, self.pad_id = load_chat_format(folder, params)
-        self.limits = row_limits(params)
+        self.limits = EntrySettings.from_parameters(params, "preprocess").row_limits
         expected = {contract.PARAM_TEMPLATE_SHA256: self.chat_format.template_sha256,
                     contract.PARAM_TOKENIZER_SHA256: fingerprint_tokenizer_dir(folder)}
         for key, actual in expected.items():

@@ -19,8 +19,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
-from templar.serving.settings import EntrySettings
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS, PreprocessedBatch, score_in_micro_batches
+from templar.serving.settings import EntrySettings
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
@@ -28,15 +28,10 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         self.dtypes = output_dtypes(args)
-        self.preprocess_model = params["preprocess_model"]
-        self.scoring_model = params["scoring_model"]
+        self.preprocess_model = contract.preprocess_model_name(args["model_name"])
+        self.scoring_model = contract.scoring_model_name(args["model_name"])
         self.version = int(args["model_version"])
-        self.preprocess_max_rows = int(params["preprocess_max_batch_size"])
-        self.micro_batch_rows = int(params["micro_batch_rows"])
-        self.micro_batch_tokens = int(params["micro_batch_tokens"])
-        padding = params.get("micro_batch_max_padding", "")
-        self.micro_batch_max_padding = float(padding) if padding else None
-        self.max_request_bytes = int(params.get("max_request_bytes") or EntrySettings.max_request_bytes)
+        self.settings = EntrySettings.from_parameters(params, "entry")
         labels = {"model": args["model_name"], "version": args["model_version"]}
         # The families must outlive their metrics (the stub says so), hence both are kept on the instance.
         self._metric_families = [
@@ -47,7 +42,7 @@ class TritonPythonModel:
         ]
         self.tokens_metric, self.slots_metric = (family.Metric(labels=labels) for family in self._metric_families)
         # int64 for ONNX graphs; a TensorRT engine in the GPU container takes int32 ids
-        self.scoring_ids_dtype = np.dtype(params.get("scoring_ids_dtype", "int64"))
+        self.scoring_ids_dtype = np.dtype(params.get(contract.PARAM_SCORING_IDS_DTYPE, "int64"))
 
     def execute(self, requests):
         """All rows of all requests of this dynamic batch scored together; a request past max_request_bytes is
@@ -57,9 +52,9 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             conversations = pb_utils.get_input_tensor_by_name(request, contract.CONVERSATION).as_numpy().reshape(-1)
             size = sum(len(row) for row in conversations)
-            if size > self.max_request_bytes:
+            if size > self.settings.max_request_bytes:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"request is {size} bytes of conversations, over the limit of {self.max_request_bytes} "
+                    f"request is {size} bytes of conversations, over the limit of {self.settings.max_request_bytes} "
                     "(max_request_bytes): send fewer or smaller rows per request", pb_utils.TritonError.INVALID_ARG))
                 continue
             accepted.append((i, len(conversations)))
@@ -72,8 +67,9 @@ class TritonPythonModel:
             for i, _ in accepted:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
             return responses
-        scored = score_in_micro_batches(batch, self._score, max_rows=self.micro_batch_rows,
-                                        max_tokens=self.micro_batch_tokens, max_padding=self.micro_batch_max_padding)
+        s = self.settings
+        scored = score_in_micro_batches(batch, self._score, max_rows=s.micro_batch_rows,
+                                        max_tokens=s.micro_batch_tokens, max_padding=s.micro_batch_max_padding)
         self.tokens_metric.increment(float(scored.tokens))
         self.slots_metric.increment(float(scored.slots))
 
@@ -91,8 +87,8 @@ class TritonPythonModel:
     def _preprocess(self, rows: np.ndarray) -> PreprocessedBatch:
         """Tokenize all rows with the RM's own template (in chunks the preprocess model accepts)."""
         parts = []
-        for start in range(0, len(rows), self.preprocess_max_rows):
-            chunk = rows[start : start + self.preprocess_max_rows].reshape(-1, 1)
+        for start in range(0, len(rows), self.settings.max_batch_size):
+            chunk = rows[start : start + self.settings.max_batch_size].reshape(-1, 1)
             response = pb_utils.InferenceRequest(
                 model_name=self.preprocess_model, model_version=self.version,
                 requested_output_names=list(contract.PREPROCESS_FOR_SCORING),

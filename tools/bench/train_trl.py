@@ -1,4 +1,4 @@
-"""The TRL side of `templar bench-train`, in a process of its own: `python -m templar.tools.bench_train_trl SPEC.json`.
+"""The TRL side of `templar bench-train`, in a process of its own: `python -m templar.tools.bench.train_trl SPEC.json`.
 
 trl.GRPOTrainer on the CPU with the bench's actor and its two RMs in-process (each with its own tokenizer through
 `reward_processing_classes`, which re-applies each RM's chat template), the same group size, lengths, epochs,

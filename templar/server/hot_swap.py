@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from templar import contract, wire
-from templar.embedded_server import ADMIN_KEY_ENV, GRPC_ADMIN_HEADER
+from templar.server.embedded import ADMIN_KEY_ENV, GRPC_ADMIN_HEADER
 from templar.errors import ConfigError, ServingError
 from templar.export.repository import existing_versions, model_names
 

@@ -18,8 +18,8 @@ On either, the broken server is ended at once (SIGKILL of its process group: a g
 stub, and while it lives it fails requests with errors clients do not retry, where a closed port gives UNAVAILABLE,
 which they do), then started again after the backoff.
 
-Restart events are logged (logger "templar.supervisor"; the trainer's run log collects it) and, with `events_path`,
-appended as JSON lines. `restarts` counts the successful restarts.
+Restart events are logged (logger "templar.server.supervisor"; the trainer's run log collects it) and, with
+`events_path`, appended as JSON lines. `restarts` counts the successful restarts.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import psutil
 
-from templar.embedded_server import EmbeddedTriton
+from templar.server.embedded import EmbeddedTriton
 from templar.errors import ServingError
 
-log = logging.getLogger("templar.supervisor")
+log = logging.getLogger("templar.server.supervisor")
 STUB_BINARY = "triton_python_backend_stub"
 
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from templar.embedded_server import EmbeddedTriton, free_port, free_server_ports
+from templar.server.embedded import EmbeddedTriton
+from templar.server.ports import free_port, free_server_ports
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.template_parser import TemplateParser
-from templar.tools.bench import RM_NAME, BenchError, BenchOptions, CpuMonitor, export, prepare_model
+from templar.tools.bench.serving import RM_NAME, BenchError, BenchOptions, CpuMonitor, export, prepare_model
 from templar.tools.loadtest import machine_info
 from templar.tools.workload import conversation_mix
 

@@ -36,10 +36,10 @@ from templar import contract
 from templar.conversation import conversation_rows
 from templar.errors import TemplarError
 from templar.export.repository import EntrySettings
-from templar.serving.batching import (PreprocessedBatch, load_chat_format, padding_fraction, preprocess_rows,
-                                      score_in_micro_batches)
+from templar.serving.batching import PreprocessedBatch, padding_fraction, preprocess_rows, score_in_micro_batches
+from templar.serving.settings import load_chat_format
 from templar.serving.onnx_runtime import create_session, run_scores
-from templar.stats import spearman
+from templar.tools.stats import spearman
 from templar.tiny_models import FAMILY_BACKBONE, TinySize, build_tiny_model
 from templar.tools.loadtest import drive, grpc_client, machine_info, make_payloads, server_figures, snapshot
 from templar.tools.workload import conversations_from
@@ -225,7 +225,7 @@ class Context:
 
     def torch_model(self):
         if "torch" not in self.cache:
-            from templar.tools.torch_rm import TorchRewardModel
+            from templar.tools.bench.torch_rm import TorchRewardModel
 
             self.cache["torch"] = TorchRewardModel(self.model_dir, max_length=self.opts.max_length,
                                                    template_kwargs=self.template_kwargs)
@@ -239,7 +239,8 @@ class Context:
 
 
 def run_templar(ctx: Context) -> BackendResult:
-    from templar.embedded_server import EmbeddedTriton, free_server_ports
+    from templar.server.embedded import EmbeddedTriton
+    from templar.server.ports import free_server_ports
 
     opts = ctx.opts
     server = EmbeddedTriton(ctx.repo, **free_server_ports(), log_file=ctx.repo.parent / "tritonserver.log")
@@ -379,7 +380,7 @@ def run_torch(ctx: Context) -> BackendResult:
 def run_http(ctx: Context) -> BackendResult:
     import aiohttp
 
-    from templar.tools.http_rm_server import HttpRewardServer
+    from templar.tools.bench.http_rm_server import HttpRewardServer
 
     opts = ctx.opts
     texts = ctx.texts()  # templated before timing: the trainer of such a setup already holds the text

@@ -114,7 +114,7 @@ def run_trl(opts: TrainBenchOptions, models: dict[str, Path], work: Path, log,
     spec.write_text(json.dumps({"options": {k: v for k, v in asdict(opts).items() if k not in ("out", "work")},
                                 "models": {k: str(v) for k, v in models.items()}, "out": str(work / f"{name}-run"),
                                 "gradient_checkpointing": gradient_checkpointing}))
-    _run([sys.executable, "-m", "templar.tools.bench_train_trl", str(spec)], work / f"{name}.log",
+    _run([sys.executable, "-m", "templar.tools.bench.train_trl", str(spec)], work / f"{name}.log",
          f"TRL GRPOTrainer ({name})", log)
     return json.loads((work / f"{name}-run" / "result.json").read_text())
 

@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -32,12 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from templar.contract import EMBEDDED_CONFIG_NAME
 from templar.environment import use_offline_defaults
 from templar.errors import ServingError
-from templar.export.repository import EMBEDDED_CONFIG_NAME
+from templar.server.ports import DEFAULT_HOST, DEFAULT_PORTS, port_available, url_host
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
 STARTUP_TIMEOUT_S = 600.0  # loading many models on a busy 2-core machine takes minutes
 SHM_BYTES = 64 * 1024 * 1024  # Python-backend shared memory per model; grows by the same amount when needed
 # What only an administrator may do: load/unload models, change log or trace settings, register shared memory. These
@@ -81,11 +79,6 @@ def pytriton_paths() -> tuple[Path, Path]:
     return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
 
 
-def url_host(host: str) -> str:
-    """A host as it goes into an address with a port: IPv6 addresses in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 def http_host_for(host: str) -> str:
     """Where the HTTP and metrics endpoints can bind for `host`. Triton 2.51's HTTP server cannot bind one IPv6
     address (it takes "ipv6:[addr]" and then listens on every interface), so for the IPv6 loopback ::1 they stay on
@@ -101,40 +94,6 @@ def http_host_for(host: str) -> str:
     raise ServerError(f"--host {host}: the embedded server's HTTP and metrics endpoints cannot bind a single IPv6 "
                       "address (Triton 2.51 would listen on every interface); use an IPv4 address, or ::1 (gRPC on "
                       "[::1], HTTP and metrics on 127.0.0.1)")
-
-
-def port_available(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself does
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
-    """`count` distinct free ports. The sockets are held until all are chosen: ports picked one at a time can repeat
-    (the kernel may hand out a just-released port again), and a server given one port twice refuses to start."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    return free_ports(1, host)[0]
-
-
-def free_server_ports(host: str = DEFAULT_HOST) -> dict[str, int]:
-    """Distinct free gRPC, HTTP and metrics ports, as EmbeddedTriton's keyword arguments."""
-    return dict(zip(("grpc_port", "http_port", "metrics_port"), free_ports(3, host)))
 
 
 def die_with_parent() -> None:

@@ -7,7 +7,7 @@ compared with the other backends to 1e-4: the model runs in float32 (OpenRLHF's 
 used exactly as the RM's own chat template rendered it (serve_rm strips and re-appends the EOS string and lets the
 tokenizer add a BOS, which changes the tokens of templated text).
 
-Run it as `python -m templar.tools.http_rm_server --model DIR --port 5000`; `HttpRewardServer` starts it in a
+Run it as `python -m templar.tools.bench.http_rm_server --model DIR --port 5000`; `HttpRewardServer` starts it in a
 separate process (so the benchmark's client does not share an interpreter with it) and waits until it answers.
 """
 
@@ -27,13 +27,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's annotations here
 from fastapi.responses import JSONResponse
 
-from templar.embedded_server import DEFAULT_HOST, die_with_parent, free_port
+from templar.server.ports import DEFAULT_HOST, free_port
+from templar.server.embedded import die_with_parent
 from templar.environment import use_offline_defaults
 
 
 def create_app(model_dir: str | Path, *, max_length: int, batch_size: int | None,
                template_kwargs: dict | None) -> FastAPI:
-    from templar.tools.torch_rm import TorchRewardModel
+    from templar.tools.bench.torch_rm import TorchRewardModel
 
     model = TorchRewardModel(model_dir, max_length=max_length, template_kwargs=template_kwargs)
     app = FastAPI()
@@ -81,7 +82,7 @@ class HttpRewardServer:
     def start(self) -> HttpRewardServer:
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", "templar.tools.http_rm_server", *self.args],
+            self.process = subprocess.Popen([sys.executable, "-m", "templar.tools.bench.http_rm_server", *self.args],
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=use_offline_defaults(dict(os.environ)),
                                             preexec_fn=die_with_parent)
@@ -121,7 +122,8 @@ class HttpRewardServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m templar.tools.http_rm_server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m templar.tools.bench.http_rm_server",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="Hugging Face reward model folder")
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=5000)
