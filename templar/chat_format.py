@@ -22,15 +22,11 @@ from typing import Any
 import jinja2
 
 from templar.conversation import RESERVED_TEMPLATE_KWARGS, Conversation, ConversationError
-from templar.errors import ConfigError
+from templar.errors import ConfigError, MissingChatTemplateError
 from templar.fingerprints import sha256_text
 
 SPECIAL_TOKEN_POLICIES = ("escape", "reject")
 TEMPLATE_FILE = "chat_template.jinja"
-
-
-class MissingChatTemplateError(ConfigError):
-    """The tokenizer folder has no chat template and none was given."""
 
 
 @dataclass(frozen=True)

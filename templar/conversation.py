@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from templar.errors import DataError
+from templar.errors import ConversationError
 
 Messages = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
 ROLES = ("system", "user", "assistant")
@@ -44,10 +44,6 @@ class RowLimits:
 
 
 DEFAULT_LIMITS = RowLimits()
-
-
-class ConversationError(DataError):
-    """A row that is not a well-formed conversation; the message says what is wrong."""
 
 
 @dataclass(frozen=True)

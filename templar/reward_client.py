@@ -30,7 +30,7 @@ import numpy as np
 
 from templar import contract, wire
 from templar.conversation import conversation_rows
-from templar.errors import ConfigError, ServingError
+from templar.errors import ConfigError, FingerprintMismatchError, RewardServerError
 
 log = logging.getLogger("templar.reward_client")
 
@@ -83,14 +83,6 @@ class InFlightWindow:
             elif not overloaded:
                 self.size = min(float(self.limit), self.size + 1.0 / self.size)
             self._changed.notify_all()
-
-
-class RewardServerError(ServingError):
-    """No endpoint could be reached."""
-
-
-class FingerprintMismatchError(RewardServerError):
-    """Endpoints serve different RMs under one name, or not the RM the caller expects."""
 
 
 @dataclass

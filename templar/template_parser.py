@@ -43,16 +43,12 @@ import jinja2.nodes
 
 from templar.chat_format import ChatFormat
 from templar.conversation import Messages
-from templar.errors import DataError
+from templar.errors import TemplateParseError
 
 # Variables the rendering itself provides; any other variable the template assigns from strftime_now() varies with
 # the day it was rendered on and is matched as a hole.
 _SENTINEL = "TEMPLARHOLE{}X"
 _VARIABLE = "TEMPLARVAR{}X"
-
-
-class TemplateParseError(DataError):
-    """The text is not something the actor's template renders; the message says what did not match."""
 
 
 @dataclass(frozen=True)

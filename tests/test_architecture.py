@@ -185,3 +185,18 @@ def _resolves(importlib, dotted: str) -> bool:
             obj = getattr(obj, name)
         return True
     return False
+
+
+def test_the_error_tree_lives_in_one_file():
+    """Every error class a user can see (a subclass of one in templar/errors.py) is defined in templar/errors.py."""
+    tree = ast.parse((ROOT / "templar" / "errors.py").read_text())
+    errors = {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+    elsewhere = []
+    for module, path in modules().items():
+        if module == "templar.errors":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            bases = {getattr(b, "id", getattr(b, "attr", "")) for b in getattr(node, "bases", ())}
+            if isinstance(node, ast.ClassDef) and bases & errors:
+                elsewhere.append(f"{module}.{node.name}")
+    assert not elsewhere, f"error classes outside templar/errors.py: {elsewhere}"

@@ -29,15 +29,11 @@ import numpy as np
 
 from templar import contract, wire
 from templar.conversation import conversation_rows
-from templar.errors import TemplarError
+from templar.errors import LoadTestError
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS
 from templar.tools.workload import conversation_mix, invalid_rows, read_rows
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
-
-
-class LoadTestError(TemplarError):
-    """The load test cannot run; the message says why."""
 
 
 @dataclass

@@ -16,13 +16,9 @@ from typing import Any
 import numpy as np
 
 from templar.conversation import ConversationError, parse_conversation
-from templar.errors import DataError
+from templar.errors import WorkloadError
 from templar.samples import sample_conversations
 from templar.trainer.data import load_prompts
-
-
-class WorkloadError(DataError):
-    """The conversation file cannot be used; the message names the file and the row."""
 
 
 @dataclass

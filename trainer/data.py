@@ -15,12 +15,8 @@ from typing import Any
 import numpy as np
 
 from templar.conversation import ConversationError, Messages, validate_messages
-from templar.errors import DataError
+from templar.errors import PromptDataError
 from templar.trainer.preferences import TOPIC_QUESTIONS, topic_questions
-
-
-class PromptDataError(DataError):
-    """A prompt row is not a conversation; the message names the row."""
 
 
 def prompt_messages(record: Any) -> Messages:

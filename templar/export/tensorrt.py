@@ -17,16 +17,12 @@ import torch
 from torch import nn
 
 from templar import contract
-from templar.errors import ExportError
+from templar.errors import ExportError, TensorRTUnavailable
 from templar.export.scorer import trace_to_onnx
 
 INSTALL_HINT = ("install TensorRT's Python package on a machine with an NVIDIA GPU and driver, e.g. "
                 "`pip install tensorrt`, or export with --format onnx (the GPU container then runs the ONNX graph "
                 "with ONNX Runtime's CUDA or TensorRT execution accelerator)")
-
-
-class TensorRTUnavailable(ExportError):
-    """TensorRT (or a CUDA GPU for it) is missing; the message says what to install."""
 
 
 @dataclass(frozen=True)

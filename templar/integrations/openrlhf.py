@@ -22,21 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from templar.conversation import ConversationError, Messages, validate_messages
-from templar.errors import DataError, TemplarError
+from templar.errors import DataError, RowsFailed
 from templar.reward_client import unreached
 from templar.reward_ensemble import EnsembleResult
 from templar.template_parser import TemplateParser, parse_label_messages
 
 log = logging.getLogger("templar.integrations")
 FAILED_KEY = "templar/failed"
-
-
-class RowsFailed(TemplarError):
-    """Rows that could not be parsed or scored, and no failed_reward to give them."""
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable  # the reward server could not score (worth retrying), vs rows that cannot parse
 
 
 @dataclass

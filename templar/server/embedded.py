@@ -33,7 +33,7 @@ from pathlib import Path
 
 from templar.contract import EMBEDDED_CONFIG_NAME
 from templar.environment import use_offline_defaults
-from templar.errors import ServingError
+from templar.errors import ServerError
 from templar.server.ports import DEFAULT_HOST, DEFAULT_PORTS, port_available, url_host
 
 STARTUP_TIMEOUT_S = 600.0  # loading many models on a busy 2-core machine takes minutes
@@ -44,10 +44,6 @@ ADMIN_PROTOCOLS = ("model-repository", "logging", "trace", "shared-memory")
 ADMIN_HEADER = "templar-admin-key"  # over HTTP; gRPC clients send it as GRPC_ADMIN_HEADER (Triton adds the prefix)
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 ADMIN_KEY_ENV = "TEMPLAR_ADMIN_KEY"
-
-
-class ServerError(ServingError):
-    """The embedded server could not start or stopped unexpectedly; the message says why."""
 
 
 @dataclass(frozen=True)

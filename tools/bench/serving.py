@@ -34,7 +34,7 @@ import numpy as np
 
 from templar import contract
 from templar.conversation import conversation_rows
-from templar.errors import TemplarError
+from templar.errors import BenchError
 from templar.export.repository import EntrySettings
 from templar.serving.batching import PreprocessedBatch, padding_fraction, preprocess_rows, score_in_micro_batches
 from templar.serving.settings import load_chat_format
@@ -62,10 +62,6 @@ TARGETS = {  # name -> (ratio or share key, threshold, "min" | "max")
     "padding waste <= 15% of tokens": ("padding_waste", 0.15, "max"),
     "scores within 1e-4 of torch": ("max_abs_diff_vs_torch", 1e-4, "max"),
 }
-
-
-class BenchError(TemplarError):
-    """The benchmark cannot run; the message says why."""
 
 
 @dataclass
