@@ -44,7 +44,10 @@ COMMANDS = {
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="templar", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="templar", epilog="`templar COMMAND --help` shows a command's flags; README.md has the walk-through.",
+        description="Reward models served by NVIDIA Triton, each applying its own chat template, and a PPO trainer "
+        "that asks them for rewards over gRPC.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)

@@ -44,9 +44,9 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # response tokens at most; a response that reaches it unfinished is penalised
     temperature: float = 1.0  # sampling temperature; log-probs for PPO use logits / temperature as well
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens whose probability reaches top_p
     samples_per_prompt: int = 1  # n responses per prompt (a group, for grpo / dr_grpo / rloo); rows = prompts x n
 
 
@@ -92,36 +92,36 @@ class PPOConfig:
     mini_batch_size: int = 8  # rows (responses) per optimizer step
     micro_batch_size: int = 4  # rows per forward/backward; gradient accumulation = mini / micro
     ppo_epochs: int = 4  # passes over each rollout batch
-    actor_lr: float = 1e-5
-    critic_lr: float = 1e-5
+    actor_lr: float = 1e-5  # AdamW learning rate of the actor
+    critic_lr: float = 1e-5  # ... and of the critic (gae only)
     clip_range: float = 0.2  # policy ratio clip
     clip_range_value: float = 0.2  # value clip around the rollout's values
-    gamma: float = 1.0
-    lam: float = 0.95
+    gamma: float = 1.0  # discount per token (1: the score counts fully at every token)
+    lam: float = 0.95  # GAE's lambda: bias (0) vs variance (1) of the advantage
     kl_coef: float = 0.05  # weight of the KL to the reference model
     kl_estimator: str = "k1"  # k1 | k2 | k3 (Schulman's estimators of KL(pi || pi_ref) per token)
     kl_in: str = "reward"  # reward: -kl_coef * KL per token in the reward | loss: + kl_coef * KL in the policy loss
     adaptive_kl: bool = False  # Ziegler et al. controller: move kl_coef towards target_kl
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
-    max_grad_norm: float = 1.0
+    target_kl: float = 6.0  # adaptive_kl: the KL per response it steers towards
+    kl_horizon: int = 10000  # adaptive_kl: rows over which kl_coef moves by at most ~x1.2
+    whiten_rewards: bool = False  # normalise per-token rewards (std over the batch's tokens) before GAE
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch's response tokens
+    max_grad_norm: float = 1.0  # gradient clipping
 
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2  # 0-3 (a single rank without offload runs 0: there is nothing to partition over)
     offload: bool = False  # ZeRO-Offload: optimizer states (and parameters at stage 3) in CPU memory
-    bf16: bool = False
+    bf16: bool = False  # bfloat16 training (DeepSpeed's bf16 mode; CPUs without bf16 in hardware run it slowly)
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/train"
-    steps: int = 100
+    output_dir: str = "runs/train"  # metrics.jsonl, samples.jsonl, train.log, checkpoints/, final/
+    steps: int = 100  # PPO steps (each: generate, score, update)
     save_every: int = 20  # checkpoint every N steps (and at the end)
-    seed: int = 0
+    seed: int = 0  # everything random (data order, sampling, tiny models) follows from it
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
