@@ -44,6 +44,9 @@ ADMIN_PROTOCOLS = ("model-repository", "logging", "trace", "shared-memory")
 ADMIN_HEADER = "templar-admin-key"  # over HTTP; gRPC clients send it as GRPC_ADMIN_HEADER (Triton adds the prefix)
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 ADMIN_KEY_ENV = "TEMPLAR_ADMIN_KEY"
+# Triton's health endpoints (HTTP): what start() waits for, and the probes of docker-compose.yml and deploy/kubernetes
+READY_PATH = "/v2/health/ready"
+LIVE_PATH = "/v2/health/live"
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ class EmbeddedTriton:
             if not self.alive():
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting "
                                   f"(log: {self._log_file}):\n" + self.log_tail())
-            if _http_status(f"{self.http_url}/v2/health/ready") == 200:
+            if _http_status(f"{self.http_url}{READY_PATH}") == 200:
                 not_ready = [m for m in self.repository_index() if m.get("state") != "READY"]
                 if not not_ready:
                     return
