@@ -15,8 +15,9 @@ asset, a server that cannot be reached) is a TemplarError whose message says wha
     ├── AssetError                   a tokenizer or template that cannot be fetched or verified
     ├── ServingError                 a reward server that cannot start or be reached
     │   ├── ServerError                  the embedded server (templar.server.embedded)
-    │   └── RewardServerError            no endpoint answers (templar.reward_client)
-    │       └── FingerprintMismatchError     endpoints serving different RMs, or not the one expected
+    │   ├── RewardServerError            no endpoint answers (templar.reward_client)
+    │   │   └── FingerprintMismatchError     endpoints serving different RMs, or not the one expected
+    │   └── TransportError               a call a transport could not complete, with its gRPC status name (templar.wire)
     ├── CheckpointError              a training checkpoint that cannot be written (a full disk) or is not complete
     ├── RowsFailed                   OpenRLHF rows that could not be scored, with no failed_reward (integrations)
     ├── LoadTestError                `templar loadtest` cannot run (templar.tools.loadtest)
@@ -87,6 +88,16 @@ class RewardServerError(ServingError):
 
 class FingerprintMismatchError(RewardServerError):
     """Endpoints serve different RMs under one name, or not the RM the caller expects."""
+
+
+class TransportError(ServingError):
+    """A call a reward-client transport could not complete (templar.wire.Transport), with the gRPC status name of
+    what happened: UNAVAILABLE, DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED are retried by the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code  # e.g. "UNAVAILABLE" (an HTTP transport maps 503 to it, 429 to RESOURCE_EXHAUSTED)
+        self.message = message
 
 
 class CheckpointError(TemplarError, RuntimeError):

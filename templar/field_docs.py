@@ -17,11 +17,21 @@ from typing import Any
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """field name -> its comment ("" when it has none). Works for any dataclass whose source is available."""
+    """field name -> its comment ("" when it has none). Works for any dataclass whose source is available; a field a
+    subclass inherits keeps its base class's comment unless the subclass redefines it with one of its own."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update({name: doc for name, doc in _own_field_docs(klass).items() if doc})
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """The comments of the fields `cls` itself defines (in its own class body)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
-        return {f.name: "" for f in dataclasses.fields(cls)}
+        return {}
     comments: dict[int, str] = {}  # line -> comment text
     code_lines: set[int] = set()
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -39,7 +49,7 @@ def field_docs(cls: type) -> dict[str, str]:
                 above.insert(0, comments[before])
                 before -= 1
             docs[node.target.id] = " ".join(above + doc)
-    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+    return docs
 
 
 def type_name(annotation: Any) -> str:

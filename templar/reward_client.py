@@ -9,28 +9,41 @@ scores through it; so do `templar score`, the integrations and any user code.
   hangs (UNAVAILABLE or DEADLINE_EXCEEDED cools the endpoint down for `endpoint_cooldown_s`, then it is tried again);
 - reads the RM's fingerprints (template and tokenizer sha256) on connect, logs them, and refuses replicas that
   serve different RMs under one name;
-- backs off when a server sheds load (its queue is full): fewer requests in flight (`InFlightWindow`, halved on
-  overload, grown back by one per window of answers) and a retry after a jittered wait, instead of hammering it;
-- never invents a reward: a row that still fails gets NaN and a status saying why.
+- backs off when a server sheds load (its queue is full): fewer requests in flight (`InFlightWindow`, the one limit
+  on requests in flight, halved on overload, grown back by one per window of answers) and a retry after a jittered
+  wait, instead of hammering it;
+- never invents a reward: a row that still fails gets NaN and a status saying why;
+- finds the replicas behind a name: an endpoint `dns:///name:port` (gRPC's naming, a Kubernetes headless Service)
+  stands for every address the name has; it is resolved again every `dns_refresh_s` seconds and soon after a failure
+  (templar.discovery), so replicas that appear get requests (once their fingerprints match) and replicas that vanish
+  stop getting them.
+
+It reaches each endpoint through a transport (templar.wire.Transport; gRPC by default), so a test's fault-injecting
+wrapper or another protocol plugs in without touching the logic above.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from templar import contract, wire
+from templar import contract, discovery, wire
 from templar.conversation import conversation_rows
-from templar.errors import ConfigError, FingerprintMismatchError, RewardServerError
+from templar.errors import ConfigError, FingerprintMismatchError, RewardServerError, ServingError
+from templar.wire import RewardResult, Transport
+
+__all__ = ["FingerprintMismatchError", "InFlightWindow", "RewardClient", "RewardClientConfig", "RewardResult",
+           "RewardServerError", "Transport", "draining", "overloaded", "unreached"]  # RewardResult, errors: re-exported
 
 log = logging.getLogger("templar.reward_client")
 
@@ -39,6 +52,10 @@ COOL_DOWN = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})  # the endpoint is g
 # What Triton answers when a model's queue is full (dynamic_batching default_queue_policy max_queue_size): the server
 # is alive and shedding load, so the client slows down rather than avoiding the endpoint.
 OVERLOAD_MESSAGES = ("Exceeds maximum queue size",)
+# What Triton answers while it shuts down (SIGTERM: a Kubernetes pod being deleted, a replica scaled away): it unloads
+# its models but still takes calls for a while (NOT_FOUND: the model has no version left; INTERNAL: the entry model's
+# call into its sub-models met the stopping server). The server is going away, not the model: try the other endpoints.
+DRAINING_MESSAGES = {"NOT_FOUND": ("has no available versions",), "INTERNAL": ("Server not ready",)}
 UNREACHED_PREFIXES = ("no reward endpoint serves", "reward request failed after")  # statuses of rows never scored
 
 
@@ -46,6 +63,11 @@ def unreached(status: str) -> bool:
     """The row failed because the reward server could not be reached or did not answer in time (worth trying again
     later), not because of what the row holds."""
     return status.removeprefix(contract.ERROR_PREFIX).startswith(UNREACHED_PREFIXES)
+
+
+def draining(code: str, message: str) -> bool:
+    """A server shutting down: its models unloaded under it (DRAINING_MESSAGES)."""
+    return any(m in message for m in DRAINING_MESSAGES.get(code, ()))
 
 
 def overloaded(code: str, message: str) -> bool:
@@ -87,53 +109,59 @@ class InFlightWindow:
 
 @dataclass
 class RewardClientConfig:
-    model: str  # the RM's name in Triton
-    endpoints: list[str] = field(default_factory=lambda: [wire.DEFAULT_URL])  # host:port, gRPC
+    """The reward client's options: the one set every entrance takes (the Python client, the trainer's
+    `reward.client`, every command's client flags, the integrations' keyword arguments and environment variables)."""
+
+    model: str = ""  # the RM's name in Triton (an ensemble and the trainer set it per RM)
+    endpoints: list[str] = field(default_factory=lambda: [wire.DEFAULT_URL])  # host:port of the server's gRPC port
     rows_per_request: int = 32  # conversations per gRPC request (capped by the model's max_batch_size)
     max_in_flight: int = 8  # concurrent requests over all endpoints
-    request_timeout_s: float = 120.0  # end-to-end deadline of one attempt
+    request_timeout_s: float = 120.0  # end-to-end deadline of one attempt, in seconds
     max_attempts: int = 6  # first attempt + retries, per request
-    backoff_base_s: float = 0.25  # retry k sleeps uniform(0, min(backoff_max_s, backoff_base_s * 2**k))
-    backoff_max_s: float = 8.0
-    endpoint_cooldown_s: float = 2.0  # an endpoint that was UNAVAILABLE or missed a deadline is avoided this long
-    connect_timeout_s: float = 30.0  # connect(): how long to wait for at least one endpoint to be ready
+    backoff_base_s: float = 0.25  # retry k sleeps uniform(0, min(backoff_max_s, backoff_base_s * 2**k)) seconds
+    backoff_max_s: float = 8.0  # the longest backoff sleep between two attempts, in seconds
+    endpoint_cooldown_s: float = 2.0  # seconds an endpoint that was UNAVAILABLE or missed a deadline is avoided
+    # seconds between two lookups of a dns:///name:port endpoint's addresses (one also follows a failure, at most one
+    # a second)
+    dns_refresh_s: float = 30.0
+    connect_timeout_s: float = 30.0  # how long to wait for at least one endpoint to answer, in seconds
     compression: str | None = None  # "gzip" or "deflate" for large conversations over slow links
     headers: dict[str, str] = field(default_factory=dict)  # sent with every call (e.g. a proxy's auth header)
     tls: bool = False  # gRPC over TLS (a server started with `templar serve --tls-cert ... --tls-key ...`)
     tls_ca: str | None = None  # PEM file of the CA that signed the server's certificate; None = the system's roots
     tls_cert: str | None = None  # this client's certificate (PEM), for a server that demands one (mutual TLS)
     tls_key: str | None = None  # its private key (PEM)
-    expected_fingerprints: dict[str, str] = field(default_factory=dict)  # e.g. {"chat_template_sha256": "..."}
+    # refuse the RM unless its fingerprints are these, e.g. {"chat_template_sha256": "..."} (model-config parameters)
+    expected_fingerprints: dict[str, str] = field(default_factory=dict)
 
+    def tls_settings(self) -> wire.TlsSettings | None:
+        """The TLS settings of `tls`, `tls_ca`, `tls_cert`, `tls_key` (None: plaintext)."""
+        return wire.TlsSettings(self.tls_ca, self.tls_cert, self.tls_key) if self.tls else None
 
-@dataclass
-class RewardResult:
-    scores: np.ndarray  # [N] float32, NaN where the row failed
-    status: list[str]  # "ok" or "error: ..."
-    num_tokens: np.ndarray  # [N] int32, tokens the RM scored
-    truncated: np.ndarray  # [N] bool
-    latency_s: float  # wall time of the whole score() call
-    attempts: int  # gRPC attempts made, retries included
-    model_versions: dict[str, int] = field(default_factory=dict)  # RM version -> rows it scored
-
-    @property
-    def newest_version(self) -> str | None:
-        """The highest RM version that scored rows of this call (after a hot swap: the new one)."""
-        return max(self.model_versions, key=_version_key, default=None)
-
-    @property
-    def ok(self) -> np.ndarray:
-        return np.array([contract.is_ok(s) for s in self.status], dtype=bool)
-
-    @property
-    def failed_rows(self) -> int:
-        return int((~self.ok).sum())
+    def check(self, where: str = "RewardClientConfig", *, target: bool = True) -> RewardClientConfig:
+        """Every option usable, or a ConfigError naming `where.<field>`; with `target`, also the model and the
+        endpoints (parsed in place). Returns self."""
+        if target:
+            if not self.model:
+                raise ConfigError(f"{where}.model is empty: name the served reward model")
+            self.endpoints = wire.parse_endpoints(self.endpoints, f"{where}.endpoints")
+        for name in ("rows_per_request", "max_in_flight", "max_attempts", "request_timeout_s", "connect_timeout_s",
+                     "dns_refresh_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
+        if self.compression not in (None, "gzip", "deflate"):
+            raise ConfigError(f"{where}.compression must be gzip, deflate or None, got {self.compression!r}")
+        given = [name for name in ("tls_ca", "tls_cert", "tls_key") if getattr(self, name)]
+        if given and not self.tls:  # a CA file without TLS is a mistake, never silently plaintext
+            raise ConfigError(f"{where}: {', '.join(given)} given but tls is off: set tls too, to talk TLS to the "
+                              "server")
+        return self
 
 
 @dataclass
 class _Endpoint:
     url: str
-    client: Any
+    transport: Transport
     outstanding: int = 0
     down_until: float = 0.0
     answered: int = 0  # requests it answered
@@ -143,18 +171,25 @@ class _Endpoint:
 class RewardClient:
     """Async core with a sync face: `score()` blocks, `submit()` returns a future (overlap it with other work)."""
 
-    def __init__(self, config: RewardClientConfig) -> None:
-        if not config.endpoints:
-            raise ConfigError("RewardClientConfig.endpoints is empty: give at least one host:port")
-        given = [name for name in ("tls_ca", "tls_cert", "tls_key") if getattr(config, name)]
-        if given and not config.tls:
-            raise ConfigError(f"{', '.join(given)} given but tls is off: set tls=True to talk TLS to the server")
-        self.config = config
+    def __init__(self, config: RewardClientConfig,
+                 transport: Callable[[str], Transport] | None = None) -> None:
+        """`transport`: url -> the Transport to reach it (default: gRPC, over TLS as the config says)."""
+        self.config = dataclasses.replace(config).check()  # a copy: the caller's object is never rewritten
+        self._transport = transport or self._grpc_transport
         self.fingerprints: dict[str, str] = {}
         self.parameters: dict[str, str] = {}  # every parameter of the entry's config (fingerprints among them)
         self.max_batch_size: int | None = None
         self._endpoints: list[_Endpoint] = []
         self._rr = 0
+        # endpoint discovery (dns: endpoints): the addresses each target had at its last good lookup, when to look
+        # again, the lookup running now, endpoints no longer listed (closed once their requests are done)
+        self._discovering = any(discovery.is_dns_target(e) for e in self.config.endpoints)
+        self._resolved: dict[str, list[str]] = {}
+        self._resolve_errors: list[str] = []
+        self._next_resolve = self._last_resolve = 0.0
+        self._resolving: asyncio.Task | None = None
+        self._retired: list[_Endpoint] = []
+        self.endpoint_changes: list[dict[str, Any]] = []  # each change discovery made: time, added, removed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._connected = False
@@ -204,15 +239,96 @@ class RewardClient:
 
     # -- async core -----------------------------------------------------------------------------------------------
     async def _close_async(self) -> None:
-        for endpoint in self._endpoints:
-            await endpoint.client.close()
-        self._endpoints = []
+        if self._resolving is not None:
+            self._resolving.cancel()
+        for endpoint in self._endpoints + self._retired:
+            await endpoint.transport.close()
+        self._endpoints, self._retired = [], []
         self._connected = False
 
-    def _make_endpoints(self) -> None:
-        c = self.config
-        tls = wire.TlsSettings(c.tls_ca, c.tls_cert, c.tls_key) if c.tls else None
-        self._endpoints = [_Endpoint(url, wire.aio_client(url, tls=tls)) for url in c.endpoints]
+    def _grpc_transport(self, url: str) -> Transport:
+        return wire.GrpcTransport(url, tls=self.config.tls_settings())
+
+    # -- endpoints and their discovery ---------------------------------------------------------------------------
+    def _lookup(self) -> list[str]:
+        """The config's endpoints, each dns: target replaced by the addresses its name has now (a target whose lookup
+        fails keeps the addresses of its last good one: a DNS hiccup never drops live replicas)."""
+        urls: list[str] = []
+        errors = []
+        for endpoint in self.config.endpoints:
+            if not discovery.is_dns_target(endpoint):
+                urls.append(endpoint)
+                continue
+            try:
+                self._resolved[endpoint] = discovery.resolve(discovery.parse_dns_target(endpoint))
+            except ServingError as exc:
+                errors.append(str(exc))
+            urls += self._resolved.get(endpoint, [])
+        self._resolve_errors = errors
+        return list(dict.fromkeys(urls))
+
+    async def _refresh_endpoints(self, verify: bool = True) -> None:
+        """Look the dns: targets up again and follow what changed: new addresses become endpoints (with `verify`,
+        only once they answer with this RM's fingerprints), addresses no longer listed stop getting requests."""
+        self._last_resolve = time.monotonic()
+        self._next_resolve = self._last_resolve + self.config.dns_refresh_s
+        urls = await asyncio.to_thread(self._lookup)
+        for error in self._resolve_errors:
+            log.warning("reward endpoint discovery: %s; keeping the addresses of the last good lookup", error)
+        listed = set(urls)
+        kept = [e for e in self._endpoints if e.url in listed]
+        known = {e.url for e in kept}
+        added = []
+        for url in (u for u in urls if u not in known):
+            endpoint = _Endpoint(url, self._transport(url))
+            if verify and not await self._serves_this_rm(endpoint):
+                await endpoint.transport.close()
+                self._next_resolve = min(self._next_resolve, time.monotonic() + self.config.endpoint_cooldown_s)
+                continue
+            added.append(endpoint)
+        if not kept and not added and self._endpoints:
+            log.warning("reward endpoint discovery: no listed address serves %s; keeping %s", self.config.model,
+                        ", ".join(e.url for e in self._endpoints))
+            return
+        removed = [e for e in self._endpoints if e.url not in listed]
+        self._endpoints = kept + added
+        self._retired += removed
+        await self._close_retired()
+        if added or removed:
+            change = {"time": time.time(), "added": [e.url for e in added], "removed": [e.url for e in removed]}
+            self.endpoint_changes.append(change)
+            log.info("reward endpoints of %s: %s (added %s, removed %s)", self.config.model,
+                     ", ".join(e.url for e in self._endpoints), ", ".join(change["added"]) or "none",
+                     ", ".join(change["removed"]) or "none")
+
+    async def _serves_this_rm(self, endpoint: _Endpoint) -> bool:
+        """A new replica answers with the fingerprints the others serve (else it is left out, and said so)."""
+        try:
+            config = await endpoint.transport.model_config(self.config.model, timeout_s=5.0,
+                                                           headers=self.config.headers)
+        except Exception as exc:  # noqa: BLE001 - not ready yet: tried again at the next lookup
+            log.info("reward endpoint %s (discovered) is not answering yet: %s", endpoint.url, wire.status_code(exc))
+            return False
+        fingerprints = _fingerprints(config)
+        if self.fingerprints and fingerprints != self.fingerprints:
+            log.error("reward endpoint %s (discovered) serves a different %s (%s); it gets no requests",
+                      endpoint.url, self.config.model, fingerprints)
+            return False
+        return True
+
+    async def _close_retired(self) -> None:
+        for endpoint in [e for e in self._retired if e.outstanding == 0]:
+            self._retired.remove(endpoint)
+            await endpoint.transport.close()
+
+    def _maybe_refresh(self, soon: bool = False) -> None:
+        """Start a lookup in the background when one is due (`soon`: after a failure, at most one a second)."""
+        if not self._discovering:
+            return
+        if soon:
+            self._next_resolve = min(self._next_resolve, self._last_resolve + 1.0)
+        if time.monotonic() >= self._next_resolve and (self._resolving is None or self._resolving.done()):
+            self._resolving = asyncio.get_running_loop().create_task(self._refresh_endpoints())
 
     async def connect_async(self) -> dict[str, str]:
         """Check the endpoints, read and log the RM's fingerprints. Waits up to connect_timeout_s for one."""
@@ -221,9 +337,9 @@ class RewardClient:
         async with self._connect_lock:
             if self._connected:
                 return self.fingerprints
-            if not self._endpoints:
-                self._make_endpoints()
             deadline = time.monotonic() + self.config.connect_timeout_s
+            if not self._endpoints:
+                await self._refresh_endpoints(verify=False)
             seen: dict[str, dict[str, str]] = {}
             errors: dict[str, str] = {}
             while True:
@@ -231,13 +347,13 @@ class RewardClient:
                     if endpoint.url in seen:
                         continue
                     try:
-                        config = await endpoint.client.get_model_config(
-                            self.config.model, as_json=True, headers=self.config.headers or None,
-                            client_timeout=5.0)
-                        seen[endpoint.url] = _fingerprints(config["config"])
-                        self.parameters = _parameters(config["config"])
+                        config = await endpoint.transport.model_config(self.config.model, timeout_s=5.0,
+                                                                       headers=self.config.headers)
+                        seen[endpoint.url] = _fingerprints(config)
+                        endpoint.down_until = 0.0  # it answers now: a slow first try no longer keeps it cold
+                        self.parameters = _parameters(config)
                         if self.max_batch_size is None:
-                            self.max_batch_size = int(config["config"].get("max_batch_size", 0)) or None
+                            self.max_batch_size = int(config.get("max_batch_size", 0)) or None
                     except Exception as exc:  # noqa: BLE001 - reported below with the endpoint's name
                         errors[endpoint.url] = f"{wire.status_code(exc)}: {exc}"
                         endpoint.down_until = time.monotonic() + self.config.endpoint_cooldown_s
@@ -246,8 +362,10 @@ class RewardClient:
                 if time.monotonic() > deadline:
                     raise RewardServerError(
                         f"no reward endpoint serves model {self.config.model!r}: "
-                        + "; ".join(f"{url}: {err}" for url, err in errors.items()))
+                        + "; ".join([*(f"{url}: {err}" for url, err in errors.items()), *self._resolve_errors]))
                 await asyncio.sleep(0.5)
+                if self._discovering and not seen:  # a name with no address yet, or none answering: look again
+                    await self._refresh_endpoints(verify=False)
             distinct = {tuple(sorted(fp.items())) for fp in seen.values()}
             if len(distinct) > 1:
                 raise FingerprintMismatchError(f"endpoints serve different versions of {self.config.model!r}: {seen}")
@@ -271,13 +389,12 @@ class RewardClient:
 
     async def _rendered_text_async(self, conversations: Sequence[Any]) -> list[str]:
         await self.connect_async()
-        result = await self._pick().client.infer(
+        answer = await self._pick().transport.infer(
             contract.preprocess_model_name(self.config.model),
-            wire.conversation_inputs(conversation_rows(conversations)),
-            outputs=wire.requested_outputs((contract.TEXT, contract.STATUS)),
-            client_timeout=self.config.request_timeout_s, headers=self.config.headers or None)
-        texts = contract.decode_strings(result.as_numpy(contract.TEXT))
-        status = contract.decode_strings(result.as_numpy(contract.STATUS))
+            contract.encode_strings(conversation_rows(conversations)), outputs=(contract.TEXT, contract.STATUS),
+            timeout_s=self.config.request_timeout_s, headers=self.config.headers)
+        texts = contract.decode_strings(answer.arrays[contract.TEXT])
+        status = contract.decode_strings(answer.arrays[contract.STATUS])
         return [text if contract.is_ok(st) else st for text, st in zip(texts, status)]
 
     def _pick(self) -> _Endpoint:
@@ -308,47 +425,32 @@ class RewardClient:
         except FingerprintMismatchError:
             raise
         except RewardServerError as exc:  # a dead server costs these rows their rewards, never the caller its run
-            return _failed(len(rows), contract.error_status(str(exc)), time.perf_counter() - started, 0)
+            return RewardResult.failed(len(rows), contract.error_status(str(exc)), time.perf_counter() - started)
         size = self.config.rows_per_request
         if self.max_batch_size:
             size = min(size, self.max_batch_size)
-        semaphore = asyncio.Semaphore(self.config.max_in_flight)
-
-        async def bounded(chunk: list[bytes]):
-            async with semaphore:
-                return await self._score_chunk(chunk)
-
+        # every request starts at once and waits for a place in the in-flight window (the one limit on requests in
+        # flight, shared by every score() call of this client)
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
-        parts = await asyncio.gather(*(bounded(chunk) for chunk in chunks))
-        results = [part for part, _ in parts]
-        versions: dict[str, int] = {}
-        for part in results:
-            if part.model_version:
-                versions[part.model_version] = versions.get(part.model_version, 0) + len(part.status)
-        await self._note_versions(versions)
-        return RewardResult(
-            scores=np.concatenate([r.scores for r in results] or [np.zeros(0)]).astype(np.float32),
-            status=[s for r in results for s in r.status],
-            num_tokens=np.concatenate([r.num_tokens for r in results] or [np.zeros(0)]).astype(np.int32),
-            truncated=np.concatenate([r.truncated for r in results] or [np.zeros(0)]).astype(bool),
-            latency_s=time.perf_counter() - started,
-            attempts=sum(attempts for _, attempts in parts), model_versions=versions,
-        )
+        parts = await asyncio.gather(*(self._score_chunk(chunk) for chunk in chunks))
+        result = RewardResult.concat(parts, time.perf_counter() - started)
+        await self._note_versions(result.model_versions)
+        return result
 
     async def _note_versions(self, versions: dict[str, int]) -> None:
         """A version newer than the one seen so far answered: the RM was swapped. Read and log its fingerprints."""
-        newest = max(versions, key=_version_key, default=None)
+        newest = max(versions, key=wire.version_key, default=None)
         if newest is None or newest == self.model_version or (
-                self.model_version is not None and _version_key(newest) < _version_key(self.model_version)):
+                self.model_version is not None and wire.version_key(newest) < wire.version_key(self.model_version)):
             return
         old_version, old = self.model_version, dict(self.fingerprints)
         self.model_version = newest
         if old_version is None:
             return  # the first answer: the version connect() found
         try:
-            config = await self._pick().client.get_model_config(
-                self.config.model, as_json=True, headers=self.config.headers or None, client_timeout=5.0)
-            self.fingerprints = _fingerprints(config["config"])
+            config = await self._pick().transport.model_config(self.config.model, timeout_s=5.0,
+                                                               headers=self.config.headers)
+            self.fingerprints = _fingerprints(config)
         except Exception as exc:  # noqa: BLE001 - the swap is still logged, without the new fingerprints
             log.warning("reward model %s: could not read the new version's fingerprints (%s)", self.config.model, exc)
         changed = {k: (old.get(k), v) for k, v in self.fingerprints.items() if old.get(k) != v}
@@ -357,71 +459,67 @@ class RewardClient:
         log.warning("reward model %s: now served by version %s (was %s); changed: %s", self.config.model, newest,
                     old_version, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "no fingerprint")
 
-    async def _attempt(self, endpoint: _Endpoint, data: np.ndarray):
-        """One gRPC call, inside the in-flight window (released before any backoff wait)."""
-        await self.window.acquire()
+    async def _attempt(self, endpoint: _Endpoint, data: np.ndarray) -> wire.Answer:
+        """One call, holding a place in the in-flight window (taken by the caller; given back here, before any
+        backoff wait)."""
         shed = False
         try:
-            return await endpoint.client.infer(
-                self.config.model, wire.conversation_inputs(data), outputs=wire.requested_outputs(),
-                client_timeout=self.config.request_timeout_s, headers=self.config.headers or None,
-                compression_algorithm=self.config.compression)
+            return await endpoint.transport.infer(
+                self.config.model, data, outputs=contract.ENTRY_OUTPUTS, timeout_s=self.config.request_timeout_s,
+                headers=self.config.headers, compression=self.config.compression)
         except Exception as exc:
             shed = overloaded(wire.status_code(exc), wire.error_message(exc))
             raise
         finally:
             await self.window.release(shed)
 
-    async def _score_chunk(self, rows: list[bytes]) -> tuple[wire.EntryResult, int]:
-        """One request of `rows`, retried as configured; (per-row results, gRPC attempts made). A refusal from a
-        server that sheds load does not use up an attempt: it is retried (after a wait) until request_timeout_s."""
+    async def _score_chunk(self, rows: list[bytes]) -> RewardResult:
+        """One request of `rows`, retried as configured (its `attempts`: the calls made). A refusal from a server
+        that sheds load does not use up an attempt: it is retried (after a wait) until request_timeout_s."""
         data = contract.encode_strings(rows)
         last_error = ""
-        failures = tries = 0  # failures count against max_attempts; tries are all gRPC calls made
-        shed_until = time.monotonic() + self.config.request_timeout_s
+        failures = tries = 0  # failures count against max_attempts; tries are all calls made
+        shed_until = None  # retrying refusals ends request_timeout_s after the request first went out
         while True:
             tries += 1
+            await self.window.acquire()  # before picking: the endpoint is chosen when the request can go
+            shed_until = shed_until or time.monotonic() + self.config.request_timeout_s
+            self._maybe_refresh()
             endpoint = self._pick()
             endpoint.outstanding += 1
             try:
-                result = await self._attempt(endpoint, data)
+                answer = await self._attempt(endpoint, data)
                 endpoint.answered += 1
-                return wire.decode_entry(result), tries
+                return wire.decode_entry(answer, attempts=tries)
             except Exception as exc:  # noqa: BLE001 - classified below; never lost
                 code, message = wire.status_code(exc), wire.error_message(exc)
                 last_error = f"{code}: {message}"
                 endpoint.failed += 1
                 shedding = overloaded(code, message)  # alive and busy: slow down, do not avoid it
+                going = draining(code, message)  # shutting down: as good as gone
                 failures += not shedding
-                if code not in RETRYABLE or failures >= self.config.max_attempts or \
+                if (code not in RETRYABLE and not going) or failures >= self.config.max_attempts or \
                         (shedding and time.monotonic() > shed_until):
                     break
-                if code in COOL_DOWN and not shedding:  # gone, or hung (a stopped process answers nothing)
+                if (code in COOL_DOWN and not shedding) or going:  # gone, hung (a stopped process answers nothing)
                     endpoint.down_until = time.monotonic() + self.config.endpoint_cooldown_s
+                    self._maybe_refresh(soon=True)  # a replica that vanished may have left the name too
                     if self._has_other_healthy(endpoint):
                         log.info("reward endpoint %s: %s, failing over", endpoint.url, code)
                         continue
                 await asyncio.sleep(self._backoff(max(failures, tries - failures), code, endpoint.url))
             finally:
                 endpoint.outstanding -= 1
+                if self._retired and not endpoint.outstanding:
+                    await self._close_retired()  # a replica discovery dropped: closed once its last answer is in
         status = contract.error_status(f"reward request failed after {tries} attempt(s): {last_error}")
-        failed = _failed(len(rows), status, 0.0, tries)
-        return wire.EntryResult(failed.scores, failed.status, failed.num_tokens, failed.truncated), tries
+        return RewardResult.failed(len(rows), status, attempts=tries)
 
     def _backoff(self, retry: int, code: str, url: str) -> float:
         """Full jitter: uniform(0, min(backoff_max_s, backoff_base_s * 2**(retry-1)))."""
         delay = random.uniform(0, min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (retry - 1)))
         log.info("reward request failed (%s) on %s; retry %d in %.2fs", code, url, retry, delay)
         return delay
-
-
-def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (-1, version)
-
-
-def _failed(n: int, status: str, latency_s: float, attempts: int) -> RewardResult:
-    return RewardResult(np.full(n, np.nan, np.float32), [status] * n, np.zeros(n, np.int32), np.zeros(n, bool),
-                        latency_s, attempts)
 
 
 def _parameters(config: Mapping[str, Any]) -> dict[str, str]:

@@ -1,7 +1,10 @@
 """A real gRPC proxy in front of a real Triton server, for what the client does on the wire: it forwards every unary
 call (raw bytes, any method) and records how many inference calls were in flight at once; it can also answer the
 first calls with a status of its choice, as a rate-limiting gateway (Envoy, a service mesh) in front of a reward
-server does with RESOURCE_EXHAUSTED. Nothing is mocked: both hops are gRPC over TCP."""
+server does with RESOURCE_EXHAUSTED. Nothing is mocked: both hops are gRPC over TCP.
+
+`GatedTransport` does the same one layer up, in the client's process: a transport (templar.wire.Transport) wrapped
+around the real gRPC one, plugged in through `RewardClient(config, transport=...)`."""
 
 from __future__ import annotations
 
@@ -9,6 +12,9 @@ import threading
 from concurrent import futures
 
 import grpc
+
+from templar.errors import TransportError
+from templar.wire import Transport
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -73,3 +79,31 @@ class _Handler(grpc.GenericRpcHandler):
             return self.proxy.forward(method, request, context)
 
         return grpc.unary_unary_rpc_method_handler(forward)
+
+
+class GatedTransport(Transport):
+    """Counts the inference calls in flight through it and refuses the first `reject_first` with `reject_code` (a
+    TransportError, as a transport of another protocol reports its failures); everything else goes to `inner`."""
+
+    def __init__(self, inner: Transport, *, reject_first: int = 0, reject_code: str = "RESOURCE_EXHAUSTED") -> None:
+        self.inner, self.url = inner, inner.url
+        self.reject_first, self.reject_code = reject_first, reject_code
+        self.in_flight = self.max_in_flight = self.infer_calls = self.rejected = 0
+
+    async def infer(self, model, rows, **kwargs):
+        self.infer_calls += 1  # one event loop: no lock needed
+        if self.rejected < self.reject_first:
+            self.rejected += 1
+            raise TransportError(self.reject_code, "gate: too many requests, try again later")
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self.inner.infer(model, rows, **kwargs)
+        finally:
+            self.in_flight -= 1
+
+    async def model_config(self, model, **kwargs):
+        return await self.inner.model_config(model, **kwargs)
+
+    async def close(self) -> None:
+        await self.inner.close()

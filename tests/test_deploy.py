@@ -217,6 +217,9 @@ def _third_party_imports(module: str, seen: set[str] | None = None) -> set[str]:
         return set()
     seen.add(module)
     tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    for block in ast.walk(tree):  # imports under `if TYPE_CHECKING:` never run
+        if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            block.body = []
     found: set[str] = set()
     for node in ast.walk(tree):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import) else

@@ -15,6 +15,7 @@ from tritonclient.grpc import InferInput
 
 from templar import contract, wire
 from templar.conversation import RESERVED_TEMPLATE_KWARGS
+from templar.reward_client import RewardClientConfig
 from templar.tools.hostile import (EXPENSIVE_BYTES, good_rows, hostile_rows, plan_requests, process_tree_rss_mib,
                                    run_campaign)
 
@@ -51,9 +52,10 @@ def test_the_generator_covers_what_the_issue_lists():
 
 def test_a_10k_row_campaign_answers_every_row_as_it_is_alone(server, capsys):
     rss = lambda: process_tree_rss_mib(server.process.pid)  # noqa: E731
-    warmup = run_campaign(server.grpc_url, "rm_small", total_rows=2000, seed=1, control_tokens=LLAMA3_CONTROL)
+    options = RewardClientConfig("rm_small", [server.grpc_url], request_timeout_s=300)
+    warmup = run_campaign(options, total_rows=2000, seed=1, control_tokens=LLAMA3_CONTROL)
     assert warmup.holds, warmup.examples
-    report = run_campaign(server.grpc_url, "rm_small", total_rows=10_000, seed=0, control_tokens=LLAMA3_CONTROL,
+    report = run_campaign(options, total_rows=10_000, seed=0, control_tokens=LLAMA3_CONTROL,
                           rss_mib=rss)
     with capsys.disabled():
         print(f"\ncampaign: {report.rows} rows ({report.good_rows} good, {report.hostile_rows} hostile of "

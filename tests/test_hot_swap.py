@@ -25,6 +25,7 @@ from templar.server.embedded import ADMIN_KEY_ENV
 from templar.errors import ExportError
 from templar.export.repository import check_version, read_parameters
 from templar.server.hot_swap import ModelControl, ReloadOptions, reload_model, with_versions
+from templar.reward_client import RewardClientConfig
 from templar.samples import sample_conversations
 from templar.tiny_models import build_tiny_model
 from templar.tools.loadtest import LoadTestOptions, run
@@ -92,8 +93,8 @@ class LoadTest(threading.Thread):
 
     def __init__(self, url: str, out: Path) -> None:
         super().__init__(daemon=True)
-        self.opts = LoadTestOptions(url=url, model="rm", concurrency=[4], duration_s=LOADTEST_S, batch=8, out=out,
-                                    warmup_requests=0)
+        self.opts = LoadTestOptions(client=RewardClientConfig("rm", [url], rows_per_request=8, request_timeout_s=60.0),
+                                    concurrency=[4], duration_s=LOADTEST_S, out=out, warmup_requests=0)
         self.progress: list[tuple[float, int]] = [(time.monotonic(), 0)]
         self.report: dict | None = None
 

@@ -18,6 +18,7 @@ import pytest
 from templar.cli import main as cli
 from templar.tools.bench.serving import BenchError, BenchOptions, parse_setting, run_bench
 from templar.tools.bench.http_rm_server import HttpRewardServer
+from templar.reward_client import RewardClientConfig
 from templar.tools.loadtest import LoadTestOptions, run
 from templar.export.repository import EntrySettings
 from templar.tools.bench.torch_rm import TorchRewardModel
@@ -36,10 +37,10 @@ def server(small_repo):
         yield triton
 
 
-def _loadtest(server, tmp_path, **kwargs) -> dict:
-    kwargs.setdefault("model", "rm_small")
-    opts = LoadTestOptions(url=server.grpc_url, out=tmp_path / "load.json", quiet=True,
-                           metrics_url=server.metrics_url, **kwargs)
+def _loadtest(server, tmp_path, model: str = "rm_small", batch: int = 32, **kwargs) -> dict:
+    client = RewardClientConfig(model, [server.grpc_url], rows_per_request=batch, request_timeout_s=60.0)
+    opts = LoadTestOptions(client=client, out=tmp_path / "load.json", quiet=True, metrics_url=server.metrics_url,
+                           **kwargs)
     return run(opts)
 
 

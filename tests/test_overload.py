@@ -29,8 +29,9 @@ def busy_repo(tiny_rms, tmp_path_factory):
 
 def test_a_full_queue_sheds_load_at_once_and_the_client_backs_off(busy_repo, tmp_path, capsys):
     with running(busy_repo) as server:
-        report = run(LoadTestOptions(url=server.grpc_url, model="rm_busy", concurrency=[32], duration_s=6.0,
-                                     batch=16, warmup_requests=0, out=tmp_path / "loadtest.json", quiet=True),
+        target = RewardClientConfig("rm_busy", [server.grpc_url], rows_per_request=16, request_timeout_s=60.0)
+        report = run(LoadTestOptions(client=target, concurrency=[32], duration_s=6.0, warmup_requests=0,
+                                     out=tmp_path / "loadtest.json", quiet=True),
                      log=lambda _: None)
         (level,) = report["levels"]
         shed = level["errors"].get("UNAVAILABLE", 0)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from templar import contract
+from templar import contract, wire
 from templar.samples import sample_conversations
 from templar.server.embedded import EmbeddedTriton
 from templar.server.ports import free_port, free_server_ports
 from templar.reward_client import FingerprintMismatchError, RewardClient, RewardClientConfig
 
 from conftest import TEST_SETTINGS, export, running
-from grpc_proxy import GrpcProxy
+from grpc_proxy import GatedTransport, GrpcProxy
 
 pytestmark = pytest.mark.integration  # exports ONNX, starts Triton or runs the CLI
 
@@ -192,6 +192,28 @@ def test_resource_exhausted_is_retried(replica):
             result = client.score(rows(3))
     assert result.failed_rows == 3 and "RESOURCE_EXHAUSTED" in result.status[0]
     assert 1.0 <= time.monotonic() - started < 3.0 and result.attempts > 2
+
+
+def test_a_transport_plugs_into_the_client(replica):
+    """The transport seam: a transport wrapped around the gRPC one sees every call; the client's in-flight limit and
+    its retries of a refusal (a TransportError naming RESOURCE_EXHAUSTED) hold through it as through the proxy."""
+    gates: list[GatedTransport] = []
+
+    def gated(url: str) -> GatedTransport:
+        gates.append(GatedTransport(wire.GrpcTransport(url), reject_first=3))
+        return gates[-1]
+
+    config = RewardClientConfig(model="rm_small", endpoints=[replica.grpc_url], rows_per_request=2, max_in_flight=3,
+                                max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.05)
+    with RewardClient(config, transport=gated) as client:
+        result = client.score(rows(24))
+    with RewardClient(RewardClientConfig(model="rm_small", endpoints=[replica.grpc_url])) as direct:
+        expected = direct.score(rows(24))
+    (gate,) = gates
+    assert result.failed_rows == 0 and gate.rejected == 3 and result.attempts == 12 + 3
+    assert gate.infer_calls == 15 and 1 <= gate.max_in_flight <= 3  # the window, halved by the refusals at most
+    np.testing.assert_allclose(result.scores, expected.scores, atol=1e-6)
+    assert result.model_versions == {"1": 24}
 
 
 def test_rows_per_request_is_capped_at_the_models_max_batch_size(tiny_rms, tmp_path):

@@ -51,7 +51,7 @@ def test_a_served_trained_rm_beats_chance_on_held_out_pairs(trained_rm, tmp_path
     pairs = read_pairs(out / "eval_pairs.jsonl")
     qwen_text = chat_format_from_source("qwen2_5").render(Conversation(pairs[0].chosen))
     with running(repo) as server:
-        report = evaluate_served("rm_trained", server.grpc_url, pairs, as_template="qwen2_5")
+        report = evaluate_served(RewardClientConfig("rm_trained", [server.grpc_url]), pairs, as_template="qwen2_5")
         cli_out = tmp_path / "eval.json"
         assert cli(["eval-rm", "--model", "rm_trained", "--data", str(out / "eval_pairs.jsonl"), "--url",
                     server.grpc_url, "--out", str(cli_out)]) == 0

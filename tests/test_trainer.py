@@ -179,7 +179,7 @@ def test_a_dead_reward_server_costs_rows_not_the_run(small_repo, tiny_actor, tmp
     # the log goes to tmp_path: a server that died is otherwise left with its log in /tmp for someone to read
     with running(small_repo, log_file=tmp_path / "tritonserver.log") as server:
         run = start_train(*small_run(out, tiny_actor, server.grpc_url, "reward.models=[{name: rm_small}]",
-                                     "reward.max_attempts=2", "reward.request_timeout_s=5", steps=5))
+                                     "reward.client.max_attempts=2", "reward.client.request_timeout_s=5", steps=5))
         wait_until(lambda: len(metric_steps(out)) >= 2, what="two steps")
         os.killpg(server.process.pid, signal.SIGKILL)  # a crash: no unloading, the port just goes dead
     _, stderr = run.communicate(timeout=600)
@@ -332,7 +332,9 @@ def test_adaptive_kl_and_reward_whitening_in_a_real_run(triton, tiny_actor, tmp_
         assert rows[-1]["kl_coef"] != 0.05
     plain, whitened = runs[False][0], runs[True][0]
     assert plain["reward_mean"] == whitened["reward_mean"]  # the same first rollout and rewards ...
-    assert plain["policy_loss"] != whitened["policy_loss"]  # ... trained on differently shaped rewards
+    # ... trained on differently shaped rewards: the critic's targets are the returns of the rewards as shaped (the
+    # policy loss cannot show it here: one epoch of one mini-batch at ratio 1 on normalised advantages is ~0 either way)
+    assert plain["value_loss"] != whitened["value_loss"]
 
 
 def test_a_separate_critic_a_template_override_and_a_prompt_file(triton, tiny_actor, tmp_path):

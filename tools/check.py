@@ -22,11 +22,12 @@ from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import parse_conversation
 from templar.errors import ConfigError
-from templar.reward_client import RewardClient, RewardClientConfig
+from templar.client_options import ClientFlags
+from templar.reward_client import RewardClient
 from templar.tools.workload import load_conversations
-from templar.wire import DEFAULT_URL
 
 DEFAULT_TOLERANCE = 1e-5  # the README's Fidelity bound for fp32
+CLIENT_FLAGS = ClientFlags()  # every option of the reward client: --url, --tls ..., --max-attempts, ...
 
 
 def add_arguments(parser) -> None:
@@ -34,17 +35,13 @@ def add_arguments(parser) -> None:
                         "exported from")
     parser.add_argument("--data", required=True, type=Path, help='JSONL, one {"messages": [...]} per line')
     parser.add_argument("--name", help="the served RM's name (default: the folder's name)")
-    parser.add_argument("--url", default=DEFAULT_URL, help="gRPC endpoint(s), comma-separated (default: %(default)s)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder, when not beside the weights")
     parser.add_argument("--chat-template", type=Path, help="the Jinja template the RM was exported with "
                         "(--chat-template of `templar export`), when not the folder's own")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest |served - own| / max(1, |own|) accepted (default: %(default)g; fp32)")
     parser.add_argument("--out", type=Path, help="write the per-row comparison as JSON here")
-    parser.add_argument("--tls", action="store_true", help="gRPC over TLS")
-    parser.add_argument("--tls-ca", help="PEM of the CA that signed the server's certificate")
-    parser.add_argument("--tls-cert", help="client certificate (PEM), for mutual TLS")
-    parser.add_argument("--tls-key", help="client key (PEM), for mutual TLS")
+    CLIENT_FLAGS.add(parser)
 
 
 def reference_inputs(tokenizer, row: dict, kwargs: dict) -> dict:
@@ -78,9 +75,7 @@ def main(args) -> int:
     rows = load_conversations(args.data)  # checked before connecting: a bad file names its line
     name = args.name or args.model.name
     chat = ChatFormat.from_dir(args.tokenizer or args.model, chat_template_file=args.chat_template)
-    config = RewardClientConfig(model=name, endpoints=args.url.split(","), tls=args.tls, tls_ca=args.tls_ca,
-                                tls_cert=args.tls_cert, tls_key=args.tls_key)
-    with RewardClient(config) as client:
+    with RewardClient(CLIENT_FLAGS.config(args, model=name)) as client:
         client.connect()
         served_sha = client.parameters.get(contract.PARAM_TEMPLATE_SHA256)
         if served_sha and served_sha != chat.template_sha256:

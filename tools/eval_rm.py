@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from templar import wire
 from templar.assets import chat_format_from_source
+from templar.client_options import ClientFlags
 from templar.conversation import Conversation
 from templar.errors import ServingError
 from templar.trainer.preferences import PreferencePair, read_pairs
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.tools.stats import spearman
+
+CLIENT_FLAGS = ClientFlags()  # every option of the reward client: --url, --tls ..., --max-attempts, ...
 
 
 def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
@@ -54,11 +56,12 @@ def score_rows(client: RewardClient, rows: list[dict]) -> np.ndarray:
     return result.scores.astype(np.float64)
 
 
-def evaluate_served(model: str, url: str, pairs: list[PreferencePair], as_template: str | None = None,
+def evaluate_served(client_config: RewardClientConfig, pairs: list[PreferencePair], as_template: str | None = None,
                     ) -> dict[str, Any]:
+    """The report of the served RM `client_config.model` (reached as the options say) on `pairs`."""
     conversations = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    report: dict[str, Any] = {"model": model, "pairs": len(pairs)}
-    with RewardClient(RewardClientConfig(model=model, endpoints=[url])) as client:
+    report: dict[str, Any] = {"model": client_config.model, "pairs": len(pairs)}
+    with RewardClient(client_config) as client:
         scores = score_rows(client, [{"messages": m} for m in conversations])
         report["own_template"] = pair_metrics(scores[:len(pairs)], scores[len(pairs):])
         if as_template is not None:
@@ -74,14 +77,14 @@ def evaluate_served(model: str, url: str, pairs: list[PreferencePair], as_templa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the served RM's name")
     parser.add_argument("--data", required=True, type=Path, help="preference pairs, JSONL (chosen / rejected)")
-    parser.add_argument("--url", default=wire.DEFAULT_URL, help="the server's gRPC endpoint (default: %(default)s)")
     parser.add_argument("--as-template", metavar="FAMILY|DIR",
                         help="also score the pairs rendered with this template (e.g. qwen2_5) as text")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
+    CLIENT_FLAGS.add(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    report = evaluate_served(args.model, args.url, read_pairs(args.data), args.as_template)
+    report = evaluate_served(CLIENT_FLAGS.config(args, model=args.model), read_pairs(args.data), args.as_template)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

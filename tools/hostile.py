@@ -7,11 +7,13 @@ sets (messages, bos_token, add_generation_prompt, ...), a conversation without a
 assistant-only one. `run_campaign()` scatters good conversations among them in requests of mixed sizes and checks
 what must hold: every row gets exactly the answer it gets when sent alone (good rows their score, hostile rows their
 per-row error or, where still a valid conversation, their score), no request fails as a whole, the server stays ready;
-it reports the server's resident memory before and after.
+it reports the server's resident memory before and after. The server is reached as the client flags say (TLS,
+headers, compression, the request deadline), with no retries: a request failing is what the campaign counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -21,9 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from templar import contract, wire
+from templar.client_options import CONNECTION, ClientFlags
+from templar.reward_client import RewardClientConfig
 from templar.samples import sample_conversations
 
 GOOD_SHARE = 1 / 3
+# how to reach the server; the campaign plans its own request sizes. A long deadline: rows of a megabyte each
+CLIENT_DEFAULTS = RewardClientConfig(request_timeout_s=300.0)
+CLIENT_FLAGS = ClientFlags(fields=CONNECTION, defaults=CLIENT_DEFAULTS,
+                           helps={"endpoints": "the server's gRPC endpoint, host:port (the one the campaign checks)"})
 
 
 @dataclass(frozen=True)
@@ -160,15 +168,17 @@ class CampaignReport:
         return self.requests_failed == 0 and self.rows_mismatched == 0 and self.server_ready_after
 
 
-def _infer(client, model: str, rows: Sequence[Row], timeout_s: float) -> list[Answer]:
-    result = wire.decode_entry(client.infer(model, wire.conversation_inputs([r.data for r in rows]),
-                                            outputs=wire.requested_outputs(), client_timeout=timeout_s))
+def _infer(client, options: RewardClientConfig, rows: Sequence[Row]) -> list[Answer]:
+    result = wire.decode_entry(client.infer(options.model, wire.conversation_inputs([r.data for r in rows]),
+                                            outputs=wire.requested_outputs(), client_timeout=options.request_timeout_s,
+                                            headers=options.headers or None,
+                                            compression_algorithm=options.compression))
     return [(status, float(score)) for status, score in zip(result.status, result.scores)]
 
 
-def answers_alone(client, model: str, rows: Sequence[Row], timeout_s: float = 120) -> dict[bytes, Answer]:
+def answers_alone(client, options: RewardClientConfig, rows: Sequence[Row]) -> dict[bytes, Answer]:
     """Each distinct row's answer when it is the only row of its request: the reference."""
-    return {row.data: _infer(client, model, [row], timeout_s)[0] for row in rows}
+    return {row.data: _infer(client, options, [row])[0] for row in rows}
 
 
 def plan_requests(good: Sequence[Row], hostile: Sequence[Row], total_rows: int, rng: random.Random, *,
@@ -214,23 +224,22 @@ def _check(report: CampaignReport, rows: Sequence[Row], got: Sequence[Answer], a
             report.hostile_refused += not contract.is_ok(status)
 
 
-def run_campaign(url: str, model: str, *, total_rows: int = 10_000, seed: int = 0, concurrency: int = 4,
-                 control_tokens: Sequence[str] = (), rss_mib=None, timeout_s: float = 300,
-                 progress=lambda _: None) -> CampaignReport:
-    """The campaign (module docstring). `rss_mib`: a function giving the server's resident memory, if known."""
+def run_campaign(options: RewardClientConfig, *, total_rows: int = 10_000, seed: int = 0, concurrency: int = 4,
+                 control_tokens: Sequence[str] = (), rss_mib=None, progress=lambda _: None) -> CampaignReport:
+    """The campaign (module docstring) against `options.model` at its first endpoint. `rss_mib`: a function giving
+    the server's resident memory, if known."""
     import concurrent.futures
 
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url, channel_args=wire.channel_args())
+    options = dataclasses.replace(options).check("templar hostile")
+    client = wire.sync_client(options.endpoints[0], tls=options.tls_settings())
     good, hostile = good_rows(), hostile_rows(control_tokens)
-    alone = answers_alone(client, model, good + hostile)
+    alone = answers_alone(client, options, good + hostile)
     report = CampaignReport(hostile_kinds=len(hostile))
     report.rss_mib_before = rss_mib() if rss_mib else None
     requests = plan_requests(good, hostile, total_rows, random.Random(seed))
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        futures = {pool.submit(_infer, client, model, rows, timeout_s): rows for rows in requests}
+        futures = {pool.submit(_infer, client, options, rows): rows for rows in requests}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             rows = futures[future]
             bucket = _size_bucket(len(rows))
@@ -247,7 +256,9 @@ def run_campaign(url: str, model: str, *, total_rows: int = 10_000, seed: int = 
                 progress(f"{done}/{len(requests)} requests, {report.rows} rows")
     report.seconds = time.perf_counter() - started
     report.hostile_rows = report.rows - report.good_rows
-    report.server_ready_after = client.is_server_ready() and client.is_model_ready(model)
+    headers = options.headers or None
+    report.server_ready_after = client.is_server_ready(headers=headers) and \
+        client.is_model_ready(options.model, headers=headers)
     report.rss_mib_after = rss_mib() if rss_mib else None
     return report
 
@@ -262,7 +273,6 @@ def process_tree_rss_mib(pid: int) -> float:
 
 # -- CLI --------------------------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--url", default=wire.DEFAULT_URL, help="gRPC endpoint (default: %(default)s)")
     parser.add_argument("--model", required=True, help="reward model name")
     parser.add_argument("--rows", type=int, default=10_000, help="rows in all (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
@@ -271,12 +281,14 @@ def add_arguments(parser) -> None:
                         help="the RM family's control-token strings, comma-separated (default: Llama-3's)")
     parser.add_argument("--server-pid", type=int, help="tritonserver's pid, to report its resident memory")
     parser.add_argument("--out", type=Path, help="JSON report")
+    CLIENT_FLAGS.add(parser)
 
 
 def main(args) -> int:
     rss = (lambda: process_tree_rss_mib(args.server_pid)) if args.server_pid else None
-    report = run_campaign(args.url, args.model, total_rows=args.rows, seed=args.seed, concurrency=args.concurrency,
-                          control_tokens=[t for t in args.control_tokens.split(",") if t], rss_mib=rss,
+    report = run_campaign(CLIENT_FLAGS.config(args, model=args.model), total_rows=args.rows, seed=args.seed,
+                          concurrency=args.concurrency, rss_mib=rss,
+                          control_tokens=[t for t in args.control_tokens.split(",") if t],
                           progress=lambda m: print(m, file=sys.stderr, flush=True))
     text = json.dumps({**asdict(report), "holds": report.holds}, indent=2)
     print(text)

@@ -4,7 +4,9 @@ For each concurrency level, `concurrency` workers send requests of `batch` conve
 for its answer before sending the next, like the trainer's reward client with `max_in_flight` requests), from a
 realistic mix of lengths (tools/workload.py) or a JSONL file. A level stops by itself after `--duration` seconds or
 `--requests` requests; requests still in flight then get at most their deadline (`--timeout`) to finish, so a level
-never runs longer than duration + timeout. Reported per level: conversations/s and requests/s, latency p50/p95/p99,
+never runs longer than duration + timeout. The server is reached as the reward client's options say (one endpoint,
+TLS, headers, compression, the request deadline: templar.client_options), with no retries: a failure is what is
+measured. Reported per level: conversations/s and requests/s, latency p50/p95/p99,
 request errors by gRPC code, rows the server answered with an error status, and (for Templar RMs) the server's
 preprocessing share and padding waste. Results: a JSON report and a PNG plot (throughput and p99 vs concurrency).
 """
@@ -21,6 +23,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,31 +31,51 @@ from typing import Any
 import numpy as np
 
 from templar import contract, wire
+from templar.client_options import CONNECTION, ClientFlags
 from templar.conversation import conversation_rows
 from templar.errors import LoadTestError
+from templar.reward_client import RewardClientConfig
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS
 from templar.tools.workload import conversation_mix, invalid_rows, read_rows
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
+# a level waits at most duration + the request deadline: a shorter deadline than the reward client's
+CLIENT_DEFAULTS = RewardClientConfig(request_timeout_s=60.0)
+# the options that say how to reach the server, and the request size; --batch and --timeout are their older names
+CLIENT_FLAGS = ClientFlags(fields=(*CONNECTION, "rows_per_request"), defaults=CLIENT_DEFAULTS,
+                           aliases={"rows_per_request": ("--batch",), "request_timeout_s": ("--timeout",)},
+                           helps={"endpoints": "the server's gRPC endpoint, host:port (one: a load test measures one "
+                                  "server)"})
 
 
 @dataclass
 class LoadTestOptions:
-    url: str = wire.DEFAULT_URL  # gRPC host:port
-    model: str = ""  # the RM's name in Triton
+    # the RM (`model`) and how to reach its server: one endpoint, `rows_per_request` conversations per request,
+    # `request_timeout_s` the deadline of one request, TLS, headers, compression (retries and balancing: not used)
+    client: RewardClientConfig = field(default_factory=lambda: dataclasses.replace(CLIENT_DEFAULTS))
     concurrency: list[int] = field(default_factory=lambda: list(DEFAULT_CONCURRENCY))
     duration_s: float | None = 10.0  # per level; None with `requests` set: stop by count only
     requests: int | None = None  # per level: stop after this many requests
-    batch: int = 32  # conversations per request (the reward client's rows_per_request)
     data: Path | None = None  # JSONL conversations; default: the built-in mix
     conversations: int = 512  # size of the built-in mix (distinct conversations cycled through)
-    timeout_s: float = 60.0  # deadline of one request
     warmup_requests: int = 2  # per level, not measured (first-call costs, connection set-up)
     out: Path = Path("loadtest.json")
     plot: Path | None = None  # default: `out` with .png
     metrics_url: str | None = None  # Triton metrics endpoint (http://host:8002/metrics) for padding waste
     seed: int = 0
     quiet: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.client.endpoints[0]
+
+    @property
+    def model(self) -> str:
+        return self.client.model
+
+    @property
+    def batch(self) -> int:
+        return self.client.rows_per_request
 
 
 @dataclass
@@ -95,30 +118,38 @@ def make_payloads(rows: Sequence[Any], batch: int) -> list[np.ndarray]:
     return [contract.encode_strings(encoded[i : i + batch]) for i in range(0, len(encoded), batch)]
 
 
-def grpc_client(url: str):
-    """No fast reconnect: a load test reports a dead server, it does not wait for it."""
-    return wire.aio_client(url, fast_reconnect=False)
+def grpc_client(options: RewardClientConfig) -> wire.GrpcTransport:
+    """The one endpoint of `options`, over TLS when they say so. No fast reconnect: a load test reports a dead
+    server, it does not wait for it."""
+    if len(options.endpoints) != 1:
+        raise LoadTestError(f"a load test measures one server: give one --url, got {', '.join(options.endpoints)}")
+    return wire.GrpcTransport(options.endpoints[0], tls=options.tls_settings(), fast_reconnect=False)
 
 
-async def send(client, model: str, payload: np.ndarray, index: int, timeout_s: float) -> RequestOutcome:
-    """One request; never raises for a server or transport error (it becomes the outcome's code)."""
+async def send(client: wire.GrpcTransport, options: RewardClientConfig, payload: np.ndarray,
+               index: int) -> RequestOutcome:
+    """One request (deadline, headers and compression from `options`); never raises for a server or transport
+    error (it becomes the outcome's code)."""
     started = time.perf_counter()
     try:
-        result = await client.infer(model, wire.conversation_inputs(payload), outputs=wire.requested_outputs(),
-                                    client_timeout=timeout_s)
+        answer = await client.infer(options.model, payload, outputs=contract.ENTRY_OUTPUTS,
+                                    timeout_s=options.request_timeout_s, headers=options.headers,
+                                    compression=options.compression)
     except Exception as exc:  # noqa: BLE001 - classified by gRPC code
         return RequestOutcome(index, time.perf_counter() - started, wire.status_code(exc), wire.error_message(exc))
     latency = time.perf_counter() - started
-    decoded = wire.decode_entry(result)
+    decoded = wire.decode_entry(answer)
     return RequestOutcome(index, latency, "OK", scores=decoded.scores, status=decoded.status,
                           num_tokens=decoded.num_tokens)
 
 
-async def drive(client, model: str, payloads: Sequence[np.ndarray], concurrency: int, *, timeout_s: float,
-                duration_s: float | None = None, max_requests: int | None = None, cycle: bool = True,
-                progress: Callable[[int, float], None] | None = None) -> tuple[list[RequestOutcome], float]:
-    """`concurrency` workers send payloads (in order, cycling when `cycle`) until `duration_s` has passed or
-    `max_requests` were sent (without `cycle`: each payload once). Returns the outcomes and the wall time."""
+async def drive(client: wire.GrpcTransport, options: RewardClientConfig, payloads: Sequence[np.ndarray],
+                concurrency: int, *, duration_s: float | None = None, max_requests: int | None = None,
+                cycle: bool = True, progress: Callable[[int, float], None] | None = None,
+                ) -> tuple[list[RequestOutcome], float]:
+    """`concurrency` workers send payloads to `options.model` (in order, cycling when `cycle`) until `duration_s`
+    has passed or `max_requests` were sent (without `cycle`: each payload once). Returns the outcomes and the wall
+    time."""
     if not payloads:
         raise LoadTestError("no requests to send")
     limit = max_requests if max_requests is not None else (None if cycle else len(payloads))
@@ -134,7 +165,7 @@ async def drive(client, model: str, payloads: Sequence[np.ndarray], concurrency:
         while time.perf_counter() < stop_at and (limit is None or next_index < limit):
             index = next_index
             next_index += 1
-            outcomes.append(await send(client, model, payloads[index % len(payloads)], index, timeout_s))
+            outcomes.append(await send(client, options, payloads[index % len(payloads)], index))
 
     async def report() -> None:
         while True:
@@ -143,7 +174,7 @@ async def drive(client, model: str, payloads: Sequence[np.ndarray], concurrency:
 
     reporter = asyncio.ensure_future(report()) if progress else None
     try:
-        # every request carries its own deadline, so the gather ends by stop_at + timeout_s at the latest
+        # every request carries its own deadline, so the gather ends by stop_at + request_timeout_s at the latest
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
         if reporter:
@@ -152,12 +183,13 @@ async def drive(client, model: str, payloads: Sequence[np.ndarray], concurrency:
 
 
 # -- server-side figures ------------------------------------------------------------------------------------------
-async def model_stats(client, names: Sequence[str]) -> dict[str, dict[str, int]]:
+async def model_stats(client: wire.GrpcTransport, names: Sequence[str],
+                      headers: dict[str, str] | None = None) -> dict[str, dict[str, int]]:
     """Cumulative Triton statistics per model (execution/inference counts and time in ns); {} for unknown models."""
     out = {}
     for name in names:
         try:
-            stats = (await client.get_inference_statistics(name, as_json=True))["model_stats"]
+            stats = (await client.statistics(name, headers=headers))["model_stats"]
         except Exception:  # noqa: BLE001 - not a Templar RM, or no such model: no server-side figures
             continue
         if not stats:
@@ -196,15 +228,17 @@ class ServerSnapshot:
     counters: dict[str, float]  # the entry model's token counters (padding waste)
 
 
-async def snapshot(client, model: str, metrics_url: str | None, settle_s: float = 2.0) -> ServerSnapshot:
+async def snapshot(client: wire.GrpcTransport, options: RewardClientConfig, metrics_url: str | None,
+                   settle_s: float = 2.0) -> ServerSnapshot:
     """Triton's statistics and the token counters. A model's statistics are recorded when its execute() returns,
     which can be just after the client got its answer: wait (up to `settle_s`) until two reads agree."""
+    model = options.model
     names = (model, contract.preprocess_model_name(model), contract.scoring_model_name(model))
-    stats = await model_stats(client, names)
+    stats = await model_stats(client, names, options.headers)
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-        again = await model_stats(client, names)
+        again = await model_stats(client, names, options.headers)
         if again == stats:
             break
         stats = again
@@ -270,16 +304,16 @@ def summarise(concurrency: int, outcomes: Sequence[RequestOutcome], wall_s: floa
 async def run_level(client, opts: LoadTestOptions, payloads: Sequence[np.ndarray], concurrency: int,
                     log: Callable[[str], None]) -> LevelResult:
     if opts.warmup_requests:
-        await drive(client, opts.model, payloads, min(concurrency, opts.warmup_requests), timeout_s=opts.timeout_s,
+        await drive(client, opts.client, payloads, min(concurrency, opts.warmup_requests),
                     max_requests=opts.warmup_requests)
-    before = await snapshot(client, opts.model, opts.metrics_url)
+    before = await snapshot(client, opts.client, opts.metrics_url)
 
     def progress(done: int, elapsed: float) -> None:
         log(f"  concurrency {concurrency:>3}: {elapsed:5.1f}s  {done} requests")
 
-    outcomes, wall = await drive(client, opts.model, payloads, concurrency, timeout_s=opts.timeout_s,
-                                 duration_s=opts.duration_s, max_requests=opts.requests, progress=progress)
-    after = await snapshot(client, opts.model, opts.metrics_url)
+    outcomes, wall = await drive(client, opts.client, payloads, concurrency, duration_s=opts.duration_s,
+                                 max_requests=opts.requests, progress=progress)
+    after = await snapshot(client, opts.client, opts.metrics_url)
     result = summarise(concurrency, outcomes, wall)
     result.server = server_figures(opts.model, before, after, wall)
     return result
@@ -301,6 +335,25 @@ def machine_info() -> dict[str, Any]:
             "load_average_1m": os.getloadavg()[0]}
 
 
+async def check_server(client: wire.GrpcTransport, options: RewardClientConfig, log: Callable[[str], None]) -> None:
+    """The server is live (a LoadTestError otherwise, within connect_timeout_s); a model that is not ready is only
+    warned about (its requests fail, and are counted by code)."""
+    url, wait = client.url, options.connect_timeout_s
+    try:
+        live = await client.server_live(timeout_s=wait, headers=options.headers)
+    except Exception as exc:  # noqa: BLE001
+        raise LoadTestError(f"no Triton server answers at {url}: {wire.status_code(exc)}: "
+                            f"{wire.error_message(exc)[:200]}") from None
+    if not live:
+        raise LoadTestError(f"the server at {url} is not live")
+    try:
+        ready = await client.model_ready(options.model, timeout_s=wait, headers=options.headers)
+    except Exception:  # noqa: BLE001
+        ready = False
+    if not ready:
+        log(f"warning: model {options.model!r} is not ready on {url}; its requests will fail (counted by code)")
+
+
 async def run_async(opts: LoadTestOptions, log: Callable[[str], None]) -> dict[str, Any]:
     if not opts.model:
         raise LoadTestError("--model is required")
@@ -318,20 +371,9 @@ async def run_async(opts: LoadTestOptions, log: Callable[[str], None]) -> dict[s
             log(f"warning: {len(problems)} of {len(rows)} rows in {opts.data} are not valid conversations (e.g. row "
                 f"{index}: {problem}); the server will answer them with error statuses")
     payloads = make_payloads(rows, opts.batch)
-    client = grpc_client(opts.url)
+    client = grpc_client(opts.client)
     try:
-        try:
-            live = await client.is_server_live(client_timeout=10)
-        except Exception as exc:  # noqa: BLE001
-            raise LoadTestError(f"no Triton server answers at {opts.url}: {wire.status_code(exc)}") from None
-        if not live:
-            raise LoadTestError(f"the server at {opts.url} is not live")
-        try:
-            ready = await client.is_model_ready(opts.model, client_timeout=10)
-        except Exception:  # noqa: BLE001
-            ready = False
-        if not ready:
-            log(f"warning: model {opts.model!r} is not ready on {opts.url}; its requests will fail (counted by code)")
+        await check_server(client, opts.client, log)
         levels = []
         for concurrency in opts.concurrency:
             level = await run_level(client, opts, payloads, concurrency, log)
@@ -344,8 +386,8 @@ async def run_async(opts: LoadTestOptions, log: Callable[[str], None]) -> dict[s
     finally:
         await client.close()
     return {
-        "tool": "templar loadtest", "url": opts.url, "model": opts.model, "batch": opts.batch,
-        "duration_s": opts.duration_s, "requests_per_level": opts.requests, "timeout_s": opts.timeout_s,
+        "tool": "templar loadtest", "url": opts.url, "model": opts.model, "batch": opts.batch, "tls": opts.client.tls,
+        "duration_s": opts.duration_s, "requests_per_level": opts.requests, "timeout_s": opts.client.request_timeout_s,
         "workload": {"source": str(opts.data) if opts.data else "built-in mix (tools/workload.py)",
                      "distinct_conversations": len(rows), "seed": opts.seed},
         "machine": machine_info(), "levels": [asdict(level) for level in levels],
@@ -405,7 +447,6 @@ def parse_levels(text: str) -> list[int]:
 
 def add_arguments(parser) -> None:
     d = LoadTestOptions
-    parser.add_argument("--url", default=d.url, help="gRPC endpoint host:port (default: %(default)s)")
     parser.add_argument("--model", required=True, help="reward model name")
     parser.add_argument("--concurrency", type=parse_levels, default=list(DEFAULT_CONCURRENCY),
                         help="comma-separated concurrency levels, requests in flight (default: "
@@ -414,12 +455,9 @@ def add_arguments(parser) -> None:
     stop.add_argument("--duration", type=float, help=f"seconds per level ({d.duration_s:g} when neither this nor "
                       "--requests)")
     stop.add_argument("--requests", type=int, help="requests per level")
-    parser.add_argument("--batch", type=int, default=d.batch, help="conversations per request (default: %(default)s)")
     parser.add_argument("--data", type=Path, help='JSONL conversations {"messages": [...]} (default: built-in mix)')
     parser.add_argument("--conversations", type=int, default=d.conversations,
                         help="size of the built-in mix (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=d.timeout_s,
-                        help="deadline of one request in seconds (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=d.warmup_requests,
                         help="unmeasured requests before each level (default: %(default)s)")
     parser.add_argument("--metrics-url", help="Triton metrics endpoint, e.g. http://127.0.0.1:8002/metrics "
@@ -427,16 +465,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=d.out, help="JSON report, plot beside it (default: %(default)s)")
     parser.add_argument("--plot", type=Path, help="PNG plot (default: the report's name with .png)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the built-in mix (default: %(default)s)")
+    CLIENT_FLAGS.add(parser)
 
 
 def main(args) -> int:
     opts = LoadTestOptions(
-        url=args.url, model=args.model, concurrency=args.concurrency,
+        client=CLIENT_FLAGS.config(args, model=args.model), concurrency=args.concurrency,
         duration_s=args.duration if args.duration is not None else (None if args.requests else
                                                                      LoadTestOptions.duration_s),
-        requests=args.requests, batch=args.batch, data=args.data, conversations=args.conversations,
-        timeout_s=args.timeout, warmup_requests=args.warmup, out=args.out, plot=args.plot,
-        metrics_url=args.metrics_url, seed=args.seed)
+        requests=args.requests, data=args.data, conversations=args.conversations, warmup_requests=args.warmup,
+        out=args.out, plot=args.plot, metrics_url=args.metrics_url, seed=args.seed)
     report = run(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({level["concurrency"]: {k: level[k] for k in ("conversations_per_s", "requests_per_s",
                                                                     "errors", "row_errors")}

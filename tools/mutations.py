@@ -199,12 +199,12 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("losses-average-unscored-micro-batches", "trainer/train.py",
       'stats["scored"] = (mask[idx].sum() > 0).float()', 'stats["scored"] = torch.tensor(1.0)',
       wiring("test_a_micro_batch_without_a_scored_token_is_not_averaged_into_the_logged_losses")),
-    # -- rewards: the trainer's combination and the client's validity -----------------------------------------------
+    # -- rewards: the one combination (the ensemble's) and the trainer's extras (normalisation, unfinished penalty) ---
     M("unfinished-penalty-sign", "trainer/rewards.py",
       "combined -= self.config.unfinished_penalty * (~ended)", "combined += self.config.unfinished_penalty * (~ended)",
       wiring("test_rewards_combine_weights_normalisation_and_the_unfinished_penalty")),
-    M("rm-weight-ignored", "trainer/rewards.py",
-      "combined += rm.weight * scores", "combined += scores",
+    M("rm-weight-ignored", "templar/reward_ensemble.py",
+      "combined += model.weight * scores", "combined += scores",
       wiring("test_rewards_combine_weights_normalisation_and_the_unfinished_penalty")),
     M("normaliser-sees-failed-rows", "trainer/rewards.py",
       "good = scores[valid]", "good = scores",

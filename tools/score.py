@@ -6,23 +6,24 @@ import json
 import sys
 from pathlib import Path
 
-from templar.reward_client import RewardClient, RewardClientConfig
-from templar.wire import DEFAULT_URL
+from templar.client_options import ClientFlags
+from templar.reward_client import RewardClient
 from templar.tools.workload import load_conversations
+
+CLIENT_FLAGS = ClientFlags()  # every option of the reward client: --url, --tls ..., --max-attempts, ...
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help="gRPC endpoint(s), comma-separated (default: %(default)s)")
     parser.add_argument("--model", required=True, help="reward model name")
     parser.add_argument("--data", required=True, type=Path, help='JSONL, one {"messages": [...]} per line')
     parser.add_argument("--out", type=Path, help="write results as JSONL here")
     parser.add_argument("--show-text", action="store_true", help="also print the text the RM's template rendered")
+    CLIENT_FLAGS.add(parser)
 
 
 def main(args) -> int:
     rows = load_conversations(args.data)  # checked before connecting: a bad file names its line
-    config = RewardClientConfig(model=args.model, endpoints=args.url.split(","))
-    with RewardClient(config) as client:
+    with RewardClient(CLIENT_FLAGS.config(args, model=args.model)) as client:
         result = client.score(rows)
         texts = client.rendered_text(rows) if args.show_text else None
     out = open(args.out, "w", encoding="utf-8") if args.out else None

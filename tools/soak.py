@@ -1,6 +1,7 @@
 """`templar soak`: a long load test at one concurrency, reported per window (a benchmark, not a unit test).
 
-It starts the embedded server on `--repo` (or uses `--url`, with `--server-pid` for the memory figures), then
+It starts the embedded server on `--repo` (or uses `--url`, reached as the client flags say, TLS included, with
+`--server-pid` for the memory figures), then
 `concurrency` workers send requests back to back (templar.tools.loadtest.drive) in windows of `--window` seconds,
 back to back, for `--duration` seconds. Per window: requests, errors by gRPC code, p50/p99 latency, conversations/s,
 and the server's resident memory and open file descriptors (tritonserver and its Python-backend stubs). At the end:
@@ -14,31 +15,40 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from templar.client_options import CONNECTION, ClientFlags
+from templar.errors import ConfigError
+from templar.reward_client import RewardClientConfig
 from templar.server.embedded import EmbeddedTriton
 from templar.server.ports import free_server_ports
-from templar.errors import ConfigError
 from templar.tools.loadtest import drive, grpc_client, machine_info, make_payloads, summarise
 from templar.tools.workload import conversation_mix
+
+# no endpoint by default: the embedded server soak starts; otherwise as `templar loadtest` reaches a server
+CLIENT_DEFAULTS = RewardClientConfig(endpoints=[], request_timeout_s=60.0)
+CLIENT_FLAGS = ClientFlags(fields=(*CONNECTION, "rows_per_request"), defaults=CLIENT_DEFAULTS,
+                           aliases={"rows_per_request": ("--batch",), "request_timeout_s": ("--timeout",)},
+                           helps={"endpoints": "soak a running server instead (default: start the embedded one on "
+                                  "--repo)"})
 
 
 @dataclass
 class SoakOptions:
-    model: str = ""
-    repo: Path | None = None  # start the embedded server on this repository (default when no url is given)
-    url: str | None = None  # or soak a running server
+    # the RM (`model`), and the running server to soak (one endpoint, TLS, headers, ...; `rows_per_request`
+    # conversations per request, `request_timeout_s` each one's deadline); no endpoint: start the embedded one
+    client: RewardClientConfig = field(default_factory=lambda: dataclasses.replace(CLIENT_DEFAULTS))
+    repo: Path | None = None  # start the embedded server on this repository (default when no endpoint is given)
     server_pid: int | None = None  # its tritonserver pid (memory and descriptor figures)
-    duration_s: float = 600.0
-    window_s: float = 60.0
-    concurrency: int = 32
-    batch: int = 32
-    timeout_s: float = 60.0
-    out: Path = Path("soak.json")
+    duration_s: float = 600.0  # seconds in all
+    window_s: float = 60.0  # seconds per window
+    concurrency: int = 32  # requests in flight
+    out: Path = Path("soak.json")  # the JSON report; the plot beside it
 
 
 def process_tree(pid: int) -> tuple[float, int]:
@@ -64,17 +74,17 @@ def slope_per_minute(minutes: list[float], values: list[float]) -> float | None:
     return float(np.polyfit(np.asarray(minutes), np.asarray(values, dtype=float), 1)[0])
 
 
-async def soak_windows(url: str, opts: SoakOptions, pid: int | None, log: Callable[[str], None]) -> list[dict]:
-    client = grpc_client(url)
-    payloads = make_payloads(conversation_mix(512, seed=0), opts.batch)
+async def soak_windows(options: RewardClientConfig, opts: SoakOptions, pid: int | None,
+                       log: Callable[[str], None]) -> list[dict]:
+    client = grpc_client(options)
+    payloads = make_payloads(conversation_mix(512, seed=0), options.rows_per_request)
     windows: list[dict[str, Any]] = []
     elapsed = 0.0
     try:
-        await drive(client, opts.model, payloads, opts.concurrency, timeout_s=opts.timeout_s, max_requests=4)
+        await drive(client, options, payloads, opts.concurrency, max_requests=4)
         while elapsed < opts.duration_s - 1e-6:
             span = min(opts.window_s, opts.duration_s - elapsed)
-            outcomes, wall = await drive(client, opts.model, payloads, opts.concurrency, timeout_s=opts.timeout_s,
-                                         duration_s=span)
+            outcomes, wall = await drive(client, options, payloads, opts.concurrency, duration_s=span)
             elapsed += wall
             level = summarise(opts.concurrency, outcomes, wall)
             rss, fds = process_tree(pid) if pid else (None, None)
@@ -121,7 +131,7 @@ def plot(report: dict, path: Path) -> None:
     axes[2].plot(minutes, [w["open_fds"] for w in windows], "o-")
     axes[2].set(xlabel="minute", ylabel="descriptors", title="server open file descriptors")
     s = report["summary"]
-    fig.suptitle(f"soak: {report['options']['model']}, concurrency {report['options']['concurrency']}, "
+    fig.suptitle(f"soak: {report['options']['client']['model']}, concurrency {report['options']['concurrency']}, "
                  f"{s['requests']} requests, {s['errors']} errors")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -131,17 +141,21 @@ def plot(report: dict, path: Path) -> None:
 def run(opts: SoakOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     if opts.window_s <= 0 or opts.duration_s <= 0:
         raise ConfigError("--duration and --window must be positive")
+    if not opts.client.endpoints and opts.client.tls:
+        raise ConfigError("--tls needs --url: the embedded server soak starts speaks plaintext on loopback")
     server = None
-    if opts.url is None:
+    if not opts.client.endpoints:
         server = EmbeddedTriton(opts.repo or Path("model_repository"), **free_server_ports()).start(progress=log)
     try:
-        url = opts.url or server.grpc_url
+        options = opts.client if server is None else dataclasses.replace(opts.client, endpoints=[server.grpc_url])
         pid = opts.server_pid or (server.process.pid if server else None)
-        windows = asyncio.run(soak_windows(url, opts, pid, log))
+        windows = asyncio.run(soak_windows(options, opts, pid, log))
     finally:
         if server is not None:
             server.stop()
-    report = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+    shown = asdict(opts)
+    shown["client"]["headers"] = sorted(opts.client.headers)  # their names: a header may carry a secret
+    report = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in shown.items()},
               "machine": machine_info(), "windows": windows, "summary": summarise_soak(windows)}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -155,19 +169,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="reward model name")
     parser.add_argument("--repo", type=Path, help="start the embedded server on this repository "
                         "(default: model_repository, when no --url is given)")
-    parser.add_argument("--url", help="soak a running server instead (gRPC host:port)")
     parser.add_argument("--server-pid", type=int, help="with --url: tritonserver's pid, for memory and descriptors")
     parser.add_argument("--duration", type=float, default=d.duration_s, help="seconds in all (default: %(default)s)")
     parser.add_argument("--window", type=float, default=d.window_s, help="seconds per window (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=d.concurrency, help="(default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=d.batch, help="conversations per request (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=d.timeout_s, help="request deadline (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=d.concurrency,
+                        help="requests in flight (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=d.out, help="JSON report, plot beside it (default: %(default)s)")
+    CLIENT_FLAGS.add(parser)
 
 
 def main(args) -> int:
-    opts = SoakOptions(model=args.model, repo=args.repo, url=args.url, server_pid=args.server_pid,
-                       duration_s=args.duration, window_s=args.window, concurrency=args.concurrency,
-                       batch=args.batch, timeout_s=args.timeout, out=args.out)
+    opts = SoakOptions(client=CLIENT_FLAGS.config(args, model=args.model), repo=args.repo,
+                       server_pid=args.server_pid, duration_s=args.duration, window_s=args.window,
+                       concurrency=args.concurrency, out=args.out)
     report = run(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0 if report["summary"]["errors"] == 0 else 1

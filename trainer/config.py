@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from templar import wire
 from templar.errors import ConfigError
+from templar.reward_client import RewardClientConfig
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "load_dataclass", "to_dict"]  # ConfigError: re-exported
 T = TypeVar("T")
@@ -60,8 +62,26 @@ class RewardModelConfig:
 
 
 @dataclass
+class TrainerClientConfig(RewardClientConfig):
+    """The reward client's options (templar.reward_client.RewardClientConfig: the same keys, meanings and checks as
+    every command's client flags) with the trainer's own defaults below. Each RM's name comes from reward.models and
+    the endpoints from reward.url, so `model`, `endpoints` and `expected_fingerprints` are not set here."""
+
+    model: str = ""  # not set here: each RM's name is reward.models.N.name
+    endpoints: list[str] = field(default_factory=list)  # not set here: the trainer's endpoints are reward.url
+    rows_per_request: int = 16  # conversations per gRPC request: a rollout batch goes out as several requests
+    max_in_flight: int = 4  # concurrent requests per RM over all endpoints
+    # attempts per request, with backoff (~20 s in all at 10): enough to wait out a restart of the embedded server
+    # (7-9 s measured); a row that still fails is masked out of the update and counted in failed_rows
+    max_attempts: int = 10
+    expected_fingerprints: dict[str, str] = field(default_factory=dict)  # not set here: each RM has its own
+
+
+@dataclass
 class RewardConfig:
-    url: str | None = None  # "host:port[,host:port...]" of a running Triton; None = embedded server, started here
+    # "host:port[,host:port...]" of running Tritons, or "dns:///name:port" for every replica behind a name (looked up
+    # again every reward.client.dns_refresh_s); None = embedded server, started here
+    url: str | None = None
     repo: str = "model_repository"  # embedded: the repository to export into and serve
     models: list[RewardModelConfig] = field(default_factory=list)
     unfinished_penalty: float = 1.0  # subtracted from the score of a response that never produced EOS
@@ -69,16 +89,23 @@ class RewardConfig:
     # response rendered once with the ACTOR's template and sent as text, as single-template frameworks do; only to
     # measure what that costs)
     rm_input: str = "messages"
-    rows_per_request: int = 16
-    max_in_flight: int = 4
-    request_timeout_s: float = 120.0
-    # attempts per request, with backoff (~20 s in all at 10): enough to wait out a restart of the embedded server
-    # (7-9 s measured); a row that still fails is masked out of the update and counted in failed_rows
-    max_attempts: int = 10
-    tls: bool = False  # reward.url over TLS (a server started with `templar serve --tls-cert/--tls-key`)
-    tls_ca: str | None = None  # PEM file of the CA that signed the server's certificate; None = the system's roots
-    tls_cert: str | None = None  # this client's certificate, for a server that demands one (mutual TLS)
-    tls_key: str | None = None  # its private key
+    # how the trainer asks the RMs: TLS, deadlines, retries, request sizes (the reward client's options)
+    client: TrainerClientConfig = field(default_factory=TrainerClientConfig)
+
+    def validate(self) -> None:
+        """reward.url parses; reward.client holds only what the trainer takes, and usable values."""
+        if self.url is not None:
+            wire.parse_endpoints(self.url, "reward.url")
+        set_elsewhere = {"model": "each RM's name is reward.models.N.name",
+                         "endpoints": "the trainer's endpoints are reward.url",
+                         "expected_fingerprints": "each RM has its own (the run logs them in reward_models.json)"}
+        for key, why in set_elsewhere.items():
+            if getattr(self.client, key):
+                raise ConfigError(f"reward.client.{key} is not set in the trainer's config: {why}")
+        if self.client.tls and not self.url:
+            raise ConfigError("reward.client.tls needs reward.url: the embedded server the trainer starts when "
+                              "reward.url is unset speaks plaintext on loopback")
+        self.client.check("reward.client", target=False)
 
 
 RM_INPUTS = ("messages", "actor_text")
@@ -153,6 +180,7 @@ class TrainConfig:
             raise ConfigError("generation.temperature must be > 0")
         if self.reward.rm_input not in RM_INPUTS:
             raise ConfigError(f"reward.rm_input must be one of {', '.join(RM_INPUTS)}; got {self.reward.rm_input!r}")
+        self.reward.validate()
         return self
 
     def _validate_estimator(self) -> None:
@@ -187,12 +215,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
         kwargs = {}
         for key, value in data.items():
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(names)}"
-                raise ConfigError(f"unknown key {where + '.' if where else ''}{key}{hint}")
+                raise ConfigError(_unknown_key(cls, hints, key, where))
             kwargs[key] = _build(hints[key], value, f"{where}.{key}" if where else key)
         return cls(**kwargs)
     origin = typing.get_origin(cls)
+    if origin is dict:
+        _, value_type = typing.get_args(cls)
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise ConfigError(f"{where} must be a mapping of names to values, got {data!r}")
+        return {k: _build(value_type, v, f"{where}.{k}") for k, v in data.items()}
     if origin is list:
         (item,) = typing.get_args(cls)
         if not isinstance(data, list):
@@ -215,6 +246,20 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if cls in (int, float, str, bool) and not (isinstance(data, cls) and not (cls is int and isinstance(data, bool))):
         raise ConfigError(f"{where} must be {cls.__name__}, got {data!r}")
     return data
+
+
+def _unknown_key(cls: type, hints: dict[str, Any], key: str, where: str) -> str:
+    """The error of a key `cls` does not have: where it went when a section below holds it (the reward client's
+    options moved from reward.* to reward.client.*), else the closest name, else every name."""
+    prefix = f"{where}." if where else ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    holders = [name for name in names if dataclasses.is_dataclass(hints[name])
+               and key in {f.name for f in dataclasses.fields(hints[name])}]
+    if holders:
+        return f"unknown key {prefix}{key}: it sits under {prefix}{holders[0]} now; set {prefix}{holders[0]}.{key}"
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(names)}"
+    return f"unknown key {prefix}{key}{hint}"
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from templar import wire
 from templar.server.embedded import EmbeddedTriton
 from templar.server.ports import free_server_ports
 from templar.errors import ConfigError
@@ -54,7 +55,7 @@ def reward_endpoints(config: TrainConfig, world: World, output_dir: Path) -> Ite
     """reward.url if set; otherwise rank 0 exports the RMs, starts the embedded Triton and stops it at the end.
     An error on rank 0 reaches every rank (raised there too), so none waits forever."""
     if config.reward.url:
-        yield [u.strip() for u in config.reward.url.split(",")]
+        yield wire.parse_endpoints(config.reward.url, "reward.url")
         return
     box: dict[str, SupervisedTriton] = {}
 

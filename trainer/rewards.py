@@ -1,14 +1,16 @@
 """Rewards from several RMs at once, each applying its own template inside Triton.
 
 The trainer builds structured conversations (prompt messages + the response as an assistant turn, never text
-templated for the actor), asks every RM in parallel, and combines: sum(weight * score), with optional per-RM running
-normalisation. A row that any RM could not score after its retries is marked invalid (masked out of the update,
-counted in `failed_rows`, written to OUTPUT_DIR/unscored.rank<r>.jsonl so the rollout is not lost) — never a silent
-zero.
+templated for the actor), asks every RM in parallel, and combines: sum(weight * score) (the ensemble's one
+combination, templar.reward_ensemble), with optional per-RM running normalisation as its per-model transform, less
+the penalty for responses that never ended. A row that any RM could not score after its retries is marked invalid
+(masked out of the update, counted in `failed_rows`, written to OUTPUT_DIR/unscored.rank<r>.jsonl so the rollout is
+not lost) — never a silent zero.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -85,11 +87,8 @@ class RewardModels:
                  allreduce_sum: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> None:
         self.config = config
         self.allreduce_sum = allreduce_sum  # sums normaliser statistics over ranks, so every rank agrees
-        self.ensemble = RewardEnsemble(
-            [WeightedModel(rm.name, rm.weight) for rm in config.models], endpoints,
-            rows_per_request=config.rows_per_request, max_in_flight=config.max_in_flight,
-            request_timeout_s=config.request_timeout_s, max_attempts=config.max_attempts, tls=config.tls,
-            tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key)
+        options = dataclasses.replace(config.client, endpoints=list(endpoints))  # reward.client, at reward.url
+        self.ensemble = RewardEnsemble([WeightedModel(rm.name, rm.weight) for rm in config.models], options)
         self.normalizers = {rm.name: RunningMoments() for rm in config.models if rm.normalize}
         self.versions: dict[str, list[dict]] = {rm.name: [] for rm in config.models}  # [{"version", "from_step"}]
 
@@ -101,20 +100,20 @@ class RewardModels:
 
     def collect(self, pending: dict, ended: np.ndarray) -> RewardBatch:
         results: dict[str, RewardResult] = {name: future.result() for name, future in pending.items()}
-        valid = self.ensemble.combine(results).valid
-        combined = np.zeros(len(ended), dtype=np.float64)
-        for rm in self.config.models:
-            scores = results[rm.name].scores.astype(np.float64)
-            if rm.name in self.normalizers:
-                good = scores[valid]
-                stats = self.allreduce_sum(np.array([len(good), good.sum(), (good**2).sum()], dtype=np.float64))
-                self.normalizers[rm.name].update(*stats)
-                scores = self.normalizers[rm.name].normalize(scores)
-            combined += rm.weight * scores
+        scored = self.ensemble.combine(results, transform=self._normalize)
+        combined = scored.combined  # sum(weight * score), NaN where some RM did not score the row
         combined -= self.config.unfinished_penalty * (~ended)
-        combined[~valid] = np.nan
-        latency = max(r.latency_s for r in results.values())
-        return RewardBatch(combined, valid, results, latency)
+        return RewardBatch(combined, scored.valid, results, scored.latency_s)
+
+    def _normalize(self, name: str, scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """The ensemble's per-model transform: an RM with `normalize` set is scaled by its running mean and std,
+        which see only the rows every RM scored (summed over ranks)."""
+        if name not in self.normalizers:
+            return scores
+        good = scores[valid]
+        stats = self.allreduce_sum(np.array([len(good), good.sum(), (good**2).sum()], dtype=np.float64))
+        self.normalizers[name].update(*stats)
+        return self.normalizers[name].normalize(scores)
 
     def note_versions(self, step: int, batch: RewardBatch) -> dict[str, float]:
         """Record at which step each RM's rewards began coming from a new version (a hot swap); returns the

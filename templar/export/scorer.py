@@ -285,6 +285,10 @@ def choose_score_position(loaded: LoadedRewardModel, choice: str, rows: list[lis
     if choice == "auto" and loaded.classifier is None:
         return ScorePosition("last-token", None, "an OpenRLHF value-head RM: OpenRLHF's reward model reads the "
                              "last attention-mask position")
+    if choice == "auto" and not type(loaded.classifier).__module__.startswith("transformers."):
+        shipped = _shipped_code_position(loaded, rows)
+        if shipped is not None:
+            return shipped
     if pad is None:
         if choice == "last-non-pad":
             raise ExportError("--score-position last-non-pad needs a pad_token_id in the model's config.json")
@@ -302,6 +306,31 @@ def choose_score_position(loaded: LoadedRewardModel, choice: str, rows: list[lis
                          f"({token_name(pad)!r}){why}")
 
 
+def _shipped_code_position(loaded: LoadedRewardModel, rows: list[list[int]]) -> ScorePosition | None:
+    """Model code shipped with the RM (--trust-remote-code) may read its score anywhere: ask its forward. One score
+    per token: it reads none itself, so the last token (OpenRLHF's reading); one per sequence: the position whose
+    reading equals it on every sample (None: the Hugging Face rule, as for the library's own classes)."""
+    kind = f"{loaded.kind} (model code shipped with the RM)"
+    with torch.no_grad():
+        own = [_own_score(loaded.classifier(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r),
+                                                                                                   dtype=torch.long)))
+               for r in rows]
+        if None in own:
+            return ScorePosition("last-token", None, f"{kind} returns a score per token, not per conversation: the "
+                                 "last token is read, as OpenRLHF's reward models read it")
+        saved = loaded.scorer.pad_id
+        try:
+            loaded.scorer.pad_id = None
+            last = [loaded.scorer(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item() for r in rows]
+        finally:
+            loaded.scorer.pad_id = saved
+    differ = loaded.pad_token_id is not None and any(r and r[-1] == loaded.pad_token_id for r in rows)
+    if differ and np.allclose(own, last, rtol=1e-4, atol=1e-4):
+        return ScorePosition("last-token", None, f"{kind}: its own forward reads the last token, not the last one "
+                             f"that is not pad_token_id (checked on {len(rows)} samples)")
+    return None  # the Hugging Face rule, as for the library's own classes (the parity check holds it to that)
+
+
 def reads_as_the_model(loaded: LoadedRewardModel, position: ScorePosition) -> bool:
     """True when `position` is where the Hugging Face classifier's own forward reads its score."""
     return loaded.classifier is not None and position.pad_id == loaded.pad_token_id
@@ -314,11 +343,23 @@ def reference_scores(loaded: LoadedRewardModel, position: ScorePosition, rows: l
     override."""
     with torch.no_grad():
         if reads_as_the_model(loaded, position):
-            return np.array([float(loaded.classifier(input_ids=torch.tensor([r]),
-                                                     attention_mask=torch.ones(1, len(r), dtype=torch.long)
-                                                     ).logits[0, 0]) for r in rows], dtype=np.float64)
+            own = [_own_score(loaded.classifier(input_ids=torch.tensor([r]),
+                                                attention_mask=torch.ones(1, len(r), dtype=torch.long)))
+                   for r in rows]
+            if None not in own:
+                return np.array(own, dtype=np.float64)
         return np.array([loaded.scorer(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item()
                          for r in rows], dtype=np.float64)
+
+
+def _own_score(output) -> float | None:
+    """The score of one row from what a classifier's forward returns (an output object's `.logits`, or, from model
+    code shipped with the RM, a tuple of them or the tensor itself); None when it returns one value per token, not per
+    sequence: such a model reads no position of its own, and the scorer's reading is the reference."""
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+    return float(logits[0, 0]) if logits.dim() == 2 else None
 
 
 def parity_error(served: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
@@ -21,9 +20,9 @@ from fastapi.responses import JSONResponse
 from templar.conversation import Messages
 from templar.errors import DataError, TemplarError
 from templar.integrations.openrlhf import OpenRLHFRewards, RowsFailed, request_rows
+from templar.reward_client import RewardClientConfig
 from templar.reward_ensemble import EnsembleResult, RewardEnsemble, WeightedModel
 from templar.template_parser import TemplateParser
-from templar.wire import DEFAULT_URL
 
 log = logging.getLogger("templar.gateway")
 
@@ -32,14 +31,14 @@ log = logging.getLogger("templar.gateway")
 class GatewayOptions:
     actor_template: str  # the actor's tokenizer folder, or a family name fetched by `templar assets`
     models: list[str] = field(default_factory=list)  # NAME or NAME:WEIGHT, one per served RM
-    url: str = DEFAULT_URL  # Triton gRPC endpoint(s), comma-separated
-    host: str = "127.0.0.1"
-    port: int = 5000
+    host: str = "127.0.0.1"  # the address the gateway binds (loopback only by default)
+    port: int = 5000  # its HTTP port
     failed_reward: float | None = None  # reward of a row that cannot be parsed or scored; None: fail the request
     batch_delay_ms: float = 5.0  # how long a request's rows wait for those of concurrent requests
     max_batch_rows: int = 256  # rows scored together at most
-    request_timeout_s: float = 120.0  # per gRPC attempt
     template_kwargs: dict = field(default_factory=dict)  # the actor template's variables, e.g. a date_string
+    # how the gateway reaches the RMs: endpoints, TLS, deadlines, retries (the reward client's options; no model)
+    client: RewardClientConfig = field(default_factory=RewardClientConfig)
 
 
 class MicroBatcher:
@@ -122,11 +121,6 @@ def create_app(rewards: OpenRLHFRewards, ensemble: RewardEnsemble, batcher: Micr
 def build(options: GatewayOptions) -> tuple[FastAPI, RewardEnsemble, MicroBatcher]:
     """The app and what it holds; a TemplarError when the actor template or the models are not usable."""
     parser = TemplateParser.from_source(options.actor_template, template_kwargs=options.template_kwargs)
-    models = [WeightedModel.parse(text) for text in options.models]
-    ensemble = RewardEnsemble(models, endpoints=_urls(options.url), request_timeout_s=options.request_timeout_s)
+    ensemble = RewardEnsemble(WeightedModel.parse_list(options.models), options.client)
     batcher = MicroBatcher(ensemble, max_rows=options.max_batch_rows, max_delay_s=options.batch_delay_ms / 1e3)
     return create_app(OpenRLHFRewards(parser, options.failed_reward), ensemble, batcher), ensemble, batcher
-
-
-def _urls(url: str) -> Sequence[str]:
-    return [u.strip() for u in url.split(",") if u.strip()]

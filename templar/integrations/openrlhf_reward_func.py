@@ -8,6 +8,10 @@ Configured by environment variables (set them where OpenRLHF's workers run):
     TEMPLAR_MODELS           reward models, NAME[:WEIGHT] comma-separated, e.g. "rm_llama3:1,rm_gemma3:0.5"  (required)
     TEMPLAR_URL              Triton gRPC endpoint(s), comma-separated                    (default 127.0.0.1:8001)
     TEMPLAR_FAILED_REWARD    reward of a row that cannot be parsed or scored; unset: such a call raises
+    TEMPLAR_<OPTION>         any option of the reward client (templar.reward_client.RewardClientConfig), named as
+                             its field in capitals: TEMPLAR_TLS=1, TEMPLAR_TLS_CA=ca.pem, TEMPLAR_TLS_CERT,
+                             TEMPLAR_TLS_KEY, TEMPLAR_REQUEST_TIMEOUT_S=30, TEMPLAR_MAX_ATTEMPTS,
+                             TEMPLAR_HEADERS=key=value[,key=value...], ...
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ from __future__ import annotations
 import os
 import threading
 
+from templar import client_options
 from templar.integrations.openrlhf import OpenRLHFRewards
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
 from templar.template_parser import TemplateParser
-from templar.wire import DEFAULT_URL
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -37,9 +41,8 @@ def _setup() -> tuple[OpenRLHFRewards, RewardEnsemble]:
                 raise ConfigError(f"set {' and '.join(missing)} for Templar's OpenRLHF reward function ({__file__})")
             failed = os.environ.get("TEMPLAR_FAILED_REWARD")
             parser = TemplateParser.from_source(os.environ["TEMPLAR_ACTOR_TEMPLATE"])
-            models = [WeightedModel.parse(m) for m in os.environ["TEMPLAR_MODELS"].split(",") if m.strip()]
-            urls = [u.strip() for u in os.environ.get("TEMPLAR_URL", DEFAULT_URL).split(",") if u.strip()]
-            _state["ensemble"] = RewardEnsemble(models, urls)
+            models = WeightedModel.parse_list(os.environ["TEMPLAR_MODELS"])
+            _state["ensemble"] = RewardEnsemble(models, client_options.from_environment(os.environ))
             _state["rewards"] = OpenRLHFRewards(parser, float(failed) if failed else None)
     return _state["rewards"], _state["ensemble"]  # type: ignore[return-value]
 

@@ -2,6 +2,10 @@
 
     from templar.integrations.trl import TemplarReward
     trainer = GRPOTrainer(model=..., reward_funcs=[TemplarReward("rm_llama3", url="127.0.0.1:8001")], ...)
+    TemplarReward("rm_llama3", url="rm.example:8001", tls=True, tls_ca="ca.pem", request_timeout_s=30)  # over TLS
+
+Keyword arguments beyond `on_failure` are the reward client's options, named as templar.reward_client's
+RewardClientConfig fields (`url` is its endpoints: "host:port[,host:port...]" or a list).
 
 TRL calls `reward(prompts=..., completions=..., **columns)`. Conversational data gives each prompt as a list of
 messages and each completion as `[{"role": "assistant", "content": ...}]`; standard data gives strings (a prompt
@@ -13,13 +17,15 @@ returned as None, which TRL reads as "no reward" (NaN, left out of the group's b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+from templar import client_options
 from templar.conversation import Messages
 from templar.errors import ConfigError, DataError, ServingError
-from templar.reward_client import RewardClient, RewardClientConfig
+from templar.reward_client import RewardClient
 from templar.wire import DEFAULT_URL
 
 log = logging.getLogger("templar.integrations")
@@ -40,11 +46,12 @@ class TemplarReward:
     """A TRL reward function scoring with the served RM `model` (see the module docstring)."""
 
     def __init__(self, model: str, url: str | Sequence[str] = DEFAULT_URL, *, on_failure: str = "none",
-                 **client_options: Any) -> None:
+                 **options: Any) -> None:
         if on_failure not in ("none", "raise"):
             raise ConfigError(f"on_failure must be 'none' (TRL's no-reward) or 'raise', got {on_failure!r}")
-        endpoints = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
-        self.client = RewardClient(RewardClientConfig(model=model, endpoints=endpoints, **client_options))
+        given = options if "endpoints" in options else {"url": url, **options}
+        config = client_options.from_keywords(given, f"TemplarReward({model!r})")
+        self.client = RewardClient(dataclasses.replace(config, model=model))
         self.model, self.on_failure = model, on_failure
         self.__name__ = f"templar_{model}"  # TRL names each reward function's metrics after it
 

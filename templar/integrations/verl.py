@@ -9,6 +9,8 @@ copy that column into `extra_info.prompt` when preparing the Parquet file). Then
     custom_reward_function.reward_kwargs.model=rm_llama3         # or models=rm_llama3:1,rm_gemma3:0.5
     custom_reward_function.reward_kwargs.url=127.0.0.1:8001
     custom_reward_function.reward_kwargs.failed_reward=-1.0   # optional; unset: a row that cannot be scored raises
+    custom_reward_function.reward_kwargs.tls=true             # optional: the reward client's options, named as the
+    custom_reward_function.reward_kwargs.tls_ca=/path/ca.pem  # fields of templar.reward_client.RewardClientConfig
 
 Each row is scored as extra_info["prompt"] + [assistant: solution_str]. The result is verl's dict form: "score"
 (sum of weight * score), each RM's score, and "templar_failed" (1.0 for a row that got failed_reward).
@@ -16,29 +18,37 @@ Each row is scored as extra_info["prompt"] + [assistant: solution_str]. The resu
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+from templar import client_options
 from templar.conversation import ConversationError, Messages, validate_messages
 from templar.errors import ConfigError, DataError, ServingError
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
 from templar.wire import DEFAULT_URL
 
 _lock = threading.Lock()
-_ensembles: dict[tuple[str, str], RewardEnsemble] = {}
+_ensembles: dict[str, RewardEnsemble] = {}
+log = logging.getLogger("templar.integrations")
 
 
-def _ensemble(models: str | Sequence[str] | None, url: str) -> RewardEnsemble:
-    """One ensemble per (models, url) per process, reused across calls."""
+def _ensemble(models: str | Sequence[str] | None, options: dict[str, Any]) -> RewardEnsemble:
+    """One ensemble per (models, client options) per process, reused across calls. `options`: reward_kwargs named
+    as the reward client's options (url, tls, tls_ca, request_timeout_s, ...); any other is left to verl."""
     if not models:
         raise ConfigError("name the served reward model(s) in reward_kwargs: model=NAME or models=NAME[:WEIGHT],...")
-    names = [m.strip() for m in models.split(",")] if isinstance(models, str) else [str(m) for m in models]
-    key = (",".join(names), url)
+    weighted = WeightedModel.parse_list(models)
+    ignored = sorted(set(options) - set(client_options.EVERY) - {"url"})
+    known = {k: v for k, v in options.items() if k not in ignored}
+    key = repr((weighted, sorted(known.items(), key=lambda item: item[0])))
     with _lock:
         if key not in _ensembles:
-            _ensembles[key] = RewardEnsemble([WeightedModel.parse(m) for m in names if m],
-                                             [u.strip() for u in url.split(",") if u.strip()])
+            if ignored:  # verl may pass keyword arguments of its own; say so once, in case one is a misspelt option
+                log.warning("verl reward_kwargs not read by Templar: %s (the reward client's options are url, %s)",
+                            ", ".join(ignored), ", ".join(n for n in client_options.EVERY if n != "endpoints"))
+            _ensembles[key] = RewardEnsemble(weighted, client_options.from_keywords(known, "reward_kwargs"))
         return _ensembles[key]
 
 
@@ -57,10 +67,10 @@ def prompt_messages(extra_info: Any) -> Messages:
 
 def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],
                         extra_infos: Sequence[Any], *, model: str | None = None,
-                        models: str | Sequence[str] | None = None, url: str = DEFAULT_URL,
-                        failed_reward: float | None = None, **_: Any) -> list[dict[str, float]]:
+                        models: str | Sequence[str] | None = None, url: str | Sequence[str] = DEFAULT_URL,
+                        failed_reward: float | None = None, **options: Any) -> list[dict[str, float]]:
     """verl's batch form (reward_model.reward_manager=batch): one dict per row. `model` names one RM, `models`
-    several as NAME[:WEIGHT],..."""
+    several as NAME[:WEIGHT],...; `url` and `options` are the reward client's (tls, tls_ca, request_timeout_s, ...)."""
     conversations: dict[int, Messages] = {}
     errors: dict[int, str] = {}
     for i, (extra, response) in enumerate(zip(extra_infos, solution_strs)):
@@ -68,7 +78,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
             conversations[i] = [*prompt_messages(extra), {"role": "assistant", "content": response}]
         except DataError as exc:
             errors[i] = str(exc)
-    ensemble = _ensemble(models or model, url)
+    ensemble = _ensemble(models or model, {"url": url, **options})
     result = ensemble.score(list(conversations.values())) if conversations else None
     scored = {i: position for position, i in enumerate(conversations)}
     rows = []
@@ -89,8 +99,9 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
 
 
 def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, *,
-                  model: str | None = None, models: str | Sequence[str] | None = None, url: str = DEFAULT_URL,
-                  failed_reward: float | None = None, **_: Any) -> dict[str, float]:
+                  model: str | None = None, models: str | Sequence[str] | None = None,
+                  url: str | Sequence[str] = DEFAULT_URL, failed_reward: float | None = None,
+                  **options: Any) -> dict[str, float]:
     """verl's per-row form (the naive reward manager)."""
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], model=model,
-                               models=models, url=url, failed_reward=failed_reward)[0]
+                               models=models, url=url, failed_reward=failed_reward, **options)[0]

@@ -63,12 +63,9 @@ class ModelControl:
     """Triton's model-repository protocol on one server, with the admin key; errors become one clear line."""
 
     def __init__(self, url: str, key: str, tls: wire.TlsSettings | None = None, timeout_s: float = 600.0) -> None:
-        import tritonclient.grpc as grpcclient
-
         self.url, self.timeout_s = url, timeout_s
         self.headers = {GRPC_ADMIN_HEADER: key}
-        self.client = grpcclient.InferenceServerClient(url, channel_args=wire.channel_args(fast_reconnect=False),
-                                                       **(tls.client_kwargs() if tls else {}))
+        self.client = wire.sync_client(url, fast_reconnect=False, tls=tls)
 
     def close(self) -> None:
         self.client.close()

@@ -36,6 +36,7 @@ from templar import contract
 from templar.conversation import conversation_rows
 from templar.errors import BenchError
 from templar.export.repository import EntrySettings
+from templar.reward_client import RewardClientConfig
 from templar.serving.batching import PreprocessedBatch, padding_fraction, preprocess_rows, score_in_micro_batches
 from templar.serving.settings import load_chat_format
 from templar.serving.onnx_runtime import create_session, run_scores
@@ -246,14 +247,14 @@ def run_templar(ctx: Context) -> BackendResult:
         warmup = make_payloads(ctx.rows[: opts.warmup], opts.batch)
 
         async def go():
-            client = grpc_client(server.grpc_url)
+            target = RewardClientConfig(RM_NAME, [server.grpc_url], request_timeout_s=opts.timeout_s)
+            client = grpc_client(target)
             try:
-                await drive(client, RM_NAME, warmup, 1, timeout_s=opts.timeout_s, cycle=False)
-                before = await snapshot(client, RM_NAME, server.metrics_url)
+                await drive(client, target, warmup, 1, cycle=False)
+                before = await snapshot(client, target, server.metrics_url)
                 with CpuMonitor() as cpu:
-                    outcomes, wall = await drive(client, RM_NAME, payloads, opts.concurrency,
-                                                 timeout_s=opts.timeout_s, cycle=False)
-                after = await snapshot(client, RM_NAME, server.metrics_url)
+                    outcomes, wall = await drive(client, target, payloads, opts.concurrency, cycle=False)
+                after = await snapshot(client, target, server.metrics_url)
             finally:
                 await client.close()
             return outcomes, wall, cpu, server_figures(RM_NAME, before, after, wall)
