@@ -215,7 +215,7 @@ def test_demo_config_learns_the_rule_with_a_small_kl(config, tmp_path):
     out, repo = tmp_path / "demo", tmp_path / "model_repository"
     demo = Path(__file__).resolve().parents[1] / "configs" / config
     critic = config == "demo.yaml"
-    steps = 40 if critic else 24  # GRPO keeps the rule from about step 12 (README): 24 steps show it, in 60% of the time
+    steps = 40 if critic else 24  # GRPO keeps the rule from about step 12 (README): 24 steps show it in 60% the time
     result = templar_train("--config", str(demo), f"output_dir={out}", f"reward.repo={repo}", f"steps={steps}",
                            timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
