@@ -111,7 +111,7 @@ def test_the_integrations_take_the_same_options_by_name():
     every = {"url": "h:1", "tls": True, "tls_ca": "ca.pem", "tls_cert": "c.pem", "tls_key": "c.key",
              "headers": {"a": "b"}, "compression": "gzip", "request_timeout_s": 5, "connect_timeout_s": 2,
              "rows_per_request": 4, "max_in_flight": 2, "max_attempts": 3, "backoff_base_s": 0.1,
-             "backoff_max_s": 1, "endpoint_cooldown_s": 1, "expected_fingerprints": {"k": "v"}}
+             "backoff_max_s": 1, "endpoint_cooldown_s": 1, "dns_refresh_s": 5, "expected_fingerprints": {"k": "v"}}
     assert set(every) - {"url"} == set(EVERY) - {"endpoints"}
     config = from_keywords(every, "test")
     assert config.endpoints == ["h:1"] and config.tls_key == "c.key" and config.max_in_flight == 2
