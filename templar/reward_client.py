@@ -328,7 +328,14 @@ class RewardClient:
         if soon:
             self._next_resolve = min(self._next_resolve, self._last_resolve + 1.0)
         if time.monotonic() >= self._next_resolve and (self._resolving is None or self._resolving.done()):
-            self._resolving = asyncio.get_running_loop().create_task(self._refresh_endpoints())
+            self._resolving = asyncio.get_running_loop().create_task(self._refresh_in_background())
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            await self._refresh_endpoints()
+        except Exception as exc:  # noqa: BLE001 - the endpoints stay as they are; the next lookup tries again
+            log.warning("reward endpoint discovery failed (%s: %s); keeping %s", type(exc).__name__, exc,
+                        ", ".join(e.url for e in self._endpoints))
 
     async def connect_async(self) -> dict[str, str]:
         """Check the endpoints, read and log the RM's fingerprints. Waits up to connect_timeout_s for one."""
