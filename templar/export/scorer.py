@@ -311,19 +311,16 @@ def _shipped_code_position(loaded: LoadedRewardModel, rows: list[list[int]]) -> 
     per token: it reads none itself, so the last token (OpenRLHF's reading); one per sequence: the position whose
     reading equals it on every sample (None: the Hugging Face rule, as for the library's own classes)."""
     kind = f"{loaded.kind} (model code shipped with the RM)"
-    with torch.no_grad():
-        own = [_own_score(loaded.classifier(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r),
-                                                                                                   dtype=torch.long)))
-               for r in rows]
-        if None in own:
-            return ScorePosition("last-token", None, f"{kind} returns a score per token, not per conversation: the "
-                                 "last token is read, as OpenRLHF's reward models read it")
-        saved = loaded.scorer.pad_id
-        try:
-            loaded.scorer.pad_id = None
-            last = [loaded.scorer(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item() for r in rows]
-        finally:
-            loaded.scorer.pad_id = saved
+    own = _own_scores(loaded, rows)
+    if None in own:
+        return ScorePosition("last-token", None, f"{kind} returns a score per token, not per conversation: the "
+                             "last token is read, as OpenRLHF's reward models read it")
+    saved = loaded.scorer.pad_id
+    try:
+        loaded.scorer.pad_id = None  # the scorer's reading at the last token
+        last = _scorer_scores(loaded, rows)
+    finally:
+        loaded.scorer.pad_id = saved
     differ = loaded.pad_token_id is not None and any(r and r[-1] == loaded.pad_token_id for r in rows)
     if differ and np.allclose(own, last, rtol=1e-4, atol=1e-4):
         return ScorePosition("last-token", None, f"{kind}: its own forward reads the last token, not the last one "
@@ -341,15 +338,25 @@ def reference_scores(loaded: LoadedRewardModel, position: ScorePosition, rows: l
     own way, the model's own forward, `model(input_ids, attention_mask).logits[0, 0]` (no code of Templar's between
     the ids and the number); otherwise the scorer, read at `position`: OpenRLHF's value-head reading, or an
     override."""
-    with torch.no_grad():
-        if reads_as_the_model(loaded, position):
-            own = [_own_score(loaded.classifier(input_ids=torch.tensor([r]),
-                                                attention_mask=torch.ones(1, len(r), dtype=torch.long)))
-                   for r in rows]
-            if None not in own:
-                return np.array(own, dtype=np.float64)
-        return np.array([loaded.scorer(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item()
-                         for r in rows], dtype=np.float64)
+    if reads_as_the_model(loaded, position):
+        own = _own_scores(loaded, rows)
+        if None not in own:
+            return np.array(own, dtype=np.float64)
+    return _scorer_scores(loaded, rows)
+
+
+@torch.no_grad()
+def _own_scores(loaded: LoadedRewardModel, rows: list[list[int]]) -> list[float | None]:
+    """The classifier's own forward on each unpadded row (None for a row it scores per token)."""
+    return [_own_score(loaded.classifier(input_ids=torch.tensor([r]),
+                                         attention_mask=torch.ones(1, len(r), dtype=torch.long))) for r in rows]
+
+
+@torch.no_grad()
+def _scorer_scores(loaded: LoadedRewardModel, rows: list[list[int]]) -> np.ndarray:
+    """The scorer (read at its pad_id's position) on each unpadded row."""
+    return np.array([loaded.scorer(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)).item() for r in rows],
+                    dtype=np.float64)
 
 
 def _own_score(output) -> float | None:
