@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[embedded,dev]'
 	@touch $(STAMP)
 
+# Two workers (pytest-xdist): most tests wait on a server or a subprocess, so two keep a 2-core machine busy.
+TEST_WORKERS ?= 2
 test: setup test-tools lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 # The unit tests alone (no Triton, no ONNX export, no training run): under a minute
 test-fast: setup lint

@@ -34,7 +34,34 @@ TEST_SETTINGS = EntrySettings(entry_instances=1, intra_op_threads=1)
 INTEGRATION_FIXTURES = {"served_repo", "triton", "small_repo"}
 
 
+# `make test` runs the suite on two workers (pytest-xdist, --dist loadscope): a file is one unit of work, so its module
+# fixtures are built once. The longest units start first (measured), so that no worker is left alone with a long one
+# at the end; each demo run is a unit of its own.
+START_FIRST = ("test_demo.py", "test_trainer.py", "test_export_large.py", "test_estimators_training.py",
+               "test_hot_swap.py", "test_trainer_faults.py", "test_deploy.py", "test_bench_train.py",
+               "test_integrations.py", "test_faults_serving.py")
+OWN_UNITS = ("tests/test_demo.py::",)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadscope":
+        return None  # xdist's own choice
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if nodeid.startswith(OWN_UNITS) else nodeid.split("::", 1)[0]
+
+    return FileUnits(config, log)
+
+
+def _start_rank(item) -> int:
+    name = item.path.name
+    return START_FIRST.index(name) if name in START_FIRST else len(START_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_start_rank)  # stable: a file's tests keep their order
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine)")
     for item in items:
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):

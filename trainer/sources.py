@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from templar.assets import cache_home, fetch_tokenizer
 from templar.errors import AssetError, ConfigError
 from templar.tiny_models import FAMILY_BACKBONE, build_tiny_model
@@ -55,17 +57,24 @@ def resolve_source(source: str, role: str, kind: str, output_dir: Path, seed: in
     path = cache_home() / "models" / f"{prefix[:-1]}-{family}-seed{seed}-v{BUILD_VERSIONS[prefix]}"
     if not (path / BUILT).is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
-            BUILDERS[prefix](family, staging / "model", seed)
-            (staging / "model" / BUILT).write_text(f"{source} seed {seed}\n")
-            if not (path / BUILT).is_file():  # another run may have finished the same build meanwhile
-                shutil.rmtree(path, ignore_errors=True)
-                (staging / "model").rename(path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # one build per model and machine: a second run (or test worker) that needs it waits for the first's
+        with FileLock(str(path.parent / f".{path.name}.lock")):
+            if not (path / BUILT).is_file():
+                _build_into(path, lambda model: BUILDERS[prefix](family, model, seed), f"{source} seed {seed}")
     log.info("%s: %s (built once, cached)", role, path)
     return path
+
+
+def _build_into(path: Path, build, provenance: str) -> None:
+    """Build in a temporary sibling and swap it in, so a killed build never leaves a half-written model."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build(staging / "model")
+        (staging / "model" / BUILT).write_text(provenance + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        (staging / "model").rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _warm_started_actor(family: str, path: Path, seed: int) -> None:
