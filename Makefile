@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 # Two workers (pytest-xdist): most tests wait on a server or a subprocess, so two keep a 2-core machine busy.
 TEST_WORKERS ?= 2
 test: setup test-tools lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The unit tests alone (no Triton, no ONNX export, no training run): under a minute
 test-fast: setup lint
