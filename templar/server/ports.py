@@ -3,6 +3,7 @@ side-by-side servers, and host:port formatting (IPv6 in brackets)."""
 
 from __future__ import annotations
 
+import random
 import socket
 
 DEFAULT_HOST = "127.0.0.1"
@@ -25,18 +26,62 @@ def port_available(host: str, port: int) -> bool:
     return True
 
 
-def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
-    """`count` distinct free ports. The sockets are held until all are chosen: ports picked one at a time can repeat
-    (the kernel may hand out a just-released port again), and a server given one port twice refuses to start."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range: the ports outgoing connections (and bind to port 0) are given."""
     try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORT_FLOOR = 20000
+
+
+def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
+    """`count` distinct free ports, chosen at random below the kernel's ephemeral range: a port the kernel handed out
+    (bind to port 0) is in the range every outgoing connection draws its local port from, so between choosing it and
+    the server binding it a client socket on the same machine (another test, another worker) can take it. An IPv6
+    host's ports are also checked on the IPv4 loopback, where Triton's HTTP and metrics servers fall back. The
+    sockets are held until all are chosen, so one call never returns a port twice."""
+    hosts = [host] + ([DEFAULT_HOST] if ":" in host else [])
+    ceiling = max(_ephemeral_low(), _PORT_FLOOR + 1000)
+    chooser = random.SystemRandom()
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for _ in range(200 * count):
+            if len(ports) == count:
+                return ports
+            port = chooser.randrange(_PORT_FLOOR, ceiling)
+            if port in ports:
+                continue
+            sockets = _bind_all(hosts, port)
+            if sockets:
+                held.extend(sockets)
+                ports.append(port)
+        if len(ports) == count:
+            return ports
+        raise OSError(f"found {len(ports)} of {count} free ports between {_PORT_FLOOR} and {ceiling} on {host}")
     finally:
-        for sock in sockets:
+        for sock in held:
             sock.close()
+
+
+def _bind_all(hosts: list[str], port: int) -> list[socket.socket]:
+    """Sockets bound to `port` on every host, or [] (and none left open) when one of them is taken."""
+    sockets = []
+    for host in hosts:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            for other in sockets:
+                other.close()
+            return []
+        sockets.append(sock)
+    return sockets
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
