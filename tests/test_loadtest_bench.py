@@ -137,9 +137,15 @@ def test_loadtest_command_line(server, tmp_path, capsys):
 def test_bench_runs_all_four_backends_with_the_same_scores(assets, tmp_path):
     opts = BenchOptions(out=tmp_path / "bench", size="tiny", conversations=24, batch=4, concurrency=4, torch_batch=4,
                         max_length=1024, warmup=2,
-                        settings=EntrySettings(entry_instances=1, intra_op_threads=1, micro_batch_tokens=2048))
-    report = run_bench(opts, log=lambda _: None)
+                        settings=EntrySettings(entry_instances=1, intra_op_threads=1, micro_batch_tokens=2048),
+                        backends=["templar", "onnxruntime", "torch", "http", "vllm"],
+                        vllm_python=tmp_path / "no-vllm" / "bin" / "python")
+    lines: list[str] = []
+    report = run_bench(opts, log=lines.append)
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    # vLLM's environment is not made here: the backend is skipped with a line that says how to make it
+    assert saved["skipped"] == ["vllm"]
+    assert any("skipping vllm: no vLLM environment at" in line and "make vllm-env" in line for line in lines), lines
     assert saved["summary"] == json.loads(json.dumps(report["summary"]))
     assert (tmp_path / "bench" / "bench.png").read_bytes()[:8] == PNG_MAGIC
     assert set(saved["backends"]) == {"templar", "onnxruntime", "torch", "http"}

@@ -63,9 +63,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model code shipped in the folder (config.json auto_map); read it first")
     parser.add_argument("--precision", default=ExportOptions.precision, choices=PRECISIONS,
-                        help="what is served: fp32 (everywhere), int8 (ONNX Runtime dynamic quantization, for the "
-                        "embedded CPU server), fp16 / bf16 (the GPU paths; the ONNX graph stays fp32 for the CPU) "
-                        "(default: %(default)s)")
+                        help="what is served: auto (fp32, but bf16 on OpenVINO in the CPU scorer where the CPU has "
+                        "bf16 in hardware: AMX or AVX-512 BF16), fp32 (everywhere), bf16 (the CPU scorer on OpenVINO; "
+                        "with --format tensorrt also a BF16 engine), int8 (ONNX Runtime dynamic quantization, for the "
+                        "CPU), fp16 (the GPU paths) (default: %(default)s)")
     parser.add_argument("--score-position", default=ExportOptions.score_position, choices=SCORE_POSITIONS,
                         help="where each score is read: auto (where the model's own forward reads it: for a "
                         "*ForSequenceClassification the last token that is not config.pad_token_id, for an OpenRLHF "

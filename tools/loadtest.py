@@ -319,18 +319,24 @@ async def run_level(client, opts: LoadTestOptions, payloads: Sequence[np.ndarray
     return result
 
 
+# the CPU features that decide which precisions run fast here (bf16 in hardware: AMX or AVX-512 BF16)
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine_info() -> dict[str, Any]:
-    model = ""
+    model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not model:
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     import onnxruntime
 
-    return {"cpus": os.cpu_count(), "cpu_model": model or platform.processor(), "platform": platform.platform(),
+    return {"cpus": os.cpu_count(), "cpu_model": model or platform.processor(),
+            "cpu_features": [name for name in CPU_FEATURES if name in flags], "platform": platform.platform(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "load_average_1m": os.getloadavg()[0]}
 

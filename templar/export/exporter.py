@@ -43,16 +43,21 @@ from templar.export.scorer import (PICKLE_PATTERNS, SCORE_POSITIONS, LoadedRewar
 from templar.samples import sample_conversations, without_system
 from templar.serving.settings import padding_id
 from templar.padding import right_pad
+from templar.serving.cpu_precision import BF16_TOLERANCE, CPU_PRECISION, create_scorer
+from templar.serving.cpu_precision import resolve as resolve_cpu_precision
 from templar.serving.onnx_runtime import create_session, run_scores
 
 DEFAULT_MAX_LENGTH_CAP = 4096
 FORMATS = ("onnx", "tensorrt")
-# fp32: everywhere (the embedded CPU server runs float32); int8: ONNX Runtime's dynamic quantization, for the CPU
-# (docs/benchmarks.md: faster where the CPU has int8 instructions, scores agree less); fp16 / bf16: the GPU paths
-# (TensorRT execution accelerator or engine), the ONNX graph stays float32 for the CPU.
-PRECISIONS = ("fp32", "int8", "fp16", "bf16")
-# max |served - reference| / max(1, |reference|) of the ONNX graph the CPU runs (scorer.parity_error)
-TOLERANCES = {"fp32": 1e-4, "int8": 0.5, "fp16": 1e-4, "bf16": 1e-4}
+# auto: fp32 everywhere, except the embedded CPU scorer on a CPU with bf16 in hardware (AMX, AVX-512 BF16), which runs
+# bf16 on OpenVINO (templar.serving.cpu_precision, decided where it is served); fp32: fp32 everywhere; bf16: the CPU
+# scorer in bf16 (OpenVINO) and, with --format tensorrt, a BF16 engine; int8: ONNX Runtime's dynamic quantization,
+# for the CPU (docs/benchmarks.md: faster where the CPU has int8 instructions, scores agree less); fp16: the GPU
+# paths (TensorRT execution accelerator or engine). The ONNX graph is float32 in every case but int8.
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+# max |served - reference| / max(1, |reference|) of the ONNX graph the CPU runs (scorer.parity_error); the bf16
+# scorer is held to cpu_precision.BF16_TOLERANCE on top
+TOLERANCES = {"auto": 1e-4, "fp32": 1e-4, "int8": 0.5, "fp16": 1e-4, "bf16": 1e-4}
 Log = Callable[[str], None]
 
 
@@ -70,7 +75,7 @@ class ExportOptions:
     value_head_prefix: str | None = None  # OpenRLHF value-head RMs; auto-detected for "value_head"
     allow_pickle: bool = False  # load *.bin/*.pt weights (pickle can run code) when no safetensors exist
     trust_remote_code: bool = False  # run model code shipped in the folder (config.json auto_map)
-    precision: str = "fp32"  # what is served: see PRECISIONS
+    precision: str = "auto"  # what is served: see PRECISIONS
     # where each score is read: "auto" = where the model's own forward reads it (scorer.SCORE_POSITIONS)
     score_position: str = "auto"
     tolerance: float | None = None  # max relative |ONNX Runtime - reference| on the samples; default TOLERANCES
@@ -175,9 +180,6 @@ def _check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown --precision {opts.precision!r}; choose from {', '.join(PRECISIONS)}")
     if opts.score_position not in SCORE_POSITIONS:
         raise ExportError(f"unknown --score-position {opts.score_position!r}; choose from {', '.join(SCORE_POSITIONS)}")
-    if opts.precision == "bf16" and opts.format != "tensorrt":
-        raise ExportError("--precision bf16 needs --format tensorrt (a BF16 engine); Triton's ONNX Runtime backend "
-                          "offers FP16 (--precision fp16) as its GPU reduced precision")
     if opts.precision == "int8" and opts.format == "tensorrt":
         raise ExportError("--precision int8 is ONNX Runtime's dynamic quantization for the embedded CPU server; use it "
                           "with --format onnx")
@@ -307,6 +309,23 @@ def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: Reference, rows
     return max_diff
 
 
+def _check_bf16(onnx_path: Path, settings: EntrySettings, reference: Reference, rows: list[list[int]], pad_id: int,
+                parameters: dict[str, str], log: Log) -> None:
+    """Where this machine's CPU scorer will run bf16 (cpu_precision bf16, or auto on a CPU with bf16 in hardware):
+    the same check on the bf16 scorer, against its own, looser tolerance, recorded as `bf16_max_abs_diff`."""
+    choice = resolve_cpu_precision(settings.cpu_precision)
+    if choice.precision != "bf16":
+        return
+    ids, mask = right_pad(rows, pad_id)
+    served = create_scorer(onnx_path, choice)(ids, mask).reshape(-1).astype(np.float64)
+    max_diff = float(parity_error(served, reference.scores).max())
+    log(f"      {choice.reason}: max |bf16 - {reference.name}| / max(1, |score|) = {max_diff:.2e}")
+    if not np.isfinite(max_diff) or max_diff > BF16_TOLERANCE:
+        raise ExportError(f"the bf16 scorer differs from {reference.name} by {max_diff:.3e} (relative) > "
+                          f"{BF16_TOLERANCE}; export with --precision fp32")
+    parameters["bf16_max_abs_diff"] = f"{max_diff:.3e}"
+
+
 @dataclass
 class Reference:
     """The scores the served graph must reproduce on the sample rows, and what computed them."""
@@ -420,7 +439,8 @@ def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
             quantize_int8(staged.onnx_path, log)
         parameters = {**_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count, position),
                       **engine, contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
-        settings = dataclasses.replace(opts.settings, gpu_fp16=opts.settings.gpu_fp16 or opts.precision == "fp16")
+        settings = dataclasses.replace(opts.settings, gpu_fp16=opts.settings.gpu_fp16 or opts.precision == "fp16",
+                                       cpu_precision=CPU_PRECISION[opts.precision])
         entry = RewardModelEntry(opts.name, staged.onnx_path, staged.tokenizer_dir, parameters, settings,
                                  tensorrt_plan=Path(tmp) / "model.plan" if tensorrt else None,
                                  tensorrt_max_rows=opts.settings.micro_batch_rows if tensorrt else None)
@@ -430,6 +450,7 @@ def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
         step(f"checking ONNX Runtime against {reference.name} on the served files{estimate(opts, 'checking')}")
         max_diff = _check_onnx(opts, staged.final(staged.onnx_path), reference, rows, pad_id, log)
         entry.parameters["parity_max_abs_diff"] = f"{max_diff:.3e}"
+        _check_bf16(staged.final(staged.onnx_path), settings, reference, rows, pad_id, entry.parameters, log)
         staged.rewrite_configs(entry)
         staged.finish()
         step.finish()

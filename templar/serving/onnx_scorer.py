@@ -1,4 +1,6 @@
-"""`<rm>_model` on the embedded CPU server: the exported ONNX graph run by ONNX Runtime inside a Python model.
+"""`<rm>_model` on the embedded CPU server: the exported ONNX graph run inside a Python model, by ONNX Runtime in fp32
+or by OpenVINO in bf16, as the `cpu_precision` parameter and this CPU decide (templar.serving.cpu_precision; the
+choice is logged).
 
 The GPU container serves the same `model.onnx` with Triton's `onnxruntime_onnx` platform instead (config.pbtxt);
 this file is used through `configs/embedded.pbtxt` because the nvidia-pytriton wheel ships only the Python backend.
@@ -11,7 +13,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
-from templar.serving.onnx_runtime import create_session, run_scores
+from templar.serving.cpu_precision import create_scorer, resolve
 from templar.serving.settings import EntrySettings
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
@@ -21,8 +23,11 @@ class TritonPythonModel:
         settings = EntrySettings.from_parameters(model_parameters(args), "scorer")
         self.score_dtype = output_dtypes(args)[contract.SCORE]
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = create_session(path, intra_op_threads=settings.intra_op_threads,
-                                      spinning=settings.intra_op_spinning)
+        self.choice = resolve(settings.cpu_precision)
+        self.score = create_scorer(path, self.choice, threads=settings.intra_op_threads,
+                                   spinning=settings.intra_op_spinning)
+        pb_utils.Logger.log_info(f"{args['model_name']}: scoring in {self.choice.precision} on {self.choice.runtime} "
+                                 f"({self.choice.reason})")
 
     def execute(self, requests):
         responses = []
@@ -30,8 +35,9 @@ class TritonPythonModel:
             ids = pb_utils.get_input_tensor_by_name(request, contract.INPUT_IDS).as_numpy()
             mask = pb_utils.get_input_tensor_by_name(request, contract.ATTENTION_MASK).as_numpy()
             try:
-                scores = run_scores(self.session, ids, mask).astype(self.score_dtype, copy=False)
+                scores = self.score(ids, mask).astype(self.score_dtype, copy=False)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(contract.SCORE, scores)]))
             except Exception as exc:  # e.g. an id outside the vocabulary: fail this request, keep serving
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime: {exc}")))
+                error = pb_utils.TritonError(f"{self.choice.runtime}: {exc}")
+                responses.append(pb_utils.InferenceResponse(error=error))
         return responses

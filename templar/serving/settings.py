@@ -52,6 +52,10 @@ class EntrySettings:
     scorer_instances: int = 1
     intra_op_threads: int = _knob(0, "scorer")  # ONNX Runtime threads in the CPU scorer; 0 = one per physical core
     intra_op_spinning: bool = _knob(False, "scorer")  # busy-waiting burns CPU a trainer on the same cores could use
+    # What the CPU scorer computes in: "fp32" (ONNX Runtime), "bf16" (OpenVINO), or "auto": bf16 where the CPU has it
+    # in hardware (AMX or AVX-512 BF16; 2x fp32 there, docs/benchmarks.md), fp32 elsewhere. `templar export
+    # --precision` sets it; $TEMPLAR_CPU_PRECISION overrides "auto" on one machine (serving.cpu_precision).
+    cpu_precision: str = _knob("auto", "scorer")
     gpu_fp16: bool = False  # GPU container: TensorRT execution accelerator in FP16 instead of CUDA FP32
     # Guards against hostile input (docs/reliability.md). A row past a limit gets a per-row error naming it; a request
     # past max_request_bytes is refused whole; past max_queue_size queued requests, new ones are refused at once
@@ -99,6 +103,8 @@ def _encode(value: Any) -> str:
 
 def _decode(text: str, f: dataclasses.Field) -> Any:
     default = f.default
+    if isinstance(default, str):
+        return text
     if text == "" and f.type in ("float | None", "int | None"):
         return None
     if isinstance(default, bool):

@@ -10,6 +10,9 @@
     http         an OpenRLHF `serve_rm`-style server (FastAPI + uvicorn, torch forward per request) in its own
                  process, `concurrency` clients posting `batch` RM-templated texts each
     torch-sorted (on request) torch on Templar's micro-batches: splits the gain into batching and runtime
+    vllm         (on request) vLLM's CPU build (`/classify`, chat messages rendered server-side with the RM's own
+                 template, one conversation per request, as many in flight as Templar has conversations in flight),
+                 in its own environment (`make vllm-env`; skipped, saying why, when it is absent); --vllm-dtype
 
 Every backend scores the same conversations (after a short warm-up); the report gives conversations/s, ratios, the
 served path's preprocessing share and padding waste, and the largest score difference to torch. Other processes'
@@ -38,6 +41,8 @@ from templar.errors import BenchError
 from templar.export.repository import EntrySettings
 from templar.reward_client import RewardClientConfig
 from templar.serving.batching import PreprocessedBatch, padding_fraction, preprocess_rows, score_in_micro_batches
+from templar.serving.cpu_precision import CPU_PRECISION
+from templar.serving.cpu_precision import resolve as resolve_cpu_precision
 from templar.serving.settings import load_chat_format
 from templar.serving.onnx_runtime import create_session, run_scores
 from templar.tools.stats import spearman
@@ -47,7 +52,7 @@ from templar.tools.workload import conversations_from
 
 BACKENDS = ("templar", "onnxruntime", "torch", "http")
 # on request: torch on Templar's micro-batches (where does the gain come from?); the int8-quantized graph in-process
-EXTRA_BACKENDS = ("torch-sorted", "onnxruntime-int8")
+EXTRA_BACKENDS = ("torch-sorted", "onnxruntime-int8", "vllm", "openvino", "openvino-bf16")
 RM_NAME = "rm_bench"
 # "base": a CPU-sized RM (31M non-embedding parameters on a Llama backbone); "tiny": the test suite's size.
 SIZES = {
@@ -62,7 +67,13 @@ TARGETS = {  # name -> (ratio or share key, threshold, "min" | "max")
     "preprocessing <= 10% of served time": ("preprocess_share", 0.10, "max"),
     "padding waste <= 15% of tokens": ("padding_waste", 0.15, "max"),
     "scores within 1e-4 of torch": ("max_abs_diff_vs_torch", 1e-4, "max"),
+    "served >= 1.25x vLLM CPU": ("templar_vs_vllm", 1.25, "min"),
 }
+# backends whose scores may differ from the float32 reference by more than rounding (not in the 1e-4 target)
+LOW_PRECISION = ("onnxruntime-int8", "vllm", "openvino-bf16")
+# the order of the report's tables and plot
+ORDER = ("templar", "onnxruntime_bare", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8", "vllm",
+         "torch-sorted", "torch", "http")
 
 
 @dataclass
@@ -84,6 +95,9 @@ class BenchOptions:
     settings: EntrySettings = field(default_factory=EntrySettings)
     fusions: bool = False  # rewrite the exported graph with onnxruntime.transformers' fusions (parity-checked)
     timeout_s: float = 900.0  # per request
+    precision: str = "auto"  # `templar export --precision` of the served RM (auto: bf16 where the CPU has it)
+    vllm_python: Path | None = None  # the vLLM environment's python; default $TEMPLAR_VLLM_PYTHON or the cache's
+    vllm_dtype: str = "float32"  # what vLLM computes in: float32 (Templar's precision) or bfloat16
 
 
 @dataclass
@@ -168,7 +182,8 @@ def export(model_dir: Path, repo: Path, opts: BenchOptions, log: Callable[[str],
     from templar.export.exporter import ExportOptions, export_reward_model
 
     return export_reward_model(ExportOptions(model=model_dir, name=RM_NAME, repo=repo, max_length=opts.max_length,
-                                             settings=opts.settings), log=lambda m: log("  " + m))
+                                             settings=opts.settings, precision=opts.precision),
+                               log=lambda m: log("  " + m))
 
 
 def apply_transformer_fusions(onnx_path: Path, model_dir: Path, check_rows: Sequence[bytes],
@@ -240,8 +255,10 @@ def run_templar(ctx: Context) -> BackendResult:
     from templar.server.ports import free_server_ports
 
     opts = ctx.opts
+    choice = resolve_cpu_precision(CPU_PRECISION[opts.precision])
     server = EmbeddedTriton(ctx.repo, **free_server_ports(), log_file=ctx.repo.parent / "tritonserver.log")
-    ctx.log("  starting the embedded Triton server")
+    ctx.log(f"  starting the embedded Triton server (scoring in {choice.precision} on {choice.runtime}: "
+            f"{choice.reason})")
     with server:
         payloads = make_payloads(ctx.rows, opts.batch)
         warmup = make_payloads(ctx.rows[: opts.warmup], opts.batch)
@@ -265,9 +282,10 @@ def run_templar(ctx: Context) -> BackendResult:
         raise BenchError(f"{len(failed)} gRPC requests failed, e.g. {failed[0].code}: {failed[0].message}")
     scores = np.concatenate([o.scores for o in outcomes])
     latencies = np.array([o.latency_s for o in outcomes])
-    return BackendResult("templar", f"Templar over gRPC ({opts.concurrency} x {opts.batch}-conversation requests in "
-                         "flight)", wall, len(scores), scores,
-                         {"server": figures, "foreign_cpu_share": cpu.foreign_share,
+    return BackendResult("templar", f"Templar over gRPC, {choice.precision} on {choice.runtime} ({opts.concurrency} x "
+                         f"{opts.batch}-conversation requests in flight)", wall, len(scores), scores,
+                         {"server": figures, "foreign_cpu_share": cpu.foreign_share, "precision": choice.precision,
+                          "runtime": choice.runtime,
                           "request_latency_s": {"p50": float(np.percentile(latencies, 50)),
                                                 "p99": float(np.percentile(latencies, 99))}})
 
@@ -338,8 +356,20 @@ def run_onnxruntime_int8(ctx: Context) -> BackendResult:
                        "micro-batches", lambda ids, mask: run_scores(session, ids, mask))
 
 
-def int8_agreement(fp32: BackendResult, int8: BackendResult) -> dict[str, float]:
-    """How far the int8 graph's scores are from the float32 graph's: speed, largest and mean |d|, rank agreement."""
+def run_openvino(ctx: Context, precision: str) -> BackendResult:
+    """The exported graph in OpenVINO (the runtime of Triton's CPU `openvino` backend) in-process, on the same
+    micro-batches; `precision` is its inference precision hint (bf16 runs on AMX / AVX-512 BF16 in hardware)."""
+    from templar.serving.openvino_runtime import compile_model, run_scores as ov_scores
+
+    s = ctx.opts.settings
+    compiled = compile_model(ctx.scoring_onnx, precision=precision, threads=s.intra_op_threads)
+    name = "openvino" if precision == "fp32" else f"openvino-{precision}"
+    return _in_process(ctx, name, f"OpenVINO in-process, {precision}, same micro-batches",
+                       lambda ids, mask: ov_scores(compiled, ids, mask))
+
+
+def agreement(fp32: BackendResult, int8: BackendResult) -> dict[str, float]:
+    """How far a lower precision's scores are from float32's: speed, largest and mean |d|, rank agreement."""
     a, b = fp32.scores.astype(np.float64), int8.scores.astype(np.float64)
     return {"speedup_vs_fp32": int8.conversations_per_s / fp32.conversations_per_s,
             "max_abs_diff_vs_fp32": float(np.abs(a - b).max()), "mean_abs_diff_vs_fp32": float(np.abs(a - b).mean()),
@@ -417,9 +447,57 @@ def run_http(ctx: Context) -> BackendResult:
                          {"padding_waste": padding_fraction(lengths, batches), "foreign_cpu_share": cpu.foreign_share})
 
 
-RUNNERS: dict[str, Callable[[Context], BackendResult]] = {
+def run_vllm(ctx: Context) -> BackendResult | None:
+    """vLLM's CPU build on the same RM folder and conversations; None (after saying why) when it is not installed."""
+    import aiohttp
+
+    from templar.tools.bench.vllm_server import (VllmRewardServer, default_vllm_python, model_unsupported,
+                                                 vllm_missing)
+
+    opts = ctx.opts
+    python = opts.vllm_python or default_vllm_python()
+    missing = vllm_missing(python) or model_unsupported(ctx.model_dir)
+    if missing:
+        ctx.log(f"  skipping vllm: {missing}")
+        return None
+    in_flight = min(len(ctx.rows), opts.concurrency * opts.batch)  # the conversations Templar has in flight
+    extra = {"chat_template_kwargs": ctx.template_kwargs} if ctx.template_kwargs else {}
+
+    async def classify_all(rows: list[dict], url: str) -> list[float]:
+        scores: list[float | None] = [None] * len(rows)
+        next_index = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=opts.timeout_s)) as session:
+            async def worker() -> None:
+                nonlocal next_index
+                while next_index < len(rows):
+                    index = next_index
+                    next_index += 1
+                    body = {"model": RM_NAME, "messages": rows[index]["messages"], "use_activation": False, **extra}
+                    async with session.post(url + "/classify", json=body) as response:
+                        answer = await response.json()
+                        if response.status != 200:
+                            raise BenchError(f"vLLM answered {response.status}: {str(answer)[:300]}")
+                        scores[index] = float(answer["data"][0]["probs"][0])
+            await asyncio.gather(*(worker() for _ in range(min(in_flight, len(rows)))))
+        return scores
+
+    ctx.log(f"  starting vLLM ({python}, {opts.vllm_dtype}; about a minute)")
+    with VllmRewardServer(python, ctx.model_dir, name=RM_NAME, dtype=opts.vllm_dtype, max_length=opts.max_length,
+                          log_file=ctx.repo.parent / "vllm_server.log") as server:
+        asyncio.run(classify_all(ctx.rows[: opts.warmup], server.url))
+        with CpuMonitor() as cpu:
+            started = time.perf_counter()
+            scores = asyncio.run(classify_all(ctx.rows, server.url))
+            wall = time.perf_counter() - started
+    return BackendResult("vllm", f"vLLM CPU /classify, {opts.vllm_dtype} (messages, {in_flight} one-conversation "
+                         "requests in flight)", wall, len(scores), np.array(scores, dtype=np.float32),
+                         {"dtype": opts.vllm_dtype, "in_flight": in_flight, "foreign_cpu_share": cpu.foreign_share})
+
+
+RUNNERS: dict[str, Callable[[Context], BackendResult | None]] = {
     "templar": run_templar, "onnxruntime": run_onnxruntime, "torch": run_torch, "http": run_http,
-    "torch-sorted": run_torch_sorted, "onnxruntime-int8": run_onnxruntime_int8}
+    "torch-sorted": run_torch_sorted, "onnxruntime-int8": run_onnxruntime_int8, "vllm": run_vllm,
+    "openvino": lambda ctx: run_openvino(ctx, "fp32"), "openvino-bf16": lambda ctx: run_openvino(ctx, "bf16")}
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -428,20 +506,22 @@ def summarise(results: dict[str, BackendResult]) -> dict[str, Any]:
     ratios: dict[str, float] = {}
     served = throughput.get("templar")
     if served:
-        for other in ("torch", "http", "onnxruntime", "torch-sorted"):
+        for other in ("torch", "http", "onnxruntime", "torch-sorted", "vllm"):
             if throughput.get(other):
                 ratios[f"templar_vs_{other}"] = served / throughput[other]
         if "onnxruntime" in results:
             bare = results["onnxruntime"].conversations / results["onnxruntime"].details["model_run_s"]
             ratios["templar_vs_bare_onnxruntime"] = served / bare
             throughput["onnxruntime_bare"] = bare
-    order = ("templar", "onnxruntime_bare", "onnxruntime", "onnxruntime-int8", "torch-sorted", "torch", "http")
-    throughput = {name: throughput[name] for name in order if name in throughput}
+    throughput = {name: throughput[name] for name in ORDER if name in throughput}
     reference_name = "torch" if "torch" in results else next(iter(results))
     reference = results[reference_name].scores
     diffs = {name: float(np.max(np.abs(r.scores.astype(np.float64) - reference))) for name, r in results.items()}
     figures: dict[str, float] = dict(ratios)
-    figures[f"max_abs_diff_vs_{reference_name}"] = max(d for name, d in diffs.items() if name != "onnxruntime-int8")
+    low = [*LOW_PRECISION, *(["templar"] if results.get("templar") and
+                              results["templar"].details.get("precision") == "bf16" else [])]
+    figures[f"max_abs_diff_vs_{reference_name}"] = max([d for name, d in diffs.items() if name not in low],
+                                                       default=0.0)
     server = results["templar"].details.get("server", {}) if "templar" in results else {}
     if "preprocess_share_of_wall" in server:
         figures["preprocess_share"] = server["preprocess_share_of_wall"]
@@ -457,8 +537,11 @@ def summarise(results: dict[str, BackendResult]) -> dict[str, Any]:
     summary = {"throughput_conversations_per_s": throughput, "ratios": ratios,
                "max_abs_diff_vs_reference": diffs, "reference": reference_name, "targets": targets,
                "foreign_cpu_share": disturbed}
+    fp32 = results.get("onnxruntime") or results.get("torch")
+    if fp32 is not None:  # each lower precision against the fp32 graph (or torch): speed, |d|, rank agreement
+        summary["agreement_vs_fp32"] = {name: agreement(fp32, results[name]) for name in low if name in results}
     if "onnxruntime-int8" in results and "onnxruntime" in results:
-        summary["int8"] = int8_agreement(results["onnxruntime"], results["onnxruntime-int8"])
+        summary["int8"] = summary["agreement_vs_fp32"]["onnxruntime-int8"]
     return summary
 
 
@@ -469,11 +552,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     throughput = report["summary"]["throughput_conversations_per_s"]
-    names = [n for n in ("templar", "onnxruntime_bare", "onnxruntime", "onnxruntime-int8", "torch-sorted", "torch",
-                         "http") if n in throughput]
+    names = [n for n in ORDER if n in throughput]
     labels = {"templar": "Templar\n(gRPC)", "onnxruntime": "ONNX Runtime\nin-process", "onnxruntime_bare":
               "ONNX Runtime\n(bare run time)", "torch": "HF torch\nin-process", "http": "OpenRLHF-style\nHTTP",
-              "torch-sorted": "HF torch on\nsorted batches", "onnxruntime-int8": "ONNX Runtime\nint8"}
+              "torch-sorted": "HF torch on\nsorted batches", "onnxruntime-int8": "ONNX Runtime\nint8",
+              "vllm": "vLLM CPU\n/classify", "openvino": "OpenVINO\nfp32", "openvino-bf16": "OpenVINO\nbf16"}
     values = [throughput[n] for n in names]
     fig, ax = plt.subplots(figsize=(9.0, 4.2))
     bars = ax.bar([labels[n] for n in names], values,
@@ -504,6 +587,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
             raise BenchError(f"{name} must be at least 1, got {value}")
     work = opts.work or opts.out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    log(f"machine: {machine['cpu_model']}, {machine['cpus']} cores, features {' '.join(machine['cpu_features'])}")
     rows = conversations_from(opts.data, None if opts.data else opts.conversations, seed=opts.seed)
     model_dir = prepare_model(opts, work, log)
     total, non_embedding = non_embedding_parameters(model_dir)
@@ -521,16 +606,22 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         f"{np.median(lengths):.0f}, max {lengths.max()})")
 
     results: dict[str, BackendResult] = {}
+    skipped: list[str] = []
     for name in opts.backends:
         log(f"[{name}] scoring {len(rows)} conversations ...")
-        results[name] = RUNNERS[name](ctx)
-        r = results[name]
+        r = RUNNERS[name](ctx)
+        if r is None:  # not installed here (the runner said why)
+            skipped.append(name)
+            continue
+        results[name] = r
         log(f"[{name}] {r.conversations_per_s:.2f} conversations/s ({r.seconds:.1f}s)")
+    if not results:
+        raise BenchError(f"no backend ran (skipped: {', '.join(skipped)})")
     summary = summarise(results)
     report = {
         "tool": "templar bench",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
+        "machine": machine,
         "model": {"source": str(opts.model) if opts.model else f"random {opts.size} RM on {opts.family}",
                   "parameters": total, "non_embedding_parameters": non_embedding,
                   "export_parity_max_abs_diff": report_export.max_abs_diff, "max_length": opts.max_length,
@@ -543,6 +634,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         "backends": {name: {"description": r.description, "seconds": r.seconds, "conversations": r.conversations,
                             "conversations_per_s": r.conversations_per_s, **r.details}
                      for name, r in results.items()},
+        "skipped": skipped,
         "summary": summary,
     }
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -571,6 +663,10 @@ def print_summary(report: dict[str, Any], log: Callable[[str], None]) -> None:
         log(f"  int8 vs fp32: x{int8['speedup_vs_fp32']:.2f} conv/s, max |d| {int8['max_abs_diff_vs_fp32']:.3f}, "
             f"mean |d| {int8['mean_abs_diff_vs_fp32']:.3f} (fp32 score std {int8['fp32_score_std']:.3f}), "
             f"Spearman {int8['spearman_vs_fp32']:.4f}")
+    for name, figures in summary.get("agreement_vs_fp32", {}).items():
+        log(f"  {name} vs fp32: x{figures['speedup_vs_fp32']:.2f} conv/s, max |d| "
+            f"{figures['max_abs_diff_vs_fp32']:.3g}, mean |d| {figures['mean_abs_diff_vs_fp32']:.3g} (fp32 score std "
+            f"{figures['fp32_score_std']:.3f}), Spearman {figures['spearman_vs_fp32']:.4f}")
     disturbed = [n for n, share in summary["foreign_cpu_share"].items() if share > 0.05]
     if disturbed:
         log(f"warning: other processes used more than 5% of the CPU during {', '.join(disturbed)}; "
@@ -590,6 +686,8 @@ def parse_setting(text: str) -> tuple[str, Any]:
         if value.lower() not in ("1", "0", "true", "false"):
             raise argparse.ArgumentTypeError(f"{name} takes true or false, got {value!r}")
         return name, value.lower() in ("1", "true")
+    if isinstance(default, str):
+        return name, value
     try:
         return name, (float(value) if "float" in str(fields[name].type) else int(value))
     except ValueError:
@@ -627,6 +725,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fusions", action="store_true", help="apply onnxruntime.transformers' graph fusions "
                         "to the exported model first (checked for score parity)")
     parser.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"),
+                        help="what Templar's CPU scorer computes in (templar export --precision; default: "
+                        "%(default)s: bf16 where the CPU has it in hardware)")
+    parser.add_argument("--vllm-python", type=Path, help="the python of the vLLM environment for the vllm backend "
+                        "(default: $TEMPLAR_VLLM_PYTHON, else $TEMPLAR_HOME/vllm-venv, made by `make vllm-env`)")
+    parser.add_argument("--vllm-dtype", default=d.vllm_dtype, choices=("float32", "bfloat16"),
+                        help="what vLLM computes in (default: %(default)s, Templar's precision)")
 
 
 def main(args) -> int:
@@ -634,7 +739,8 @@ def main(args) -> int:
                         conversations=args.conversations, data=args.data, seed=args.seed, batch=args.batch,
                         concurrency=args.concurrency, torch_batch=args.torch_batch, max_length=args.max_length,
                         backends=[b.strip() for b in args.backends.split(",") if b.strip()], warmup=args.warmup,
-                        settings=EntrySettings(**dict(args.setting)), fusions=args.fusions)
+                        settings=EntrySettings(**dict(args.setting)), fusions=args.fusions,
+                        vllm_python=args.vllm_python, vllm_dtype=args.vllm_dtype, precision=args.precision)
     report = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({"throughput_conversations_per_s": report["summary"]["throughput_conversations_per_s"],
                       "ratios": report["summary"]["ratios"]}))
