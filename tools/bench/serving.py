@@ -577,7 +577,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+def check_options(opts: BenchOptions) -> None:
     unknown = [b for b in opts.backends if b not in BACKENDS + EXTRA_BACKENDS]
     if unknown or not opts.backends:
         raise BenchError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS + EXTRA_BACKENDS)}")
@@ -585,6 +585,27 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
                         ("--torch-batch", opts.torch_batch), ("--conversations", opts.conversations)):
         if value < 1:
             raise BenchError(f"{name} must be at least 1, got {value}")
+
+
+def run_backends(ctx: Context) -> tuple[dict[str, BackendResult], list[str]]:
+    """Each backend in turn on the same conversations; the names of those not installed here come back apart."""
+    results: dict[str, BackendResult] = {}
+    skipped: list[str] = []
+    for name in ctx.opts.backends:
+        ctx.log(f"[{name}] scoring {len(ctx.rows)} conversations ...")
+        r = RUNNERS[name](ctx)
+        if r is None:  # not installed here (the runner said why)
+            skipped.append(name)
+            continue
+        results[name] = r
+        ctx.log(f"[{name}] {r.conversations_per_s:.2f} conversations/s ({r.seconds:.1f}s)")
+    if not results:
+        raise BenchError(f"no backend ran (skipped: {', '.join(skipped)})")
+    return results, skipped
+
+
+def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    check_options(opts)
     work = opts.work or opts.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
@@ -605,18 +626,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
     log(f"{len(rows)} conversations, {int(lengths.sum())} tokens (mean {lengths.mean():.0f}, median "
         f"{np.median(lengths):.0f}, max {lengths.max()})")
 
-    results: dict[str, BackendResult] = {}
-    skipped: list[str] = []
-    for name in opts.backends:
-        log(f"[{name}] scoring {len(rows)} conversations ...")
-        r = RUNNERS[name](ctx)
-        if r is None:  # not installed here (the runner said why)
-            skipped.append(name)
-            continue
-        results[name] = r
-        log(f"[{name}] {r.conversations_per_s:.2f} conversations/s ({r.seconds:.1f}s)")
-    if not results:
-        raise BenchError(f"no backend ran (skipped: {', '.join(skipped)})")
+    results, skipped = run_backends(ctx)
     summary = summarise(results)
     report = {
         "tool": "templar bench",
