@@ -14,8 +14,8 @@ COPY trainer trainer
 COPY tools tools
 
 # What the Python models import (tests/test_deploy.py keeps this list in step with the code): no torch here, the
-# scoring model runs on Triton's own ONNX Runtime / TensorRT backends; onnxruntime serves the CPU configs.
-RUN pip install -c constraints.txt numpy transformers tokenizers jinja2 onnxruntime \
+# scoring model runs on Triton's own ONNX Runtime / TensorRT backends; onnxruntime (fp32) and openvino (bf16) serve the CPU configs.
+RUN pip install -c constraints.txt numpy transformers tokenizers jinja2 onnxruntime openvino \
  && pip install --no-deps .
 
 EXPOSE 8000 8001 8002

@@ -70,7 +70,7 @@ def test_the_settings_table_round_trips_through_the_generated_configs(tmp_path):
     `from_parameters` (what the three Python models call): no key is written under one name and read under another."""
     settings = EntrySettings(max_batch_size=64, micro_batch_rows=8, micro_batch_tokens=1000,
                              micro_batch_max_padding=None, intra_op_threads=3, intra_op_spinning=True,
-                             max_row_bytes=999, max_messages=7, max_json_depth=9, max_request_bytes=12345)
+                             cpu_precision="bf16", max_row_bytes=999, max_messages=7, max_json_depth=9, max_request_bytes=12345)
     entry = RewardModelEntry("rm", tmp_path / "model.onnx", tmp_path, {"max_length": "8"}, settings)
     configs = {"entry": repository.entry_config(entry), "preprocess": repository.preprocess_config(entry),
                "scorer": repository.scorer_config_embedded(entry)}
@@ -84,8 +84,8 @@ def test_the_settings_table_round_trips_through_the_generated_configs(tmp_path):
             assert getattr(back, f.name) == getattr(settings, f.name) != getattr(EntrySettings(), f.name), key
             recorded.add(f.name)
     assert recorded == {"max_batch_size", "micro_batch_rows", "micro_batch_tokens", "micro_batch_max_padding",
-                        "intra_op_threads", "intra_op_spinning", "max_row_bytes", "max_messages", "max_json_depth",
-                        "max_request_bytes"}
+                        "intra_op_threads", "intra_op_spinning", "cpu_precision", "max_row_bytes", "max_messages",
+                        "max_json_depth", "max_request_bytes"}
     assert settings.row_limits.max_messages == 7
     # a config written before a key existed keeps that key's documented default
     assert EntrySettings.from_parameters({}, "entry") == EntrySettings()

@@ -83,7 +83,7 @@ def resolve(setting: str, *, flags: set[str] | None = None, environ: dict[str, s
         return CpuPrecision("fp32", "onnxruntime", f"{why}: fp32 on ONNX Runtime")
     if not openvino_available():
         raise ValueError(f"{why} needs OpenVINO (pip install openvino), which is not installed")
-    note = f"the CPU has {hardware}" if hardware else "this CPU has no bf16 in hardware: measure before using it"
+    note = f"the CPU has {hardware}" if hardware else "this CPU has no bf16 in hardware: OpenVINO computes in fp32 here"
     return CpuPrecision("bf16", "openvino", f"{why}: bf16 on OpenVINO ({note})")
 
 

@@ -21,6 +21,8 @@ def compile_model(path: str | os.PathLike, *, precision: str = "fp32", threads: 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     core = ov.Core()
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        precision = "fp32"  # no bf16 in this CPU's hardware: OpenVINO runs the graph in fp32 (cpu_precision says so)
     config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(threads)
