@@ -70,7 +70,8 @@ def test_the_settings_table_round_trips_through_the_generated_configs(tmp_path):
     `from_parameters` (what the three Python models call): no key is written under one name and read under another."""
     settings = EntrySettings(max_batch_size=64, micro_batch_rows=8, micro_batch_tokens=1000,
                              micro_batch_max_padding=None, intra_op_threads=3, intra_op_spinning=True,
-                             cpu_precision="bf16", max_row_bytes=999, max_messages=7, max_json_depth=9, max_request_bytes=12345)
+                             cpu_precision="bf16", max_row_bytes=999, max_messages=7, max_json_depth=9,
+                             max_request_bytes=12345)
     entry = RewardModelEntry("rm", tmp_path / "model.onnx", tmp_path, {"max_length": "8"}, settings)
     configs = {"entry": repository.entry_config(entry), "preprocess": repository.preprocess_config(entry),
                "scorer": repository.scorer_config_embedded(entry)}
