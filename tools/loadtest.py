@@ -36,6 +36,7 @@ from templar.conversation import conversation_rows
 from templar.errors import LoadTestError
 from templar.reward_client import RewardClientConfig
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS
+from templar.serving.cpu_precision import cpu_flags
 from templar.tools.workload import conversation_mix, invalid_rows, read_rows
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
@@ -324,15 +325,15 @@ CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_til
 
 
 def machine_info() -> dict[str, Any]:
-    model, flags = "", set()
+    model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
+            if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
+    flags = cpu_flags()
     import onnxruntime
 
     return {"cpus": os.cpu_count(), "cpu_model": model or platform.processor(),

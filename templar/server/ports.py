@@ -52,17 +52,15 @@ def free_ports(count: int, host: str = DEFAULT_HOST) -> list[int]:
     try:
         for _ in range(200 * count):
             if len(ports) == count:
-                return ports
+                break
             port = chooser.randrange(_PORT_FLOOR, ceiling)
-            if port in ports:
-                continue
-            sockets = _bind_all(hosts, port)
+            sockets = [] if port in ports else _bind_all(hosts, port)
             if sockets:
                 held.extend(sockets)
                 ports.append(port)
-        if len(ports) == count:
-            return ports
-        raise OSError(f"found {len(ports)} of {count} free ports between {_PORT_FLOOR} and {ceiling} on {host}")
+        if len(ports) < count:
+            raise OSError(f"found {len(ports)} of {count} free ports between {_PORT_FLOOR} and {ceiling} on {host}")
+        return ports
     finally:
         for sock in held:
             sock.close()

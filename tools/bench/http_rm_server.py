@@ -59,32 +59,39 @@ def create_app(model_dir: str | Path, *, max_length: int, batch_size: int | None
     return app
 
 
-class HttpRewardServer:
-    """The OpenRLHF-style server in a child process; a context manager."""
+class ChildHttpServer:
+    """A server in a child process that answers GET /health once it is up; a context manager. Subclasses give the
+    command, its environment and their error messages (the benchmark's HTTP server here, vLLM in vllm_server)."""
 
-    def __init__(self, model_dir: str | Path, *, max_length: int = 4096, batch_size: int | None = None,
-                 template_kwargs: dict | None = None, host: str = DEFAULT_HOST, port: int | None = None,
-                 startup_timeout_s: float = 300.0, log_file: str | Path | None = None) -> None:
-        self.model_dir = Path(model_dir)
+    poll_s = 0.25  # between /health probes while starting
+    stop_grace_s = 20.0  # SIGTERM, then SIGKILL after this long
+
+    def __init__(self, *, host: str, port: int | None, startup_timeout_s: float, log_file: Path | None) -> None:
         self.host, self.port = host, port or free_port(host)
-        self.args = ["--model", str(self.model_dir), "--host", host, "--port", str(self.port),
-                     "--max-len", str(max_length), "--template-kwargs", json.dumps(template_kwargs or {})]
-        if batch_size:
-            self.args += ["--batch-size", str(batch_size)]
-        self.startup_timeout_s = startup_timeout_s
-        self.log_file = Path(log_file) if log_file else None
+        self.startup_timeout_s, self.log_file = startup_timeout_s, log_file
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> HttpRewardServer:
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def exited_error(self, code: int) -> Exception:
+        return RuntimeError(f"the server exited with code {code} while starting")
+
+    def timeout_error(self) -> Exception:
+        return RuntimeError(f"the server did not answer within {self.startup_timeout_s:.0f}s")
+
+    def start(self):
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", "templar.tools.bench.http_rm_server", *self.args],
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=use_offline_defaults(dict(os.environ)),
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self.environment(),
                                             preexec_fn=die_with_parent)
         finally:
             if self.log_file:
@@ -92,33 +99,60 @@ class HttpRewardServer:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the HTTP reward server exited with code {self.process.returncode} while "
-                                   f"starting (log: {self.log_file or 'not kept'})")
+                raise self.exited_error(self.process.returncode)
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
                     if response.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
                 pass
-            time.sleep(0.25)
+            time.sleep(self.poll_s)
         self.stop()
-        raise RuntimeError(f"the HTTP reward server did not answer within {self.startup_timeout_s:.0f}s")
+        raise self.timeout_error()
 
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=self.stop_grace_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
 
-    def __enter__(self) -> HttpRewardServer:
+    def __enter__(self):
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class HttpRewardServer(ChildHttpServer):
+    """The OpenRLHF-style server in a child process; a context manager."""
+
+    def __init__(self, model_dir: str | Path, *, max_length: int = 4096, batch_size: int | None = None,
+                 template_kwargs: dict | None = None, host: str = DEFAULT_HOST, port: int | None = None,
+                 startup_timeout_s: float = 300.0, log_file: str | Path | None = None) -> None:
+        super().__init__(host=host, port=port, startup_timeout_s=startup_timeout_s,
+                         log_file=Path(log_file) if log_file else None)
+        self.model_dir = Path(model_dir)
+        self.args = ["--model", str(self.model_dir), "--host", host, "--port", str(self.port),
+                     "--max-len", str(max_length), "--template-kwargs", json.dumps(template_kwargs or {})]
+        if batch_size:
+            self.args += ["--batch-size", str(batch_size)]
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "templar.tools.bench.http_rm_server", *self.args]
+
+    def environment(self) -> dict[str, str]:
+        return use_offline_defaults(dict(os.environ))
+
+    def exited_error(self, code: int) -> Exception:
+        return RuntimeError(f"the HTTP reward server exited with code {code} while starting (log: "
+                            f"{self.log_file or 'not kept'})")
+
+    def timeout_error(self) -> Exception:
+        return RuntimeError(f"the HTTP reward server did not answer within {self.startup_timeout_s:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:

