@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -171,10 +172,22 @@ class SupervisedTriton:
         if not self.server.model_control:  # models never unload: a stub that vanished died
             dead |= {pid: model for pid, model in self._stubs.items() if pid not in live}
         self._stubs |= live
+        if dead and self._server_exits(process):  # a dying server's stubs leave its children (orphaned, not dead)
+            return "server_died", exit_reason(process.returncode)
         if dead:
             names = ", ".join(f"{model} (pid {pid})" for pid, model in sorted(dead.items()))
             return "stub_died", f"the Python-backend stub of {names} died; Triton does not restart it"
         return None
+
+    @staticmethod
+    def _server_exits(process: subprocess.Popen, grace_s: float = 1.0) -> bool:
+        """Whether the server exits within `grace_s` (a SIGKILLed server reparents its children before it can be
+        reaped, so a stub can look gone a moment before the server does)."""
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def _recover(self, kind: str, problem: str) -> bool:
         """Restart until the server serves again (True), or give up / stop was asked for (False)."""
