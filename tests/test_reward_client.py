@@ -104,6 +104,9 @@ def test_least_outstanding_balancing_and_fail_over(pair):
     a, b = pair
     config = RewardClientConfig(model="rm_small", endpoints=[a.grpc_url, b.grpc_url], rows_per_request=2,
                                 max_in_flight=4, endpoint_cooldown_s=30)
+    for server in pair:  # a replica's first requests pay its warm-up: measure the split between warm replicas
+        with RewardClient(RewardClientConfig(model="rm_small", endpoints=[server.grpc_url])) as warm:
+            warm.score(rows(4))
     before = [inference_count(s, "rm_small") for s in pair]
     with RewardClient(config) as client:
         result = client.score(rows(48))
