@@ -34,6 +34,7 @@ class TokenizedConversation:
     input_ids: list[int]
     num_tokens_before_truncation: int
     escaped_control_tokens: int = 0
+    text: str | None = None  # the rendered text, where it was rendered apart from tokenizing (tokenize_steps)
 
     @property
     def truncated(self) -> bool:
@@ -65,7 +66,8 @@ class ChatFormat:
     """A model's chat template + tokenizer with Templar's guards (see the module docstring)."""
 
     def __init__(self, tokenizer: Any, *, chat_template: str | None = None, template_kwargs: dict | None = None,
-                 max_length: int | None = None, special_tokens: str = "escape") -> None:
+                 max_length: int | None = None, special_tokens: str = "escape",
+                 extra_control_tokens: Iterable[str] = ()) -> None:
         if special_tokens not in SPECIAL_TOKEN_POLICIES:
             raise ConfigError(f"special_tokens must be one of {SPECIAL_TOKEN_POLICIES}, got {special_tokens!r}")
         template = chat_template if chat_template is not None else tokenizer.chat_template
@@ -82,7 +84,9 @@ class ChatFormat:
         self.template_kwargs = dict(template_kwargs or {})
         self.max_length = max_length
         self.special_tokens = special_tokens
-        self.control_tokens = self._find_control_tokens()
+        # a process RM's step tag, where it is an added token, is escaped in client text like the template's tokens
+        added = set(tokenizer.added_tokens_encoder)
+        self.control_tokens = tuple(sorted(set(self._find_control_tokens()) | (set(extra_control_tokens) & added)))
         # what a client's template_kwargs may not set: besides the usual names, this tokenizer's own special tokens
         self.reserved_kwargs = RESERVED_TEMPLATE_KWARGS | set(tokenizer.special_tokens_map)
         # Pinning the list makes transformers' sanitizer escape exactly the tokens we detect.
@@ -167,6 +171,44 @@ class ChatFormat:
         if not ids:
             raise ConversationError("the chat template rendered the conversation to no tokens")
         return TokenizedConversation(self._truncate(ids), len(ids), len(hits))
+
+    def tokenize_steps(self, conversation: Conversation, steps: list[str], suffix: str, joiner: str = "", *,
+                       system_prompt: str | None = None) -> TokenizedConversation:
+        """A process RM's reading of a conversation (templar.steps): the last (assistant) content replaced by
+        `steps`, each followed by `suffix` (which holds the RM's step tag) and joined by `joiner`, and the system
+        message by `system_prompt` when given. The suffixes are the only tags the RM sees: control-token strings in the
+        client's text (the step tag among them, where it is an added token) are escaped, or refused, as in `tokenize`.
+        """
+        if conversation.text is not None:
+            raise ConversationError("a process reward model scores messages, not a 'text' row")
+        messages = [m for m in conversation.messages[:-1] if system_prompt is None or m["role"] != "system"]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        client = Conversation([*messages, {"role": "assistant", "content": "\0".join(steps)}], conversation.tools,
+                              conversation.template_kwargs)
+        hits = self.control_tokens_in(client)
+        if hits and self.special_tokens == "reject":
+            raise ConversationError(f"content contains control-token strings ({', '.join(sorted(set(hits)))}); this "
+                                    "model's policy is special_tokens=reject")
+        kwargs = self._kwargs(conversation)
+        tools = conversation.tools
+        if hits:  # transformers' own marking (as apply_chat_template does it), before the tags go in unmarked
+            (messages,), tools, _, kwargs = self.tokenizer._mark_chat_inputs(
+                self.chat_template, [messages], tools, None, kwargs, True, False)
+            (steps,), _, _, _ = self.tokenizer._mark_chat_inputs(self.chat_template, [steps], None, None, {}, True,
+                                                                 False)
+        content = joiner.join(step + suffix for step in steps)
+        try:
+            text = self.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": content}],
+                                                      tools=tools, tokenize=False, **kwargs)
+        except jinja2.TemplateError as exc:
+            raise ConversationError(f"the chat template rejected the conversation: {exc}") from None
+        ids = list(self.tokenizer(text, add_special_tokens=False, sanitize_control_tokens=bool(hits))["input_ids"])
+        if hits:  # the text as rendered, without transformers' private marks around the escaped tokens
+            from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, _CONTROL_TOKEN_START
+
+            text = text.replace(_CONTROL_TOKEN_START, "").replace(_CONTROL_TOKEN_END, "")
+        return TokenizedConversation(self._truncate(ids), len(ids), len(hits), text)
 
     def _tokenize_text(self, text: str) -> TokenizedConversation:
         """A {"text": ...} row: the tokenizer's own reading of the text (its special-token strings become special

@@ -14,6 +14,21 @@ Entry point `<rm>` (what clients call):
            TRUNCATED     TYPE_BOOL   [1]   the conversation was cut from the start to fit max_length
 `<rm>_preprocess` (this RM's template + tokenizer) adds INPUT_IDS / ATTENTION_MASK [-1] and, on request, TEXT.
 `<rm>_model` (ONNX, or a TensorRT engine with int32 ids) maps INPUT_IDS, ATTENTION_MASK -> SCORE.
+
+A process RM (templar.steps, `templar export --kind prm`) answers the same four outputs, SCORE being the configured
+aggregate of its steps (min, last or mean), and three more, which a client asks for by name (old clients never see
+them):
+    output STEP_SCORES   TYPE_FP32   [-1]  each step's score; NaN past NUM_STEPS (rows of a request pad to the most)
+           NUM_STEPS     TYPE_INT32  [1]   steps read; 0 where the row failed
+           STEP_ENDS     TYPE_INT32  [-1]  character offset just past each step in the assistant content the client
+                                           sent; -1 past NUM_STEPS
+Its `<rm>_preprocess` adds STEP_POSITIONS (the token index of each step tag) and NUM_STEPS, STEP_ENDS; its
+`<rm>_model` maps INPUT_IDS, ATTENTION_MASK -> TOKEN_SCORES [-1] (the step score at every position), read at the tags.
+
+A multi-objective RM (`num_labels > 1`: one value per named objective) answers SCORE as the combination of its
+objectives (the weights given at export, `--objective-weights`) and, asked for by name:
+    output SCORES        TYPE_FP32   [-1]  one value per objective, in the order the `objectives` parameter names
+Its `<rm>_model` answers SCORE and SCORES.
 """
 
 from __future__ import annotations
@@ -31,6 +46,12 @@ TRUNCATED = "TRUNCATED"
 INPUT_IDS = "INPUT_IDS"
 ATTENTION_MASK = "ATTENTION_MASK"
 TEXT = "TEXT"  # the exact text the RM's template rendered; only computed when a client asks for it
+STEP_SCORES = "STEP_SCORES"
+NUM_STEPS = "NUM_STEPS"
+STEP_ENDS = "STEP_ENDS"
+STEP_POSITIONS = "STEP_POSITIONS"
+TOKEN_SCORES = "TOKEN_SCORES"
+SCORES = "SCORES"
 
 # The scoring model's config for the embedded CPU server (`configs/embedded.pbtxt`, beside the GPU container's
 # config.pbtxt): `templar serve` starts Triton with --model-config-name=embedded
@@ -56,8 +77,17 @@ PARAM_SCORING_IDS_DTYPE = "scoring_ids_dtype"
 PARAM_SCORE_POSITION = "score_position"
 PARAM_SCORE_PAD_ID = "score_pad_id"
 PARAM_SCORE_POSITION_REASON = "score_position_reason"
+# What an RM scores: "outcome" (one score per conversation, the default), "process" (a score per step) or
+# "multi-objective" (a value per named objective, and their combination as SCORE)
+PARAM_RM_KIND = "rm_kind"
+RM_KINDS = ("outcome", "process", "multi-objective")
+PARAM_OBJECTIVES = "objectives"  # a multi-objective RM's objective names, as a JSON list
+PARAM_OBJECTIVE_WEIGHTS = "objective_weights"  # ... and the weights SCORE combines them with, as a JSON list
+PARAM_STEP_FORMAT = "step_format"  # a process RM's templar.steps.StepFormat, as JSON
+PARAM_STEP_TAG_ID = "step_tag_id"
 FINGERPRINT_PARAMS = (PARAM_TEMPLATE_SHA256, PARAM_TOKENIZER_SHA256, PARAM_MAX_LENGTH, PARAM_SPECIAL_TOKENS,
-                      PARAM_WEIGHTS_SHA256, PARAM_PRECISION, PARAM_SCORE_POSITION, PARAM_SCORE_PAD_ID)
+                      PARAM_WEIGHTS_SHA256, PARAM_PRECISION, PARAM_SCORE_POSITION, PARAM_SCORE_PAD_ID,
+                      PARAM_RM_KIND, PARAM_STEP_FORMAT, PARAM_STEP_TAG_ID, PARAM_OBJECTIVES, PARAM_OBJECTIVE_WEIGHTS)
 
 
 # -- the table -------------------------------------------------------------------------------------------------------
@@ -108,22 +138,50 @@ _STATUS = TensorSpec(STATUS, "TYPE_STRING", _ROW_STRING)
 _NUM_TOKENS = TensorSpec(NUM_TOKENS, "TYPE_INT32", (1,))
 _TRUNCATED = TensorSpec(TRUNCATED, "TYPE_BOOL", (1,))
 
+_NUM_STEPS = TensorSpec(NUM_STEPS, "TYPE_INT32", (1,))
+_STEP_ENDS = TensorSpec(STEP_ENDS, "TYPE_INT32", (-1,))
+_STEPS = (TensorSpec(STEP_SCORES, "TYPE_FP32", (-1,)), _NUM_STEPS, _STEP_ENDS)  # a process RM's, per row
+
 ENTRY = Signature(inputs=(_CONVERSATION,), outputs=(_SCORE, _STATUS, _NUM_TOKENS, _TRUNCATED))
+ENTRY_PROCESS = Signature(inputs=ENTRY.inputs, outputs=(*ENTRY.outputs, *_STEPS))
+_SCORES = TensorSpec(SCORES, "TYPE_FP32", (-1,))
+ENTRY_OBJECTIVES = Signature(inputs=ENTRY.inputs, outputs=(*ENTRY.outputs, _SCORES))
 PREPROCESS = Signature(
     inputs=(_CONVERSATION,),
     outputs=(TensorSpec(INPUT_IDS, "TYPE_INT64", (-1,)), TensorSpec(ATTENTION_MASK, "TYPE_INT64", (-1,)),
              _STATUS, _NUM_TOKENS, _TRUNCATED, TensorSpec(TEXT, "TYPE_STRING", _ROW_STRING)))
-# What the entry model asks `<rm>_preprocess` for (TEXT only when a client asks for the rendered text).
-PREPROCESS_FOR_SCORING = tuple(name for name in PREPROCESS.output_names if name != TEXT)
+PREPROCESS_PROCESS = Signature(inputs=PREPROCESS.inputs, outputs=(
+    *PREPROCESS.outputs, TensorSpec(STEP_POSITIONS, "TYPE_INT32", (-1,)), _NUM_STEPS, _STEP_ENDS))
 
 
-def scorer_signature(ids_type: str = "TYPE_INT64") -> Signature:
-    """`<rm>_model`: int64 ids for ONNX graphs; a TensorRT engine takes int32 ids."""
+def entry_signature(kind: str = "outcome") -> Signature:
+    """`<rm>`: the four outputs of every RM, and a process RM's step outputs or a multi-objective RM's SCORES."""
+    return {"process": ENTRY_PROCESS, "multi-objective": ENTRY_OBJECTIVES}.get(kind, ENTRY)
+
+
+def preprocess_signature(kind: str = "outcome") -> Signature:
+    return PREPROCESS_PROCESS if kind == "process" else PREPROCESS
+
+
+def preprocess_for_scoring(kind: str = "outcome") -> tuple[str, ...]:
+    """What the entry model asks `<rm>_preprocess` for (TEXT only when a client asks for the rendered text)."""
+    return tuple(name for name in preprocess_signature(kind).output_names if name != TEXT)
+
+
+PREPROCESS_FOR_SCORING = preprocess_for_scoring()
+
+
+def scorer_signature(ids_type: str = "TYPE_INT64", kind: str = "outcome") -> Signature:
+    """`<rm>_model`: int64 ids for ONNX graphs; a TensorRT engine takes int32 ids. A process RM's answers the step
+    score at every position."""
+    outputs = {"process": (TensorSpec(TOKEN_SCORES, "TYPE_FP32", (-1,)),),
+               "multi-objective": (_SCORE, _SCORES)}.get(kind, (_SCORE,))
     return Signature(inputs=(TensorSpec(INPUT_IDS, ids_type, (-1,)), TensorSpec(ATTENTION_MASK, ids_type, (-1,))),
-                     outputs=(_SCORE,))
+                     outputs=outputs)
 
 
 ENTRY_OUTPUTS = ENTRY.output_names  # what a client requests from `<rm>`
+ENTRY_PROCESS_OUTPUTS = ENTRY_PROCESS.output_names  # ... from a process RM, its steps included
 
 
 # -- names and statuses ----------------------------------------------------------------------------------------------

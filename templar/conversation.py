@@ -52,11 +52,17 @@ class Conversation:
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     text: str | None = None  # a {"text": ...} row: already rendered by another template, scored as it is
+    # the response's steps, as a client may send them for a process RM: {"role": "assistant", "content": ...,
+    # "steps": [...]} (templar.steps); None: a PRM cuts the content on its separator
+    steps: list[str] | None = None
 
     def to_json(self) -> str:
         if self.text is not None:
             return json.dumps({"text": self.text}, ensure_ascii=False)
-        row: dict[str, Any] = {"messages": self.messages}
+        messages = self.messages
+        if self.steps is not None:
+            messages = [*messages[:-1], {**messages[-1], "steps": self.steps}]
+        row: dict[str, Any] = {"messages": messages}
         if self.tools is not None:
             row["tools"] = self.tools
         if self.template_kwargs:
@@ -168,7 +174,18 @@ def parse_conversation(row: bytes | str | Mapping[str, Any], limits: RowLimits =
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
     if reserved:
         raise ConversationError(f"'template_kwargs' may not set {', '.join(reserved)}")
-    return Conversation(messages=messages, tools=tools, template_kwargs=dict(kwargs))
+    return Conversation(messages=messages, tools=tools, template_kwargs=dict(kwargs),
+                        steps=_steps(row["messages"][-1]))
+
+
+def _steps(message: Mapping[str, Any]) -> list[str] | None:
+    """The final message's optional "steps" (a process RM's step texts, templar.steps)."""
+    steps = message.get("steps")
+    if steps is None:
+        return None
+    if not isinstance(steps, list) or not all(isinstance(step, str) for step in steps):
+        raise ConversationError(f"messages[-1].steps must be a list of strings, got {_kind(steps)}")
+    return list(steps)
 
 
 def conversation_rows(conversations: Sequence[Conversation | Mapping[str, Any] | Sequence[Mapping]]) -> list[bytes]:

@@ -25,6 +25,16 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int = 0, width: int | None 
     return ids, mask
 
 
+def padded_rows(rows: Sequence[Sequence[float]], fill: float, dtype: type = np.int32) -> np.ndarray:
+    """Ragged per-row values (a process RM's steps) -> [N, W] with `fill` past each row's end; W = the longest row
+    (at least 1: a tensor of zero width cannot go on the wire)."""
+    width = max(1, max(map(len, rows), default=0))
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Pad-aware positions: every row's first real token is at position 0, whichever side it is padded on."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import random
 import threading
@@ -394,6 +395,17 @@ class RewardClient:
             self._connected = True
             return self.fingerprints
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What each request asks for: the four outputs of every RM, and a process RM's steps (templar.contract)."""
+        kind = self.parameters.get(contract.PARAM_RM_KIND) or "outcome"
+        return contract.entry_signature(kind).output_names
+
+    @property
+    def objectives(self) -> list[str]:
+        """A multi-objective RM's objective names, in the order of `RewardResult.objectives` (after connect)."""
+        return json.loads(self.parameters.get(contract.PARAM_OBJECTIVES) or "[]")
+
     async def _rendered_text_async(self, conversations: Sequence[Any]) -> list[str]:
         await self.connect_async()
         answer = await self._pick().transport.infer(
@@ -472,7 +484,7 @@ class RewardClient:
         shed = False
         try:
             return await endpoint.transport.infer(
-                self.config.model, data, outputs=contract.ENTRY_OUTPUTS, timeout_s=self.config.request_timeout_s,
+                self.config.model, data, outputs=self.outputs, timeout_s=self.config.request_timeout_s,
                 headers=self.config.headers, compression=self.config.compression)
         except Exception as exc:
             shed = overloaded(wire.status_code(exc), wire.error_message(exc))

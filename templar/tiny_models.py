@@ -28,7 +28,33 @@ FAMILY_BACKBONE = {
     "mistral_nemo": "mistral",
     "deepseek_v3": "llama",
 }
-KINDS = ("reward", "value-head-reward", "causal-lm")
+KINDS = ("reward", "value-head-reward", "causal-lm", "process-reward")
+# `kind="process-reward"`: a PRM of Qwen2.5-Math-PRM's own class (its shipped model code, `Qwen2ForProcessRewardModel`:
+# a Qwen2 backbone and a two-layer, two-class head at every token), saved with code of the same shape
+PRM_CODE_FILE = "modeling_qwen2_prm.py"
+PRM_CODE = '''"""A process RM of the shape Qwen2.5-Math-PRM ships (its modeling_qwen2_rm.py): two classes per token."""
+import torch
+from torch import nn
+from transformers import Qwen2Model, Qwen2PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class Qwen2ForProcessRewardModel(Qwen2PreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = 2
+        self.model = Qwen2Model(config)
+        self.score = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(),
+                                   nn.Linear(config.hidden_size, self.num_labels))
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        logits = self.score(outputs[0])
+        return CausalLMOutputWithPast(loss=None, logits=logits, past_key_values=outputs.past_key_values)
+'''
 
 
 @dataclass
@@ -67,11 +93,13 @@ def tiny_config(family: str, vocab_size: int, pad_token_id: int | None, size: Ti
 
 def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed: int = 0,
                      size: TinySize | None = None, tokenizer: str | Path | Any | None = None,
-                     backbone: str | None = None, save_tokenizer: bool = True) -> Path:
+                     backbone: str | None = None, save_tokenizer: bool = True,
+                     added_tokens: tuple[str, ...] = (), labels: tuple[str, ...] = ()) -> Path:
     """Create `out` with config, safetensors weights, and the family's real tokenizer + chat template. `backbone`
     picks another architecture (model_type) than the family's own, e.g. gemma2 on the Gemma-3 tokenizer;
     `tokenizer` another tokenizer folder, or a tokenizer already loaded (then `save_tokenizer=False` skips writing
-    it: many models on one large tokenizer)."""
+    it: many models on one large tokenizer); `added_tokens` are added to the tokenizer as special tokens (a PRM's
+    step tag, as Qwen2.5-Math-PRM's `<extra_0>`)."""
     from transformers import AutoTokenizer
 
     if family not in FAMILY_BACKBONE:
@@ -82,8 +110,14 @@ def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed
     out = Path(out)
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
         AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir(family)), local_files_only=True)
+    if added_tokens:
+        tok.add_special_tokens({"additional_special_tokens": list(added_tokens)},
+                               replace_extra_special_tokens=False)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    config = tiny_config(family, len(tok), pad, size, backbone=backbone)
+    config = tiny_config(family, len(tok), pad, size, num_labels=max(1, len(labels)), backbone=backbone)
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():  # a seeded build must not reset the caller's random stream
         torch.manual_seed(seed)
@@ -107,6 +141,21 @@ def _build_and_save(kind: str, config, tok, out: Path, size: TinySize) -> None:
         with torch.no_grad():
             model.lm_head.weight.normal_(0.0, size.lm_head_std)
         model.save_pretrained(out, safe_serialization=True)
+    elif kind == "process-reward":
+        if config.model_type != "qwen2":
+            raise ConfigError("a tiny process-reward model is of Qwen2.5-Math-PRM's class (qwen2), not "
+                              f"{config.model_type}")
+        namespace: dict[str, Any] = {}
+        exec(compile(PRM_CODE, PRM_CODE_FILE, "exec"), namespace)  # the code saved beside the weights, run here
+        model = namespace["Qwen2ForProcessRewardModel"](config)
+        for layer in (model.score[0], model.score[2]):
+            _spread_head(layer.weight)
+        model.save_pretrained(out, safe_serialization=True)
+        (out / PRM_CODE_FILE).write_text(PRM_CODE)
+        cfg = json.loads((out / "config.json").read_text())
+        cfg.update(architectures=["Qwen2ForProcessRewardModel"],
+                   auto_map={"AutoModel": f"{PRM_CODE_FILE[:-3]}.Qwen2ForProcessRewardModel"})
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
     else:  # the layout OpenRLHF's RewardModel saves: <base_model_prefix>.* + value_head.weight, mean/std in config
         backbone = AutoModel.from_config(config)
         head = torch.nn.Linear(config.hidden_size, 1, bias=False)

@@ -144,6 +144,13 @@ class RewardResult:
     latency_s: float = 0.0  # wall time of the whole score() call
     attempts: int = 0  # gRPC attempts made, retries included
     row_versions: list[str] = field(default_factory=list)  # per row, the RM version that answered ("" where none did)
+    # a process RM's (templar.steps): per row its steps' scores and where each step ends in the assistant content
+    # sent (character offsets); None for an outcome RM
+    step_scores: list[np.ndarray] | None = None
+    step_ends: list[list[int]] | None = None
+    # a multi-objective RM's: [N, K] one value per objective (NaN where the row failed), named by the RM's
+    # `objectives` parameter (RewardClient.objectives); None for any other RM
+    objectives: np.ndarray | None = None
 
     @property
     def model_versions(self) -> dict[str, int]:
@@ -170,7 +177,10 @@ class RewardResult:
     def rows(self, part: slice) -> RewardResult:
         """The result of a run of rows (a request's share of a batch scored together), versions included."""
         return RewardResult(self.scores[part], self.status[part], self.num_tokens[part], self.truncated[part],
-                            self.latency_s, self.attempts, self.row_versions[part])
+                            self.latency_s, self.attempts, self.row_versions[part],
+                            None if self.step_scores is None else self.step_scores[part],
+                            None if self.step_ends is None else self.step_ends[part],
+                            None if self.objectives is None else self.objectives[part])
 
     @classmethod
     def failed(cls, n: int, status: str, latency_s: float = 0.0, attempts: int = 0) -> RewardResult:
@@ -184,9 +194,23 @@ class RewardResult:
         def joined(name: str, dtype: type) -> np.ndarray:
             return np.concatenate([getattr(p, name) for p in parts] or [np.zeros(0)]).astype(dtype)
 
+        steps = any(p.step_scores is not None for p in parts)  # a failed request has none: no steps for its rows
         return cls(joined("scores", np.float32), [s for p in parts for s in p.status], joined("num_tokens", np.int32),
                    joined("truncated", bool), latency_s, sum(p.attempts for p in parts),
-                   [v for p in parts for v in (p.row_versions or [""] * len(p.status))])
+                   [v for p in parts for v in (p.row_versions or [""] * len(p.status))],
+                   [x for p in parts for x in (p.step_scores or [np.zeros(0, np.float32)] * len(p.status))]
+                   if steps else None,
+                   [x for p in parts for x in (p.step_ends or [[]] * len(p.status))] if steps else None,
+                   _joined_objectives(parts))
+
+
+def _joined_objectives(parts: Sequence[RewardResult]) -> np.ndarray | None:
+    """The objectives of several requests' rows (NaN for the rows of a request that got none: it failed)."""
+    width = max((p.objectives.shape[1] for p in parts if p.objectives is not None), default=None)
+    if width is None:
+        return None
+    return np.concatenate([p.objectives if p.objectives is not None else np.full((len(p.status), width), np.nan)
+                           for p in parts]).astype(np.float32)
 
 
 def version_key(version: str) -> tuple[int, str]:
@@ -219,9 +243,18 @@ def decode_entry(answer: Answer | Any, attempts: int = 1) -> RewardResult:
         return answer.arrays[name].reshape(-1).astype(contract.ENTRY.output(name).dtype.numpy, copy=False)
 
     status = contract.decode_strings(answer.arrays[contract.STATUS])
+    steps = {}
+    if contract.STEP_SCORES in answer.arrays:  # a process RM asked for its steps: ragged rows, cut to NUM_STEPS
+        counts = answer.arrays[contract.NUM_STEPS].reshape(-1)
+        scores = answer.arrays[contract.STEP_SCORES].astype(np.float32, copy=False)
+        ends = answer.arrays[contract.STEP_ENDS].astype(np.int64, copy=False)
+        steps = {"step_scores": [scores[i, :n] for i, n in enumerate(counts)],
+                 "step_ends": [ends[i, :n].tolist() for i, n in enumerate(counts)]}
+    if contract.SCORES in answer.arrays:  # a multi-objective RM asked for its objectives
+        steps["objectives"] = answer.arrays[contract.SCORES].astype(np.float32, copy=False).reshape(len(status), -1)
     return RewardResult(scores=column(contract.SCORE), status=status, num_tokens=column(contract.NUM_TOKENS),
                         truncated=column(contract.TRUNCATED), attempts=attempts,
-                        row_versions=[answer.model_version] * len(status))
+                        row_versions=[answer.model_version] * len(status), **steps)
 
 
 class Transport(abc.ABC):

@@ -43,6 +43,21 @@ def test_every_config_declares_the_tables_tensors(tmp_path, tensorrt):
     assert np.dtype(params["scoring_ids_dtype"]) == contract.DATA_TYPES[ids_type].numpy
 
 
+@pytest.mark.parametrize("kind", ["process", "multi-objective"])
+def test_the_configs_of_process_and_multi_objective_rms_declare_their_tables(tmp_path, kind):
+    """A process RM's three configs and a multi-objective RM's declare what their signatures in the table say: the
+    four outputs of every RM first (what old clients ask for), then their own."""
+    entry = RewardModelEntry("rm", tmp_path / "model.onnx", tmp_path,
+                             {"max_length": "8", contract.PARAM_RM_KIND: kind}, EntrySettings())
+    assert declared(repository.entry_config(entry)) == table(contract.entry_signature(kind))
+    assert declared(repository.preprocess_config(entry)) == table(contract.preprocess_signature(kind))
+    assert declared(repository.scorer_config_embedded(entry)) == table(contract.scorer_signature(kind=kind))
+    assert declared(repository.scorer_config_gpu(entry)) == table(contract.scorer_signature(kind=kind))
+    assert contract.entry_signature(kind).output_names[:4] == contract.ENTRY_OUTPUTS
+    extra = {"process": ("STEP_SCORES", "NUM_STEPS", "STEP_ENDS"), "multi-objective": ("SCORES",)}[kind]
+    assert contract.entry_signature(kind).output_names[4:] == extra
+
+
 def test_the_entry_contract_is_the_documented_one():
     """The names and types users and load tests depend on (README, "The wire contract")."""
     assert table(contract.ENTRY) == (

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 from templar.chat_format import SPECIAL_TOKEN_POLICIES
+from templar.errors import ConfigError
 from templar.export.exporter import (DEFAULT_MAX_LENGTH_CAP, FORMATS, PRECISIONS, TOLERANCES, ExportOptions,
                                      export_reward_model)
 from templar.export.repository import EntrySettings
 from templar.export.scorer import SCORE_POSITIONS
+from templar.steps import AGGREGATES, PRESETS, READINGS, StepFormat, step_format
 
 
 def json_object(text: str) -> dict:
@@ -26,6 +28,18 @@ def json_object(text: str) -> dict:
     return value
 
 
+def json_weights(text: str) -> dict | list:
+    """argparse type of --objective-weights: {"label": weight, ...} or [w0, w1, ...]."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from None
+    numbers = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if numbers is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise argparse.ArgumentTypeError(f'must be {{"label": weight, ...}} or [weight, ...], got {text!r}')
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type of --version."""
     try:
@@ -35,6 +49,32 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def add_prm_arguments(parser) -> None:
+    """--kind and the process-RM options (templar.steps.StepFormat's fields)."""
+    parser.add_argument("--kind", default=ExportOptions.kind, choices=("rm", "prm"),
+                        help="rm: an outcome RM, one score per conversation (default); prm: a process RM, a score per "
+                        "step of the response, read in its own step format (--prm-preset; docs/process-rms.md)")
+    parser.add_argument("--objective-weights", type=json_weights,
+                        help='a multi-objective RM (num_labels > 1): SCORE = sum of weight * objective, as JSON: '
+                        '\'{"helpfulness": 1.0, "verbosity": -0.2}\' (an objective not named weighs 0) or a list in '
+                        "label order; its objectives are served as SCORES")
+    prm = parser.add_argument_group("process RMs (--kind prm): the preset's step format, any field overridden")
+    prm.add_argument("--prm-preset", choices=sorted(PRESETS),
+                     help="qwen-prm (Qwen2.5-Math-PRM: <extra_0> after each step, P(class 1) of its 2-class head), "
+                     "math-shepherd (' ки' after each step, P('+') over the '+'/'-' logits of a causal LM), "
+                     "value-head (an OpenRLHF value head read at each '<step>')")
+    prm.add_argument("--step-tag", help="the PRM's step tag: one token of its tokenizer, written after each step")
+    prm.add_argument("--step-reading", choices=READINGS, help="how the score at a tag is computed")
+    prm.add_argument("--positive-class", type=int, help="class-probability: the class whose probability is the score")
+    prm.add_argument("--reward-tokens", nargs=2, metavar=("GOOD", "BAD"),
+                     help="token-logits: the two tokens whose softmax gives P(GOOD)")
+    prm.add_argument("--system-prompt", help="the PRM's own system prompt (replaces the conversation's)")
+    prm.add_argument("--step-separator", help="what cuts a response into steps when the client sends none, e.g. "
+                     "'\\n\\n' (\\n and \\t are read as newline and tab)")
+    prm.add_argument("--aggregate", choices=AGGREGATES, help="SCORE of a row: min, last or mean of its step scores")
+    prm.add_argument("--max-steps", type=int, help="steps one row may hold (a row with more gets an error)")
 
 
 def add_arguments(parser) -> None:
@@ -79,6 +119,7 @@ def add_arguments(parser) -> None:
                         help="max |tensorrt - torch| allowed (default 1e-3, or 5e-2 with --gpu-fp16)")
     parser.add_argument("--opset", type=int, default=ExportOptions.opset, help="(default: %(default)s)")
     parser.add_argument("--gpu-fp16", action="store_true", help="the same as --precision fp16")
+    add_prm_arguments(parser)
     limits = parser.add_argument_group("limits against hostile input (docs/reliability.md)")
     d = EntrySettings()
     limits.add_argument("--max-row-bytes", type=int, default=d.max_row_bytes,
@@ -96,6 +137,27 @@ def add_arguments(parser) -> None:
                         help="do not refuse up front when memory or disk look too small")
 
 
+def step_format_of(args) -> StepFormat | None:
+    """The --prm-preset with the flags that change it (None for an outcome RM)."""
+    given = {"step_tag": args.step_tag, "reading": args.step_reading, "positive_class": args.positive_class,
+             "reward_tokens": tuple(args.reward_tokens) if args.reward_tokens else None,
+             "system_prompt": args.system_prompt, "aggregate": args.aggregate, "max_steps": args.max_steps,
+             "step_separator": _unescape(args.step_separator) if args.step_separator is not None else None}
+    if args.kind != "prm":
+        named = sorted(f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None)
+        if named or args.prm_preset:
+            raise ConfigError(f"{', '.join(named or ['--prm-preset'])}: process-RM options, which go with --kind prm")
+        return None
+    if not args.prm_preset:
+        raise ConfigError(f"--kind prm needs --prm-preset ({', '.join(sorted(PRESETS))})")
+    changed = {k: v for k, v in given.items() if v is not None}
+    return step_format(args.prm_preset, **changed, **({"preset": f"{args.prm_preset}+custom"} if changed else {}))
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def main(args) -> int:
     opts = ExportOptions(model=args.model, name=args.name, repo=args.repo, max_length=args.max_length,
                          chat_template=args.chat_template, tokenizer=args.tokenizer, format=args.format,
@@ -106,6 +168,7 @@ def main(args) -> int:
                          score_position=args.score_position,
                          engine_tolerance=args.engine_tolerance, opset=args.opset,
                          check_resources=not args.skip_resource_check, version=args.version, force=args.force,
+                         kind=args.kind, step_format=step_format_of(args), objective_weights=args.objective_weights,
                          settings=EntrySettings(max_row_bytes=args.max_row_bytes, max_messages=args.max_messages,
                                                 max_json_depth=args.max_json_depth,
                                                 max_request_bytes=args.max_request_bytes,

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from templar.client_options import ClientFlags
 from templar.reward_client import RewardClient
 from templar.tools.workload import load_conversations
@@ -21,22 +23,38 @@ def add_arguments(parser) -> None:
     CLIENT_FLAGS.add(parser)
 
 
+def _beyond_the_score(result, i: int, names: list[str]) -> dict:
+    """A process RM's steps, a multi-objective RM's named objectives, of row i (nothing for a one-score RM)."""
+    extra: dict = {}
+    value = lambda v: round(float(v), 6) if np.isfinite(v) else None  # noqa: E731 - NaN is not JSON
+    if result.step_scores is not None:
+        extra["step_scores"] = [value(v) for v in result.step_scores[i]]
+        extra["step_ends"] = list(result.step_ends[i])
+    if result.objectives is not None:
+        extra["objectives"] = {name: value(v) for name, v in zip(names, result.objectives[i])}
+    return extra
+
+
 def main(args) -> int:
     rows = load_conversations(args.data)  # checked before connecting: a bad file names its line
     with RewardClient(CLIENT_FLAGS.config(args, model=args.model)) as client:
         result = client.score(rows)
         texts = client.rendered_text(rows) if args.show_text else None
+        names = client.objectives
     out = open(args.out, "w", encoding="utf-8") if args.out else None
     print(f"{'row':>4} {'score':>10} {'tokens':>6} {'trunc':>5}  status")
     for i, status in enumerate(result.status):
         print(f"{i:4d} {result.scores[i]:10.4f} {result.num_tokens[i]:6d} {str(bool(result.truncated[i])):>5}  "
               f"{status}")
+        extra = _beyond_the_score(result, i, names)
+        if extra:
+            print("     " + ", ".join(f"{k} {v}" for k, v in extra.items()))
         if texts:
             print("     " + repr(texts[i])[:400])
         if out:
             out.write(json.dumps({"score": None if status != "ok" else float(result.scores[i]), "status": status,
                                   "num_tokens": int(result.num_tokens[i]),
-                                  "truncated": bool(result.truncated[i])}) + "\n")
+                                  "truncated": bool(result.truncated[i]), **extra}) + "\n")
     if out:
         out.close()
     print(f"{len(rows)} rows, {result.failed_rows} failed, {result.latency_s:.2f}s", file=sys.stderr)

@@ -39,13 +39,14 @@ from templar.export.repository import (EntrySettings, RewardModelEntry, StagedMo
 from templar.export.resources import PROTOBUF_LIMIT, check_resources, estimate
 from templar.export.scorer import (PICKLE_PATTERNS, SCORE_POSITIONS, LoadedRewardModel, RewardScorer, ScorePosition,
                                    choose_score_position, load_reward_model, parity_error, reads_as_the_model,
-                                   reference_scores, trace_to_onnx)
+                                   reference_objectives, reference_scores, trace_to_onnx)
 from templar.samples import sample_conversations, without_system
 from templar.serving.settings import padding_id
 from templar.padding import right_pad
 from templar.serving.cpu_precision import BF16_TOLERANCE, CPU_PRECISION, create_scorer
 from templar.serving.cpu_precision import resolve as resolve_cpu_precision
 from templar.serving.onnx_runtime import create_session, run_scores
+from templar.steps import StepFormat
 
 DEFAULT_MAX_LENGTH_CAP = 4096
 FORMATS = ("onnx", "tensorrt")
@@ -55,6 +56,7 @@ FORMATS = ("onnx", "tensorrt")
 # for the CPU (docs/benchmarks.md: faster where the CPU has int8 instructions, scores agree less); fp16: the GPU
 # paths (TensorRT execution accelerator or engine). The ONNX graph is float32 in every case but int8.
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+KINDS = ("rm", "prm")
 # max |served - reference| / max(1, |reference|) of the ONNX graph the CPU runs (scorer.parity_error); the bf16
 # scorer is held to cpu_precision.BF16_TOLERANCE on top
 TOLERANCES = {"auto": 1e-4, "fp32": 1e-4, "int8": 0.5, "fp16": 1e-4, "bf16": 1e-4}
@@ -85,6 +87,13 @@ class ExportOptions:
     settings: EntrySettings = field(default_factory=EntrySettings)
     version: int | None = None  # add version N beside the existing ones (hot swap); None: version 1, folders replaced
     force: bool = False  # with `version`: replace that version if it exists
+    # "rm": an outcome RM, one score per conversation; "prm": a process RM, a score per step, read in `step_format`
+    # (templar.steps; `--prm-preset` and the flags that change it), exported by templar.export.process
+    kind: str = "rm"
+    step_format: StepFormat | None = None
+    # a multi-objective RM (num_labels > 1): SCORE = sum of weight * objective; {label name: weight} (an objective not
+    # named weighs 0) or one weight per label in order. Required for such an RM: its labels have no order of merit
+    objective_weights: dict[str, float] | list[float] | None = None
 
 
 @dataclass
@@ -128,7 +137,9 @@ def source_sha256(opts: ExportOptions) -> str:
     shaping = {"max_length": opts.max_length, "special_tokens": opts.special_tokens, "format": opts.format,
                "precision": opts.precision, "score_position": opts.score_position,
                "template_kwargs": opts.template_kwargs, "value_head_prefix": opts.value_head_prefix,
-               "opset": opts.opset, "settings": dataclasses.asdict(opts.settings)}
+               "opset": opts.opset, "settings": dataclasses.asdict(opts.settings), "kind": opts.kind,
+               "step_format": opts.step_format.to_json() if opts.step_format else None,
+               "objective_weights": opts.objective_weights}
     digest.update(json.dumps(shaping, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -143,7 +154,7 @@ def is_exported(opts: ExportOptions) -> bool:
     return recorded == source_sha256(opts)
 
 
-class _Steps:
+class Progress:
     """Numbered progress lines with the time each step took."""
 
     def __init__(self, total: int, log: Log):
@@ -172,7 +183,7 @@ def release_memory() -> None:
         pass  # not glibc: nothing to trim
 
 
-def _check_options(opts: ExportOptions) -> None:
+def check_options(opts: ExportOptions) -> None:
     """Everything that can be refused before minutes of work."""
     if opts.format not in FORMATS:
         raise ExportError(f"unknown --format {opts.format!r}; choose from {', '.join(FORMATS)}")
@@ -213,12 +224,28 @@ def _load_chat_format(opts: ExportOptions) -> ChatFormat:
         raise ExportError(f"could not load a tokenizer from {source}: {exc}") from None
 
 
-def _max_length(opts: ExportOptions, config) -> int:
+def resolve_max_length(opts: ExportOptions, config) -> int:
     limit = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH_CAP
     max_length = opts.max_length or min(limit, DEFAULT_MAX_LENGTH_CAP)
     if max_length > limit:
         raise ExportError(f"--max-length {max_length} exceeds the model's max_position_embeddings {limit}")
     return max_length
+
+
+def _check_loaded(opts: ExportOptions, chat_format: ChatFormat, loaded: LoadedRewardModel) -> None:
+    """The loaded RM against its tokenizer and the options."""
+    _check_vocabulary(chat_format, loaded)
+    if loaded.weights is not None and (opts.format != "onnx" or opts.precision not in ("auto", "fp32")):
+        raise ExportError("a multi-objective RM is served in fp32 from ONNX for now: pass --format onnx and "
+                          f"--precision fp32 (got --format {opts.format}, --precision {opts.precision})")
+
+
+def objective_parameters(loaded: LoadedRewardModel) -> dict[str, str]:
+    """A multi-objective RM's kind, objective names and SCORE's weights (nothing for a one-label RM)."""
+    if loaded.weights is None:
+        return {}
+    return {contract.PARAM_RM_KIND: "multi-objective", contract.PARAM_OBJECTIVES: json.dumps(loaded.objectives),
+            contract.PARAM_OBJECTIVE_WEIGHTS: json.dumps(loaded.weights)}
 
 
 def _check_vocabulary(chat_format: ChatFormat, loaded: LoadedRewardModel) -> None:
@@ -297,9 +324,14 @@ def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: Reference, rows
     tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCES[opts.precision]
     ids, mask = right_pad(rows, pad_id)
     session = create_session(onnx_path, prepacking=False)  # no packed copy of the weights: one copy in memory
-    served = run_scores(session, ids, mask).reshape(-1).astype(np.float64)
+    if reference.objectives is None:
+        served = run_scores(session, ids, mask).reshape(-1).astype(np.float64)
+        errors = parity_error(served, reference.scores)
+    else:  # a multi-objective RM: SCORE and every objective
+        served, objectives = run_scores(session, ids, mask, (contract.SCORE, contract.SCORES))
+        errors = np.concatenate([parity_error(served.reshape(-1), reference.scores),
+                                 parity_error(objectives, reference.objectives).reshape(-1)])
     del session
-    errors = parity_error(served, reference.scores)
     max_diff = float(errors.max())
     log(f"      max |onnxruntime - {reference.name}| / max(1, |score|) = {max_diff:.2e} over {len(rows)} "
         f"conversations ({min(map(len, rows))}..{max(map(len, rows))} tokens, one padded batch)")
@@ -332,12 +364,14 @@ class Reference:
 
     scores: np.ndarray
     name: str  # e.g. "the model's own forward"
+    objectives: np.ndarray | None = None  # a multi-objective RM's [N, K], its own logits
 
 
 def _reference(loaded: LoadedRewardModel, position: ScorePosition, rows: list[list[int]]) -> Reference:
     name = "the model's own forward" if reads_as_the_model(loaded, position) else \
         ("OpenRLHF's value-head reading" if loaded.classifier is None else f"torch read at {position.rule}")
-    return Reference(reference_scores(loaded, position, rows), name)
+    objectives = reference_objectives(loaded, rows) if loaded.weights is not None else None
+    return Reference(reference_scores(loaded, position, rows), name, objectives)
 
 
 def _score_position(opts: ExportOptions, loaded: LoadedRewardModel, served: ChatFormat, rows: list[list[int]],
@@ -356,7 +390,7 @@ def _score_position(opts: ExportOptions, loaded: LoadedRewardModel, served: Chat
 
 
 def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[list[int]], reference: Reference,
-                          max_length: int, pad_id: int, tmp: Path, step: _Steps, log: Log) -> dict[str, str]:
+                          max_length: int, pad_id: int, tmp: Path, step: Progress, log: Log) -> dict[str, str]:
     """Build `tmp/model.plan` and check it against the reference; returns the parameters to record."""
     from templar.export.tensorrt import ShapeProfile, build_engine, engine_scores, export_int32_onnx
 
@@ -382,7 +416,7 @@ def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[
             "tensorrt_parity_max_abs_diff": f"{engine_diff:.3e}"}
 
 
-def _parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, max_length: int,
+def export_parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, max_length: int,
                 loaded: LoadedRewardModel, parameters: int, position: ScorePosition) -> dict[str, str]:
     """What the configs record: fingerprints, serving options, where the model came from."""
     return {
@@ -403,19 +437,34 @@ def _parameters(opts: ExportOptions, served: ChatFormat, tokenizer_dir: Path, ma
     }
 
 
+def _export_process_rm(opts: ExportOptions, log: Log) -> ExportReport:
+    from templar.export.process import export_process_reward_model
+
+    if opts.kind not in KINDS:
+        raise ExportError(f"unknown --kind {opts.kind!r}; choose from {', '.join(KINDS)}")
+    if opts.step_format is None:
+        raise ExportError("--kind prm needs the PRM's step format: --prm-preset NAME (templar.steps.PRESETS)")
+    return export_process_reward_model(opts, log)
+
+
 def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
-    """Export `opts.model` into `opts.repo` as `opts.name` (see the module docstring for the phases)."""
+    """Export `opts.model` into `opts.repo` as `opts.name` (see the module docstring for the phases); a process RM
+    (`kind="prm"`) goes to templar.export.process."""
+    return _export_outcome_rm(opts, log) if opts.kind == "rm" else _export_process_rm(opts, log)
+
+
+def _export_outcome_rm(opts: ExportOptions, log: Log) -> ExportReport:
     started = time.perf_counter()
-    _check_options(opts)
+    check_options(opts)
     tensorrt = opts.format == "tensorrt"
-    step = _Steps(7 + (opts.precision == "int8") + 2 * tensorrt, log)
+    step = Progress(7 + (opts.precision == "int8") + 2 * tensorrt, log)
     step(f"loading tokenizer and chat template from {opts.tokenizer or opts.model}")
     chat_format = _load_chat_format(opts)
     step(f"loading weights from {opts.model}{estimate(opts, 'loading')}")
     loaded = load_reward_model(opts.model, allow_pickle=opts.allow_pickle, value_head_prefix=opts.value_head_prefix,
-                               trust_remote_code=opts.trust_remote_code)
-    max_length = _max_length(opts, loaded.config)
-    _check_vocabulary(chat_format, loaded)
+                               trust_remote_code=opts.trust_remote_code, objective_weights=opts.objective_weights)
+    max_length = resolve_max_length(opts, loaded.config)
+    _check_loaded(opts, chat_format, loaded)
     count = loaded.parameters
     log(f"      {loaded.kind}, model_type {loaded.config.model_type}, {count / 1e6:.1f}M parameters "
         f"({loaded.source_dtype} weights, served {opts.precision}), max_length {max_length}")
@@ -437,10 +486,12 @@ def export_reward_model(opts: ExportOptions, log: Log = print) -> ExportReport:
         if opts.precision == "int8":
             step("quantizing to int8 (ONNX Runtime dynamic quantization)")
             quantize_int8(staged.onnx_path, log)
-        parameters = {**_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count, position),
-                      **engine, contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
+        parameters = {**export_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count, position),
+                      **objective_parameters(loaded), **engine,
+                      contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
+        cpu = CPU_PRECISION[opts.precision] if loaded.weights is None else "fp32"  # multi-objective: fp32 for now
         settings = dataclasses.replace(opts.settings, gpu_fp16=opts.settings.gpu_fp16 or opts.precision == "fp16",
-                                       cpu_precision=CPU_PRECISION[opts.precision])
+                                       cpu_precision=cpu)
         entry = RewardModelEntry(opts.name, staged.onnx_path, staged.tokenizer_dir, parameters, settings,
                                  tensorrt_plan=Path(tmp) / "model.plan" if tensorrt else None,
                                  tensorrt_max_rows=opts.settings.micro_batch_rows if tensorrt else None)

@@ -50,6 +50,11 @@ class RewardModelEntry:
     tensorrt_plan: Path | None = None  # a TensorRT engine (int32 ids) for the GPU container, beside the ONNX graph
     tensorrt_max_rows: int | None = None  # the engine profile's largest batch
 
+    @property
+    def kind(self) -> str:
+        """"outcome" or "process" (templar.contract.RM_KINDS)."""
+        return self.parameters.get(contract.PARAM_RM_KIND) or "outcome"
+
 
 def check_name(name: str) -> None:
     if not NAME_PATTERN.match(name):
@@ -113,14 +118,14 @@ def _dynamic_batching(delay_us: int, max_queue_size: int = 0) -> str:
 
 def scorer_signature(entry: RewardModelEntry) -> contract.Signature:
     """A TensorRT engine takes int32 ids; an ONNX graph int64."""
-    return contract.scorer_signature("TYPE_INT32" if entry.tensorrt_plan else "TYPE_INT64")
+    return contract.scorer_signature("TYPE_INT32" if entry.tensorrt_plan else "TYPE_INT64", entry.kind)
 
 
 def entry_config(entry: RewardModelEntry) -> str:
     s = entry.settings
     ids_type = scorer_signature(entry).inputs[0].dtype.numpy
     return (
-        _header(entry.name, contract.ENTRY, s.max_batch_size, 'backend: "python"')
+        _header(entry.name, contract.entry_signature(entry.kind), s.max_batch_size, 'backend: "python"')
         + _instances("KIND_CPU", s.entry_instances) + _dynamic_batching(s.queue_delay_us, s.max_queue_size)
         + _params({
             **entry.parameters,
@@ -132,7 +137,8 @@ def entry_config(entry: RewardModelEntry) -> str:
 
 def preprocess_config(entry: RewardModelEntry) -> str:
     s = entry.settings
-    return (_header(contract.preprocess_model_name(entry.name), contract.PREPROCESS, s.max_batch_size,
+    return (_header(contract.preprocess_model_name(entry.name), contract.preprocess_signature(entry.kind),
+                    s.max_batch_size,
                     'backend: "python"')
             + _instances("KIND_CPU", s.preprocess_instances)
             + _params({**entry.parameters, **s.to_parameters("preprocess")}))
@@ -147,8 +153,8 @@ def scorer_config_gpu(entry: RewardModelEntry) -> str:
             "optimization { execution_accelerators { gpu_execution_accelerator: [ { name: \"tensorrt\" "
             "parameters { key: \"precision_mode\" value: \"FP16\" } "
             "parameters { key: \"max_workspace_size_bytes\" value: \"4294967296\" } } ] } }\n")
-    return (_header(contract.scoring_model_name(entry.name), contract.scorer_signature(), s.micro_batch_rows,
-                    'platform: "onnxruntime_onnx"')
+    return (_header(contract.scoring_model_name(entry.name), contract.scorer_signature(kind=entry.kind),
+                    s.micro_batch_rows, 'platform: "onnxruntime_onnx"')
             + _instances("KIND_GPU", s.scorer_instances) + _dynamic_batching(s.queue_delay_us) + accelerator)
 
 

@@ -81,11 +81,14 @@ class RewardScorer(nn.Module):
     """Backbone + scalar head; each row's score is read at `score_indices(ids, mask, pad_id)`."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, mean: float | None = None, std: float | None = None,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, weights: list[float] | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.pad_id = pad_id
+        # a multi-objective RM: forward answers (SCORE = objectives @ weights, [B, 1]; the objectives, [B, K])
+        self.combine = weights is not None
+        self.register_buffer("weights", torch.tensor(weights or [1.0]), persistent=False)
         self.normalize = mean is not None and std is not None
         self.register_buffer("mean", torch.tensor([mean or 0.0]), persistent=False)
         self.register_buffer("std", torch.tensor([std or 1.0]), persistent=False)
@@ -96,6 +99,8 @@ class RewardScorer(nn.Module):
         last = score_indices(input_ids, attention_mask, self.pad_id)
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
         score = self.head(hidden.gather(1, index).squeeze(1)).float()
+        if self.combine:
+            return (score @ self.weights).unsqueeze(-1), score
         if self.normalize:
             score = (score - self.mean) / self.std
         return score
@@ -125,6 +130,9 @@ class LoadedRewardModel:
     # The Hugging Face *ForSequenceClassification itself (sharing the scorer's modules): its own forward is the
     # reference a served score is checked against. None for value-head RMs (no HF class: OpenRLHF's code reads them).
     classifier: nn.Module | None = None
+    # a multi-objective RM (num_labels > 1): its objectives' names (config.id2label) and SCORE's weights over them
+    objectives: list[str] | None = None
+    weights: list[float] | None = None
 
     @property
     def parameters(self) -> int:
@@ -151,7 +159,7 @@ def decoder_only(model_type: str) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def _check_code(model_dir: Path, trust_remote_code: bool) -> None:
+def check_model_code(model_dir: Path, trust_remote_code: bool) -> None:
     """Models that ship their own Python code (config.json `auto_map`) run it only when the user says so."""
     auto_map = json.loads((model_dir / "config.json").read_text()).get("auto_map")
     if not auto_map:
@@ -164,7 +172,7 @@ def _check_code(model_dir: Path, trust_remote_code: bool) -> None:
                 ", ".join(code))
 
 
-def _value_head_prefix(model_dir: Path, files: list[Path], pickle: bool, given: str | None, config) -> str | None:
+def find_value_head_prefix(model_dir: Path, files: list[Path], pickle: bool, given: str | None, config) -> str | None:
     prefix = given or getattr(config, "value_head_prefix", None)
     if prefix is not None or pickle:
         return prefix
@@ -177,7 +185,7 @@ def _value_head_prefix(model_dir: Path, files: list[Path], pickle: bool, given: 
     return None
 
 
-def _head_tensors(files: list[Path], pickle: bool, prefix: str) -> dict[str, torch.Tensor]:
+def head_tensors(files: list[Path], pickle: bool, prefix: str) -> dict[str, torch.Tensor]:
     """`<prefix>.*` tensors of an OpenRLHF value-head RM, read without loading the rest."""
     found: dict[str, torch.Tensor] = {}
     for file in files:
@@ -198,7 +206,7 @@ def _missing(info: dict, model_dir: Path) -> None:
         raise ExportError(f"weights of {model_dir} miss tensors, e.g. {sorted(missing)[:3]}")
 
 
-def _pretrained(auto_class, model_dir: Path, pickle: bool, trust_remote_code: bool):
+def load_pretrained(auto_class, model_dir: Path, pickle: bool, trust_remote_code: bool):
     """Hugging Face's own loading, cast to float32 tensor by tensor (bf16 / fp16 weights load as shipped)."""
     model, info = auto_class.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
                                              trust_remote_code=trust_remote_code, use_safetensors=not pickle,
@@ -212,18 +220,41 @@ def _value_head_scorer(config, model_dir: Path, files: list[Path], pickle: bool,
     """OpenRLHF: <base_model_prefix>.* + <prefix>.weight, mean/std in config.json."""
     from transformers import AutoModel
 
-    head_state = _head_tensors(files, pickle, prefix)
+    head_state = head_tensors(files, pickle, prefix)
     if "weight" not in head_state:
         raise ExportError(f"value head {prefix}.weight not found in the weights of {model_dir}")
-    backbone = _pretrained(AutoModel, model_dir, pickle, trust_remote_code)
+    backbone = load_pretrained(AutoModel, model_dir, pickle, trust_remote_code)
     head = nn.Linear(config.hidden_size, 1, bias="bias" in head_state)
     head.load_state_dict(head_state)
     normalize = bool(getattr(config, "normalize_reward", False)) and hasattr(config, "mean")
     return RewardScorer(backbone, head, *(config.mean, config.std) if normalize else (None, None))
 
 
-def _classifier_scorer(config, model_dir: Path, pickle: bool,
-                       trust_remote_code: bool) -> tuple[RewardScorer, nn.Module]:
+def objective_names(config) -> list[str]:
+    """A classifier's label names, in order (config.id2label)."""
+    labels = getattr(config, "id2label", None) or {}
+    return [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)]
+
+
+def resolve_weights(names: list[str], weights: dict[str, float] | list[float] | None) -> list[float]:
+    """SCORE's weight per objective: a list in label order, or {name: weight} (an objective not named weighs 0)."""
+    if weights is None:
+        raise ExportError(f"a multi-objective RM ({len(names)} labels: {', '.join(names)}) needs the weights SCORE "
+                          'combines them with: --objective-weights \'{"' + names[0] + '": 1.0, ...}\' (or a list)')
+    if isinstance(weights, dict):
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ExportError(f"--objective-weights names {', '.join(unknown)}, which are not objectives of this RM "
+                              f"({', '.join(names)})")
+        return [float(weights.get(name, 0.0)) for name in names]
+    if len(weights) != len(names):
+        raise ExportError(f"--objective-weights has {len(weights)} weights for {len(names)} objectives "
+                          f"({', '.join(names)})")
+    return [float(w) for w in weights]
+
+
+def _classifier_scorer(config, model_dir: Path, pickle: bool, trust_remote_code: bool,
+                       objective_weights=None) -> tuple[RewardScorer, nn.Module]:
     from transformers import AutoModelForSequenceClassification
 
     archs = getattr(config, "architectures", None) or []
@@ -232,17 +263,20 @@ def _classifier_scorer(config, model_dir: Path, pickle: bool,
             f"{model_dir} is a {', '.join(archs) or config.model_type}, not a reward model: expected "
             "*ForSequenceClassification with num_labels=1, or an OpenRLHF value-head RM (value_head.weight; "
             "other prefixes with --value-head-prefix)")
+    weights = None
     if config.num_labels != 1:
-        raise ExportError(f"a reward model has one output label; {model_dir} has num_labels={config.num_labels}")
-    model = _pretrained(AutoModelForSequenceClassification, model_dir, pickle, trust_remote_code)
+        weights = resolve_weights(objective_names(config), objective_weights)
+    elif objective_weights is not None:
+        raise ExportError(f"--objective-weights goes with a multi-objective RM; {model_dir} has one label")
+    model = load_pretrained(AutoModelForSequenceClassification, model_dir, pickle, trust_remote_code)
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if head is None:
         raise ExportError(f"{type(model).__name__} has no `score` or `classifier` head to read the reward from")
-    return RewardScorer(getattr(model, model.base_model_prefix), head), model.float().eval()
+    return RewardScorer(getattr(model, model.base_model_prefix), head, weights=weights), model.float().eval()
 
 
 def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, value_head_prefix: str | None = None,
-                      trust_remote_code: bool = False) -> LoadedRewardModel:
+                      trust_remote_code: bool = False, objective_weights=None) -> LoadedRewardModel:
     """Load an RM folder as a RewardScorer in float32 (eval mode): any decoder-only `*ForSequenceClassification`
     transformers provides (or the folder's own code, with trust_remote_code), or an OpenRLHF value-head RM."""
     from transformers import AutoConfig
@@ -250,7 +284,7 @@ def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, valu
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
-    _check_code(model_dir, trust_remote_code)
+    check_model_code(model_dir, trust_remote_code)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     custom = bool(getattr(config, "auto_map", None))
     if not custom and not decoder_only(config.model_type):
@@ -260,15 +294,18 @@ def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, valu
                           "first one); any decoder with a *ForSequenceClassification class in transformers works")
     files, pickle = weight_files(model_dir, allow_pickle)
     source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-    prefix = _value_head_prefix(model_dir, files, pickle, value_head_prefix, config)
+    prefix = find_value_head_prefix(model_dir, files, pickle, value_head_prefix, config)
     classifier = None
     if prefix is not None:
         scorer = _value_head_scorer(config, model_dir, files, pickle, prefix, trust_remote_code)
         kind = f"value-head RM ({prefix})"
     else:
-        (scorer, classifier), kind = _classifier_scorer(config, model_dir, pickle, trust_remote_code), \
-            config.architectures[0]
-    return LoadedRewardModel(scorer.float().eval(), config, kind, source_dtype.replace("torch.", ""), classifier)
+        (scorer, classifier), kind = _classifier_scorer(config, model_dir, pickle, trust_remote_code,
+                                                        objective_weights), config.architectures[0]
+    loaded = LoadedRewardModel(scorer.float().eval(), config, kind, source_dtype.replace("torch.", ""), classifier)
+    if scorer.combine:
+        loaded.objectives, loaded.weights = objective_names(config), scorer.weights.tolist()
+    return loaded
 
 
 def choose_score_position(loaded: LoadedRewardModel, choice: str, rows: list[list[int]],
@@ -338,11 +375,21 @@ def reference_scores(loaded: LoadedRewardModel, position: ScorePosition, rows: l
     own way, the model's own forward, `model(input_ids, attention_mask).logits[0, 0]` (no code of Templar's between
     the ids and the number); otherwise the scorer, read at `position`: OpenRLHF's value-head reading, or an
     override."""
+    if loaded.weights is not None:  # a multi-objective RM: SCORE is its own logits, combined by the weights
+        return reference_objectives(loaded, rows) @ np.array(loaded.weights, dtype=np.float64)
     if reads_as_the_model(loaded, position):
         own = _own_scores(loaded, rows)
         if None not in own:
             return np.array(own, dtype=np.float64)
     return _scorer_scores(loaded, rows)
+
+
+@torch.no_grad()
+def reference_objectives(loaded: LoadedRewardModel, rows: list[list[int]]) -> np.ndarray:
+    """[N, K] a multi-objective RM's own forward on each unpadded row: `model(ids).logits[0]`, one per objective."""
+    return np.array([loaded.classifier(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r),
+                                                                                               dtype=torch.long)
+                                       ).logits[0].double().numpy() for r in rows])
 
 
 @torch.no_grad()
@@ -377,15 +424,17 @@ def parity_error(served: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def trace_to_onnx(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, path: Path,
-                  opset: int = 17) -> None:
-    """Trace a scorer (ids, mask -> [B, 1] scores) to ONNX with dynamic batch and sequence axes, under the
-    contract's tensor names."""
+                  opset: int = 17, output: str = contract.SCORE) -> None:
+    """Trace a scorer (ids, mask -> [B, 1] scores; a process RM's: [B, L] TOKEN_SCORES) to ONNX with dynamic batch
+    and sequence axes, under the contract's tensor names."""
+    outputs = [output, contract.SCORES] if getattr(module, "combine", False) else [output]  # multi-objective
     axes = {contract.INPUT_IDS: {0: "batch", 1: "sequence"}, contract.ATTENTION_MASK: {0: "batch", 1: "sequence"},
-            contract.SCORE: {0: "batch"}}
+            **{name: {0: "batch", 1: "sequence"} if name == contract.TOKEN_SCORES else {0: "batch"}
+               for name in outputs}}
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about shape-dependent Python branches in HF's masking code; the parity check on
         # padded batches of other shapes is what proves the graph general, so the warnings are noise here.
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (input_ids, attention_mask), str(path),
-                          input_names=[contract.INPUT_IDS, contract.ATTENTION_MASK], output_names=[contract.SCORE],
+                          input_names=[contract.INPUT_IDS, contract.ATTENTION_MASK], output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)

@@ -17,6 +17,8 @@ from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import DEFAULT_LIMITS, ConversationError, RowLimits, parse_conversation
 from templar.padding import right_pad
+from templar.steps import StepReader
+from templar.steps import aggregate as aggregate_steps
 
 # Counters the entry model exports on Triton's metrics endpoint (per model): padding waste = 1 - tokens / slots.
 METRIC_TOKENS = "templar_scored_tokens_total"  # real tokens scored
@@ -31,6 +33,10 @@ class PreprocessedBatch:
     num_tokens: np.ndarray  # [N] int32; 0 where the row failed
     truncated: np.ndarray  # [N] bool
     text: list[str] | None = None  # rendered text per row, when asked for
+    # a process RM's rows (templar.steps): per row the token index of each step tag, and where each step ends in the
+    # client's content (empty where the row failed); None for an outcome RM
+    step_positions: list[list[int]] | None = None
+    step_ends: list[list[int]] | None = None
 
     @classmethod
     def concatenate(cls, parts: Sequence[PreprocessedBatch]) -> PreprocessedBatch:
@@ -39,29 +45,42 @@ class PreprocessedBatch:
             return parts[0]
         width = max(p.input_ids.shape[1] for p in parts)
         widen = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731
-        texts = [t for p in parts for t in p.text] if all(p.text is not None for p in parts) else None
+        joined = lambda name: [x for p in parts for x in getattr(p, name)] \
+            if all(getattr(p, name) is not None for p in parts) else None  # noqa: E731
         return cls(np.concatenate([widen(p.input_ids) for p in parts]),
                    np.concatenate([widen(p.attention_mask) for p in parts]),
                    [s for p in parts for s in p.status], np.concatenate([p.num_tokens for p in parts]),
-                   np.concatenate([p.truncated for p in parts]), texts)
+                   np.concatenate([p.truncated for p in parts]), joined("text"), joined("step_positions"),
+                   joined("step_ends"))
 
 
 def preprocess_rows(chat_format: ChatFormat, rows: Sequence[bytes | str], *, pad_id: int = 0,
-                    want_text: bool = False, limits: RowLimits = DEFAULT_LIMITS) -> PreprocessedBatch:
+                    want_text: bool = False, limits: RowLimits = DEFAULT_LIMITS,
+                    steps: StepReader | None = None) -> PreprocessedBatch:
+    """Wire rows -> right-padded token ids and per-row status; with `steps` (a process RM), each row read in the
+    PRM's step format, with where its step tags are."""
     ids_per_row: list[list[int]] = []
     status: list[str] = []
     truncated = np.zeros(len(rows), dtype=bool)
     texts: list[str] = []
+    positions: list[list[int]] = []
+    ends: list[list[int]] = []
     for i, row in enumerate(rows):
         ids: list[int] = []
         text = ""
+        positions.append([])
+        ends.append([])
         try:
             conversation = parse_conversation(row, limits)
-            tokenized = chat_format.tokenize(conversation)
+            if steps is None:
+                tokenized = chat_format.tokenize(conversation)
+            else:
+                reading = steps.read(chat_format, conversation)
+                tokenized, positions[-1], ends[-1] = reading.tokenized, reading.positions, reading.ends
             ids = tokenized.input_ids
             truncated[i] = tokenized.truncated
             if want_text:
-                text = chat_format.render(conversation)
+                text = tokenized.text if steps is not None else chat_format.render(conversation)
             status.append(contract.STATUS_OK)
         except ConversationError as exc:
             status.append(contract.error_status(str(exc)))
@@ -71,7 +90,8 @@ def preprocess_rows(chat_format: ChatFormat, rows: Sequence[bytes | str], *, pad
         texts.append(text)
     lengths = np.array([len(ids) for ids in ids_per_row], dtype=np.int32)
     input_ids, attention_mask = right_pad(ids_per_row, pad_id)
-    return PreprocessedBatch(input_ids, attention_mask, status, lengths, truncated, texts if want_text else None)
+    return PreprocessedBatch(input_ids, attention_mask, status, lengths, truncated, texts if want_text else None,
+                             positions if steps is not None else None, ends if steps is not None else None)
 
 
 def plan_micro_batches(lengths: Sequence[int], *, max_rows: int, max_tokens: int,
@@ -116,17 +136,25 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[np.ndarray]) -> f
 @dataclass
 class ScoredBatch:
     scores: np.ndarray  # [N] float32, NaN where the row was not scored
+    step_scores: list[np.ndarray] | None  # a process RM's: per row its steps' scores (empty where not scored)
+    objectives: np.ndarray | None  # a multi-objective RM's: [N, K] one value per objective, NaN where not scored
     tokens: int  # real tokens scored
     slots: int  # token slots computed: rows * longest row, summed over micro-batches
     calls: int  # micro-batches scored
 
 
 def score_in_micro_batches(batch: PreprocessedBatch, score: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
-                           max_rows: int, max_tokens: int, max_padding: float | None = None) -> ScoredBatch:
+                           max_rows: int, max_tokens: int, max_padding: float | None = None,
+                           aggregate: str = "min") -> ScoredBatch:
     """Score the rows whose status is ok with `score(ids, mask) -> [B] or [B, 1]`, in length-sorted micro-batches
     cut to their longest row. A micro-batch whose `score` raises gets the error as its rows' status (in place in
-    `batch.status`); the other micro-batches are unaffected."""
+    `batch.status`); the other micro-batches are unaffected. For a process RM's batch, `score` answers [B, L] (the
+    step score at every position): each row's steps are read at its tags, its score is their `aggregate`. A
+    multi-objective RM's `score` answers a pair: ([B] scores, [B, K] objectives)."""
     scores = np.full(len(batch.status), np.nan, dtype=np.float32)
+    process = batch.step_positions is not None
+    step_scores = [np.zeros(0, np.float32) for _ in batch.status] if process else None
+    objectives = None
     good = np.flatnonzero([contract.is_ok(s) for s in batch.status])
     tokens = slots = calls = 0
     for part in plan_micro_batches(batch.num_tokens[good], max_rows=max_rows, max_tokens=max_tokens,
@@ -140,8 +168,20 @@ def score_in_micro_batches(batch: PreprocessedBatch, score: Callable[[np.ndarray
             for i in index:
                 batch.status[i] = contract.error_status(str(exc))
             continue
-        scores[index] = np.asarray(result, dtype=np.float32).reshape(-1)
+        if isinstance(result, tuple):  # a multi-objective RM: (scores, objectives)
+            result, values = result
+            values = np.asarray(values, dtype=np.float32).reshape(len(index), -1)
+            if objectives is None:
+                objectives = np.full((len(batch.status), values.shape[1]), np.nan, dtype=np.float32)
+            objectives[index] = values
+        if process:
+            result = np.asarray(result, dtype=np.float32).reshape(len(index), width)
+            for row, i in zip(result, index):
+                step_scores[i] = row[batch.step_positions[i]]
+                scores[i] = aggregate_steps(step_scores[i], aggregate)
+        else:
+            scores[index] = np.asarray(result, dtype=np.float32).reshape(-1)
         tokens += int(batch.num_tokens[index].sum())
         slots += width * len(index)
         calls += 1
-    return ScoredBatch(scores, tokens, slots, calls)
+    return ScoredBatch(scores, step_scores, objectives, tokens, slots, calls)

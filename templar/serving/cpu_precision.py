@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from templar import contract
+
 CPU_PRECISIONS = ("auto", "fp32", "bf16")
 # what the CPU scorer is told to compute in (EntrySettings.cpu_precision) per `templar export --precision`: int8 is
 # ONNX Runtime's quantized graph, fp16 a GPU precision (the CPU stays fp32)
@@ -87,14 +89,15 @@ def resolve(setting: str, *, flags: set[str] | None = None, environ: dict[str, s
     return CpuPrecision("bf16", "openvino", f"{why}: bf16 on OpenVINO ({note})")
 
 
-def create_scorer(path: str | os.PathLike, choice: CpuPrecision, *, threads: int = 0, spinning: bool = False):
-    """A callable (ids, mask) -> [B, 1] float32 scores running `path` as `choice` says."""
+def create_scorer(path: str | os.PathLike, choice: CpuPrecision, *, threads: int = 0, spinning: bool = False,
+                  output: str | tuple[str, ...] = contract.SCORE):
+    """A callable (ids, mask) -> [B, 1] float32 scores (the graph's `output`) running `path` as `choice` says."""
     if choice.runtime == "openvino":
         from templar.serving.openvino_runtime import compile_model, run_scores as openvino_scores
 
         compiled = compile_model(path, precision=choice.precision, threads=threads)
-        return lambda ids, mask: openvino_scores(compiled, ids, mask)
+        return lambda ids, mask: openvino_scores(compiled, ids, mask, output)
     from templar.serving.onnx_runtime import create_session, run_scores
 
     session = create_session(path, intra_op_threads=threads, spinning=spinning)
-    return lambda ids, mask: run_scores(session, ids, mask)
+    return lambda ids, mask: run_scores(session, ids, mask, output)

@@ -31,8 +31,11 @@ def create_session(path: str | os.PathLike, *, intra_op_threads: int = 0, spinni
                                 providers=providers or ["CPUExecutionProvider"])
 
 
-def run_scores(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """[B, L] int64 ids and mask -> [B, 1] float32 scores."""
-    (scores,) = session.run([contract.SCORE], {contract.INPUT_IDS: input_ids.astype(np.int64, copy=False),
-                                                contract.ATTENTION_MASK: attention_mask.astype(np.int64, copy=False)})
-    return scores
+def run_scores(session, input_ids: np.ndarray, attention_mask: np.ndarray,
+               output: str | tuple[str, ...] = contract.SCORE):
+    """[B, L] int64 ids and mask -> [B, 1] float32 scores (a process RM's graph: [B, L] TOKEN_SCORES); a tuple of
+    output names answers a tuple of arrays (a multi-objective RM's SCORE and SCORES)."""
+    names = [output] if isinstance(output, str) else list(output)
+    values = session.run(names, {contract.INPUT_IDS: input_ids.astype(np.int64, copy=False),
+                                 contract.ATTENTION_MASK: attention_mask.astype(np.int64, copy=False)})
+    return values[0] if isinstance(output, str) else tuple(values)

@@ -21,11 +21,14 @@ from templar.serving.triton_utils import model_parameters, output_dtypes
 class TritonPythonModel:
     def initialize(self, args):
         settings = EntrySettings.from_parameters(model_parameters(args), "scorer")
-        self.score_dtype = output_dtypes(args)[contract.SCORE]
+        # SCORE; a process RM's TOKEN_SCORES; a multi-objective RM's SCORE and SCORES (templar.contract's
+        # scorer_signature): the outputs of the config
+        self.dtypes = output_dtypes(args)
+        self.outputs = tuple(self.dtypes)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.choice = resolve(settings.cpu_precision)
         self.score = create_scorer(path, self.choice, threads=settings.intra_op_threads,
-                                   spinning=settings.intra_op_spinning)
+                                   spinning=settings.intra_op_spinning, output=self.outputs)
         pb_utils.Logger.log_info(f"{args['model_name']}: scoring in {self.choice.precision} on {self.choice.runtime} "
                                  f"({self.choice.reason})")
 
@@ -35,8 +38,10 @@ class TritonPythonModel:
             ids = pb_utils.get_input_tensor_by_name(request, contract.INPUT_IDS).as_numpy()
             mask = pb_utils.get_input_tensor_by_name(request, contract.ATTENTION_MASK).as_numpy()
             try:
-                scores = self.score(ids, mask).astype(self.score_dtype, copy=False)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(contract.SCORE, scores)]))
+                values = self.score(ids, mask)
+                responses.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor(name, value.astype(self.dtypes[name], copy=False))
+                    for name, value in zip(self.outputs, values)]))
             except Exception as exc:  # e.g. an id outside the vocabulary: fail this request, keep serving
                 error = pb_utils.TritonError(f"{self.choice.runtime}: {exc}")
                 responses.append(pb_utils.InferenceResponse(error=error))

@@ -29,9 +29,13 @@ def compile_model(path: str | os.PathLike, *, precision: str = "fp32", threads: 
     return core.compile_model(core.read_model(str(Path(path))), "CPU", config)
 
 
-def run_scores(compiled, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """[B, L] int64 ids and mask -> [B, 1] float32 scores."""
+def run_scores(compiled, input_ids: np.ndarray, attention_mask: np.ndarray,
+               output: str | tuple[str, ...] = contract.SCORE):
+    """[B, L] int64 ids and mask -> [B, 1] float32 scores (a process RM's graph: [B, L] TOKEN_SCORES); a tuple of
+    output names answers a tuple of arrays."""
     request = compiled.create_infer_request()
     outputs = request.infer({contract.INPUT_IDS: input_ids.astype(np.int64, copy=False),
                              contract.ATTENTION_MASK: attention_mask.astype(np.int64, copy=False)})
-    return np.asarray(outputs[compiled.output(contract.SCORE)], dtype=np.float32)
+    if isinstance(output, str):
+        return np.asarray(outputs[compiled.output(output)], dtype=np.float32)
+    return tuple(np.asarray(outputs[compiled.output(name)], dtype=np.float32) for name in output)

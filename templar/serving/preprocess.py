@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.fingerprints import fingerprint_tokenizer_dir
+from templar.padding import padded_rows
 from templar.serving.batching import preprocess_rows
-from templar.serving.settings import SERVING_FILE, EntrySettings, load_chat_format, version_parameters
+from templar.serving.settings import (SERVING_FILE, EntrySettings, load_chat_format, load_step_reader,
+                                     version_parameters)
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
@@ -27,6 +31,7 @@ class TritonPythonModel:
         folder = version_dir / "tokenizer"
         self.chat_format, self.pad_id = load_chat_format(folder, params)
         self.limits = EntrySettings.from_parameters(params, "preprocess").row_limits
+        self.steps = load_step_reader(self.chat_format, params)  # a process RM's step format, else None
         expected = {contract.PARAM_TEMPLATE_SHA256: self.chat_format.template_sha256,
                     contract.PARAM_TOKENIZER_SHA256: fingerprint_tokenizer_dir(folder)}
         for key, actual in expected.items():
@@ -41,13 +46,17 @@ class TritonPythonModel:
             rows = pb_utils.get_input_tensor_by_name(request, contract.CONVERSATION).as_numpy().reshape(-1)
             want_text = contract.TEXT in request.requested_output_names()
             batch = preprocess_rows(self.chat_format, list(rows), pad_id=self.pad_id, want_text=want_text,
-                                    limits=self.limits)
+                                    limits=self.limits, steps=self.steps)
             values = {contract.INPUT_IDS: batch.input_ids, contract.ATTENTION_MASK: batch.attention_mask,
                       contract.STATUS: contract.encode_strings(batch.status),
                       contract.NUM_TOKENS: batch.num_tokens.reshape(-1, 1),
                       contract.TRUNCATED: batch.truncated.reshape(-1, 1)}
             if want_text:
                 values[contract.TEXT] = contract.encode_strings(batch.text)
+            if self.steps is not None:
+                values[contract.STEP_POSITIONS] = padded_rows(batch.step_positions, -1)
+                values[contract.STEP_ENDS] = padded_rows(batch.step_ends, -1)
+                values[contract.NUM_STEPS] = np.array([[len(p)] for p in batch.step_positions], dtype=np.int32)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(name, value.astype(self.dtypes[name], copy=False)) for name, value in values.items()]))
         return responses

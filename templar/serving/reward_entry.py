@@ -15,12 +15,15 @@ is 1 - tokens / slots.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
 from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS, PreprocessedBatch, score_in_micro_batches
-from templar.serving.settings import EntrySettings
+from templar.padding import padded_rows
+from templar.serving.settings import EntrySettings, load_step_format, rm_kind
 from templar.serving.triton_utils import model_parameters, output_dtypes
 
 
@@ -43,6 +46,13 @@ class TritonPythonModel:
         self.tokens_metric, self.slots_metric = (family.Metric(labels=labels) for family in self._metric_families)
         # int64 for ONNX graphs; a TensorRT engine in the GPU container takes int32 ids
         self.scoring_ids_dtype = np.dtype(params.get(contract.PARAM_SCORING_IDS_DTYPE, "int64"))
+        # a process RM (templar.steps): its scoring model answers the step score at every position, read at the tags
+        self.kind = rm_kind(params)
+        step_format = load_step_format(params)
+        self.aggregate = step_format.aggregate if step_format else "min"
+        self.preprocess_outputs = contract.preprocess_for_scoring(self.kind)
+        self.score_outputs = contract.scorer_signature(kind=self.kind).output_names
+        self.objectives = len(json.loads(params.get(contract.PARAM_OBJECTIVES) or "[]"))
 
     def execute(self, requests):
         """All rows of all requests of this dynamic batch scored together; a request past max_request_bytes is
@@ -69,7 +79,8 @@ class TritonPythonModel:
             return responses
         s = self.settings
         scored = score_in_micro_batches(batch, self._score, max_rows=s.micro_batch_rows,
-                                        max_tokens=s.micro_batch_tokens, max_padding=s.micro_batch_max_padding)
+                                        max_tokens=s.micro_batch_tokens, max_padding=s.micro_batch_max_padding,
+                                        aggregate=self.aggregate)
         self.tokens_metric.increment(float(scored.tokens))
         self.slots_metric.increment(float(scored.slots))
 
@@ -79,10 +90,27 @@ class TritonPythonModel:
             start += count
             values = {contract.SCORE: scored.scores[part], contract.STATUS: contract.encode_strings(batch.status[part]),
                       contract.NUM_TOKENS: batch.num_tokens[part], contract.TRUNCATED: batch.truncated[part]}
+            values = {name: value.reshape(-1, 1) for name, value in values.items()}
+            if scored.step_scores is not None:
+                values.update(self._steps(batch, scored, part))
+            if self.kind == "multi-objective":  # no row scored: NaN for every objective
+                objectives = scored.objectives if scored.objectives is not None else \
+                    np.full((len(batch.status), self.objectives), np.nan, np.float32)
+                values[contract.SCORES] = objectives[part]
             responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(name, value.reshape(-1, 1).astype(self.dtypes[name], copy=False))
-                for name, value in values.items()])
+                pb_utils.Tensor(name, value.astype(self.dtypes[name], copy=False)) for name, value in values.items()])
         return responses
+
+    @staticmethod
+    def _steps(batch: PreprocessedBatch, scored, part: slice) -> dict[str, np.ndarray]:
+        """A process RM's step outputs of one request's rows (a failed row, or one its micro-batch could not score,
+        has no steps)."""
+        steps = [scores if contract.is_ok(status) else scores[:0]
+                 for scores, status in zip(scored.step_scores[part], batch.status[part])]
+        ends = [e[: len(s)] for e, s in zip(batch.step_ends[part], steps)]
+        return {contract.STEP_SCORES: padded_rows(steps, np.nan, np.float32),
+                contract.NUM_STEPS: np.array([[len(s)] for s in steps], dtype=np.int32),
+                contract.STEP_ENDS: padded_rows(ends, -1)}
 
     def _preprocess(self, rows: np.ndarray) -> PreprocessedBatch:
         """Tokenize all rows with the RM's own template (in chunks the preprocess model accepts)."""
@@ -91,30 +119,37 @@ class TritonPythonModel:
             chunk = rows[start : start + self.settings.max_batch_size].reshape(-1, 1)
             response = pb_utils.InferenceRequest(
                 model_name=self.preprocess_model, model_version=self.version,
-                requested_output_names=list(contract.PREPROCESS_FOR_SCORING),
+                requested_output_names=list(self.preprocess_outputs),
                 inputs=[pb_utils.Tensor(contract.CONVERSATION, chunk)],
             ).exec()
             if response.has_error():
                 raise _ModelFailure(f"{self.preprocess_model} failed: {response.error().message()}")
             out = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()
-                   for name in contract.PREPROCESS_FOR_SCORING}
+                   for name in self.preprocess_outputs}
+            steps = {}
+            if self.kind == "process":
+                counts = out[contract.NUM_STEPS].reshape(-1)
+                steps = {"step_positions": [row[:n].tolist() for row, n in zip(out[contract.STEP_POSITIONS], counts)],
+                         "step_ends": [row[:n].tolist() for row, n in zip(out[contract.STEP_ENDS], counts)]}
             parts.append(PreprocessedBatch(
                 input_ids=out[contract.INPUT_IDS], attention_mask=out[contract.ATTENTION_MASK],
                 status=contract.decode_strings(out[contract.STATUS]),
-                num_tokens=out[contract.NUM_TOKENS].reshape(-1), truncated=out[contract.TRUNCATED].reshape(-1)))
+                num_tokens=out[contract.NUM_TOKENS].reshape(-1), truncated=out[contract.TRUNCATED].reshape(-1),
+                **steps))
         return PreprocessedBatch.concatenate(parts)
 
     def _score(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """One micro-batch on the scoring model; raising makes the error these rows' status."""
         response = pb_utils.InferenceRequest(
             model_name=self.scoring_model, model_version=self.version,
-            requested_output_names=[contract.SCORE],
+            requested_output_names=list(self.score_outputs),
             inputs=[pb_utils.Tensor(contract.INPUT_IDS, ids.astype(self.scoring_ids_dtype, copy=False)),
                     pb_utils.Tensor(contract.ATTENTION_MASK, mask.astype(self.scoring_ids_dtype, copy=False))],
         ).exec()
         if response.has_error():
             raise _ModelFailure(f"{self.scoring_model} failed: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, contract.SCORE).as_numpy()
+        values = tuple(pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.score_outputs)
+        return values if len(values) > 1 else values[0]
 
     def finalize(self):
         self.tokens_metric = self.slots_metric = None  # metrics before their families (see initialize)

@@ -132,13 +132,39 @@ def load_chat_format(folder: str | os.PathLike, params: Mapping[str, str]):
     """(ChatFormat, pad id) for a tokenizer folder and the parameters `templar export` wrote."""
     from templar.chat_format import ChatFormat
 
+    step_format = load_step_format(params)
     chat_format = ChatFormat.from_dir(
         folder,
         max_length=int(params[contract.PARAM_MAX_LENGTH]),
         special_tokens=params.get(contract.PARAM_SPECIAL_TOKENS, "escape"),
         template_kwargs=json.loads(params.get(contract.PARAM_TEMPLATE_KWARGS) or "{}"),
+        extra_control_tokens=[step_format.step_tag] if step_format else (),
     )
     return chat_format, padding_id(chat_format.tokenizer)
+
+
+def rm_kind(params: Mapping[str, str]) -> str:
+    """"outcome" or "process" (templar.contract.RM_KINDS; an export from before kinds existed is an outcome RM)."""
+    return params.get(contract.PARAM_RM_KIND) or "outcome"
+
+
+def load_step_format(params: Mapping[str, str]):
+    """A process RM's templar.steps.StepFormat (None for an outcome RM)."""
+    if rm_kind(params) != "process":
+        return None
+    from templar.steps import StepFormat
+
+    return StepFormat.from_json(params[contract.PARAM_STEP_FORMAT])
+
+
+def load_step_reader(chat_format, params: Mapping[str, str]):
+    """A process RM's templar.steps.StepReader, its tag id as the export resolved it (None for an outcome RM)."""
+    step_format = load_step_format(params)
+    if step_format is None:
+        return None
+    from templar.steps import StepReader
+
+    return StepReader(step_format, int(params[contract.PARAM_STEP_TAG_ID]))
 
 
 def padding_id(tokenizer) -> int:

@@ -1,0 +1,296 @@
+"""Beyond one scalar: process reward models (templar.steps, `templar export --kind prm`) and multi-objective RMs.
+
+Tiny PRMs of the three conventions, each of its model's class on a real tokenizer, and a multi-label RM, exported,
+served by one embedded Triton and called over real gRPC. The reference for every score is the untouched model, run
+the way its model card runs it (its own template or plain text, `tokenizer.encode`, the logits at the tag tokens):
+no Templar code between the text and the number."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from templar import contract
+from templar.conversation import Conversation, ConversationError
+from templar.errors import ExportError
+from templar.export.exporter import ExportOptions, export_reward_model
+from templar.reward_client import RewardClient, RewardClientConfig
+from templar.steps import PRESETS, aggregate, split_steps, step_format
+from templar.tiny_models import TinySize, build_tiny_model
+from templar.wire import decode_entry, sync_client, conversation_inputs, requested_outputs
+
+from conftest import TEST_SETTINGS, start_server
+
+QUESTION = "Tom has 3 apples and buys 2 more. How many apples does he have?"
+STEPS = ["Tom starts with 3 apples.", "He buys 2 more, so 3 + 2 = 5.", "The answer is 5."]
+SIZE = TinySize(hidden_size=32, intermediate_size=64)
+OBJECTIVES = ("helpfulness", "honesty", "verbosity")
+WEIGHTS = {"helpfulness": 0.6, "honesty": 0.4, "verbosity": -0.2}
+
+# name -> (family, tiny-model kind, tokens added to the tokenizer, preset)
+PRMS = {
+    "prm_qwen": ("qwen2_5", "process-reward", ("<extra_0>",), "qwen-prm"),
+    "prm_shepherd": ("mistral_nemo", "causal-lm", (), "math-shepherd"),
+    "prm_value": ("llama3_1", "value-head-reward", ("<step>",), "value-head"),
+}
+
+
+# -- the steps of a response (no server) -------------------------------------------------------------------------
+def test_steps_are_cut_on_the_separator_and_their_ends_are_offsets_in_the_content():
+    fmt = PRESETS["qwen-prm"]
+    content = "First.\n\n\n\nSecond one.\n\n  \n\nThird"
+    steps = split_steps(content, fmt)
+    assert steps.texts == ["First.", "Second one.", "Third"]
+    assert [content[:end].endswith(text) for text, end in zip(steps.texts, steps.ends)] == [True] * 3
+    given = split_steps("a) 2+2=4. b) so 4.", fmt, ["a) 2+2=4.", "b) so 4."])
+    assert given.ends == [len("a) 2+2=4."), len("a) 2+2=4. b) so 4.")]
+
+
+@pytest.mark.parametrize(("content", "given", "message"), [
+    ("\n\n \n\n", None, "has no steps"),
+    ("one", ["two"], "steps[0] does not occur"),
+    ("one two", ["two", "one"], "steps[1] does not occur"),
+    ("x", [" "], "steps[0] is blank"),
+])
+def test_a_response_whose_steps_cannot_be_read_is_refused_with_what_is_wrong(content, given, message):
+    with pytest.raises(ConversationError, match=re.escape(message)):
+        split_steps(content, PRESETS["qwen-prm"], given)
+
+
+def test_too_many_steps_are_refused_naming_the_limit():
+    fmt = step_format("qwen-prm", max_steps=3)
+    with pytest.raises(ConversationError, match="4 steps, over this PRM's limit of 3"):
+        split_steps("a\n\nb\n\nc\n\nd", fmt)
+
+
+def test_aggregates_of_the_step_scores():
+    assert [aggregate([0.9, 0.2, 0.7], how) for how in ("min", "last", "mean")] == pytest.approx([0.2, 0.7, 0.6])
+
+
+# -- exported and served -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prms(assets, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prms")
+    return {name: build_tiny_model(family, root / name, kind=kind, added_tokens=added, size=SIZE, seed=7)
+            for name, (family, kind, added, _) in PRMS.items()}
+
+
+@pytest.fixture(scope="module")
+def multi_rm(assets, tmp_path_factory) -> Path:
+    """A multi-objective RM: a Llama-3 sequence classifier with three named labels, on the real Llama-3.1 tokenizer."""
+    return build_tiny_model("llama3_1", tmp_path_factory.mktemp("multi") / "rm", kind="reward", labels=OBJECTIVES,
+                            size=SIZE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def prm_server(prms, multi_rm, tmp_path_factory):
+    """One repository and one server for the module: the three PRMs and the multi-objective RM."""
+    repo = tmp_path_factory.mktemp("prm_repo") / "model_repository"
+    reports = {}
+    for name, (_, _, _, preset) in PRMS.items():
+        fmt = step_format(preset, max_steps=8)
+        reports[name] = export_reward_model(ExportOptions(
+            model=prms[name], name=name, repo=repo, max_length=256, kind="prm", step_format=fmt,
+            trust_remote_code=True, settings=TEST_SETTINGS), log=lambda _: None)
+    reports["rm_multi"] = export_reward_model(ExportOptions(
+        model=multi_rm, name="rm_multi", repo=repo, max_length=256, objective_weights=WEIGHTS,
+        settings=TEST_SETTINGS), log=lambda _: None)
+    server = start_server(repo)
+    yield server, reports
+    server.stop()
+
+
+@functools.cache
+def _untouched(name: str, folder: Path):
+    """(tokenizer, model) as Hugging Face loads them: the class each PRM's card loads."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    auto = {"prm_qwen": AutoModel, "prm_shepherd": AutoModelForCausalLM, "prm_value": AutoModel}[name]
+    return AutoTokenizer.from_pretrained(str(folder)), auto.from_pretrained(
+        str(folder), trust_remote_code=name == "prm_qwen", dtype=torch.float32).eval()
+
+
+def _model_card_step_scores(name: str, folder: Path, messages: list[dict], steps: list[str]) -> np.ndarray:
+    """Each PRM run as its model card runs it: the text built by hand, `tokenizer.encode`, the untouched model."""
+    from safetensors.torch import load_file
+
+    tok, model = _untouched(name, folder)
+    with torch.no_grad():
+        if name == "prm_qwen":  # Qwen2.5-Math-PRM's card: its system prompt, "<extra_0>".join(steps) + "<extra_0>"
+            chat = [{"role": "system", "content": PRESETS["qwen-prm"].system_prompt},
+                    *[m for m in messages if m["role"] != "system"][:-1],
+                    {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
+            ids = tok.encode(tok.apply_chat_template(chat, tokenize=False), return_tensors="pt")
+            probs = torch.softmax(model(input_ids=ids)[0], dim=-1)[0, :, 1]
+            return probs[ids[0] == tok.encode("<extra_0>")[0]].numpy()
+        if name == "prm_shepherd":  # Math-Shepherd's card: f"{question} {output}", the "+"/"-" logits at each "ки"
+            output = "\n".join(f"{step} ки" for step in steps)
+            question = " ".join(m["content"] for m in messages[:-1] if m["role"] != "system")
+            ids = torch.tensor([tok.encode(f"{question} {output}")])
+            good_bad = [tok.encode(t, add_special_tokens=False)[0] for t in ("+", "-")]
+            scores = model(ids).logits[:, :, good_bad].softmax(dim=-1)[0, :, 0]
+            return scores[ids[0] == tok.encode(" ки", add_special_tokens=False)[-1]].numpy()
+        # a value head on the base model's last hidden state (OpenRLHF's layout), read at each "<step>"
+        chat = [*messages[:-1], {"role": "assistant", "content": "".join(f"{s}<step>" for s in steps)}]
+        ids = torch.tensor([tok.encode(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False)])
+        head = load_file(str(folder / "model.safetensors"))["value_head.weight"]
+        values = (model(input_ids=ids).last_hidden_state[0] @ head.T)[:, 0]
+        return values[ids[0] == tok.convert_tokens_to_ids("<step>")].numpy()
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "\n".join(STEPS)}],
+    [{"role": "system", "content": "You are a careful tutor."}, {"role": "user", "content": QUESTION},
+     {"role": "assistant", "content": STEPS[1]}],
+    [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": QUESTION}, {"role": "assistant", "content": " ".join(STEPS)}],
+]
+
+
+@pytest.mark.parametrize("name", list(PRMS))
+def test_served_step_scores_are_the_model_cards_own_forward_at_every_tag(prm_server, prms, name):
+    """Over gRPC, batched with rows of other lengths: every step score within 1e-5 (relative) of the untouched
+    model at that step's tag, SCORE their minimum, STEP_ENDS where each step ends in the content sent."""
+    server, reports = prm_server
+    separator = PRESETS[PRMS[name][3]].step_separator
+    rows = [Conversation(c[:-1] + [{**c[-1], "content": separator.join(STEPS[:n + 1])}], steps=None)
+            for n, c in enumerate(CONVERSATIONS)]
+    rows.append(Conversation(CONVERSATIONS[2][:-1] + [CONVERSATIONS[2][-1]], steps=list(STEPS)))  # steps sent
+    with RewardClient(RewardClientConfig(model=name, endpoints=[server.grpc_url])) as client:
+        result = client.score(rows)
+    assert result.status == ["ok"] * len(rows)
+    for i, row in enumerate(rows):
+        steps = row.steps or split_steps(row.messages[-1]["content"], PRESETS[PRMS[name][3]]).texts
+        expected = _model_card_step_scores(name, prms[name], row.messages, steps)
+        served = result.step_scores[i]
+        assert len(served) == len(steps) == len(expected)
+        error = np.abs(served - expected) / np.maximum(1.0, np.abs(expected))
+        assert error.max() < 1e-5, (name, i, served, expected)
+        assert result.scores[i] == pytest.approx(float(served.min()), abs=1e-7)
+        content = row.messages[-1]["content"]
+        assert [content[:end].endswith(step) for step, end in zip(steps, result.step_ends[i])] == [True] * len(steps)
+    assert reports[name].parameters[contract.PARAM_RM_KIND] == "process"
+
+
+def test_an_old_client_reading_only_the_four_outputs_gets_the_aggregate_unchanged(prm_server):
+    """A client of the outcome contract (it asks for SCORE, STATUS, NUM_TOKENS, TRUNCATED by name, as every client
+    before process RMs did) works against a PRM unchanged: SCORE is the aggregate of the steps."""
+    server, _ = prm_server
+    rows = [json.dumps({"messages": CONVERSATIONS[0]}).encode()]
+    client = sync_client(server.grpc_url)
+    try:
+        answer = client.infer("prm_qwen", conversation_inputs(rows), outputs=requested_outputs(contract.ENTRY_OUTPUTS))
+        assert {o.name for o in answer.get_response().outputs} == set(contract.ENTRY_OUTPUTS)
+        old = decode_entry(answer)
+        full = decode_entry(client.infer("prm_qwen", conversation_inputs(rows),
+                                         outputs=requested_outputs(contract.ENTRY_PROCESS_OUTPUTS)))
+    finally:
+        client.close()
+    assert old.step_scores is None and old.status == ["ok"]
+    assert old.scores[0] == full.scores[0] == float(full.step_scores[0].min())
+
+
+def test_rows_whose_steps_cannot_be_read_get_their_own_error_and_cost_no_neighbour(prm_server):
+    server, _ = prm_server
+    long_prompt = "word " * 400
+    rows = {
+        "ok": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "\n".join(STEPS)}],
+        "no steps": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "\n \n"}],
+        "too many": [{"role": "user", "content": QUESTION},
+                     {"role": "assistant", "content": "\n".join(f"step {i}" for i in range(9))}],
+        "typed tag": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "3 + 2 = 5 ки"}],
+        "cut steps": [{"role": "user", "content": QUESTION},
+                      {"role": "assistant", "content": "\n".join([STEPS[0], long_prompt, STEPS[2]])}],
+        "text row": None,
+    }
+    wire = [{"messages": m} if m else {"text": "3 + 2 = 5"} for m in rows.values()]
+    with RewardClient(RewardClientConfig(model="prm_shepherd", endpoints=[server.grpc_url])) as client:
+        result = client.score(wire)
+    status = dict(zip(rows, result.status))
+    assert status["ok"] == "ok" and len(result.step_scores[0]) == 3
+    assert "has no steps" in status["no steps"]
+    assert "9 steps, over this PRM's limit of 8 (max_steps)" in status["too many"]
+    assert "step tag 'ки' is ordinary text" in status["typed tag"]
+    assert "over max_length 256, and cutting it from the start drops steps: 2 of 3 step tags left" in \
+        status["cut steps"]
+    assert "not a 'text' row" in status["text row"]
+    assert all(len(s) == 0 for s in result.step_scores[1:]) and np.isnan(result.scores[1:]).all()
+
+
+def test_a_step_tag_typed_in_the_content_is_escaped_where_it_is_a_control_token(prm_server, prms):
+    """Qwen's `<extra_0>` is an added special token: typed inside a step it is text, not a tag; the row keeps its
+    own number of steps and each score is still the model's at the real tags (the reference escapes by hand: the
+    typed tag tokenized as plain text)."""
+    server, _ = prm_server
+    steps = ["3 + 2 <extra_0> = 5.", "So 5."]
+    conversation = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "\n\n".join(steps)}]
+    with RewardClient(RewardClientConfig(model="prm_qwen", endpoints=[server.grpc_url])) as client:
+        result = client.score([conversation])
+    assert result.status == ["ok"] and len(result.step_scores[0]) == 2
+    # by hand: the model card's text, its typed tag encoded as plain text between the pieces around it
+    tok, model = _untouched("prm_qwen", prms["prm_qwen"])
+    chat = [{"role": "system", "content": PRESETS["qwen-prm"].system_prompt}, conversation[0],
+            {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
+    before, after = tok.apply_chat_template(chat, tokenize=False).split("3 + 2 <extra_0>", 1)
+    ids = (tok.encode(before + "3 + 2 ") + tok.encode("<extra_0>", split_special_tokens=True) + tok.encode(after))
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([ids]))[0], dim=-1)[0, :, 1]
+    expected = probs[torch.tensor(ids) == tok.convert_tokens_to_ids("<extra_0>")].numpy()
+    assert len(expected) == 2
+    np.testing.assert_allclose(result.step_scores[0], expected, rtol=0, atol=1e-5)
+
+
+def test_a_step_tag_that_is_not_one_token_is_refused_at_export(prms, tmp_path):
+    """Math-Shepherd's ' ки' is two tokens of Qwen2.5's tokenizer: the export names the tag and what it became."""
+    fmt = step_format("qwen-prm", step_tag="ки", tag_prefix=" ")
+    with pytest.raises(ExportError, match="step tag 'ки' is not one token of this tokenizer"):
+        export_reward_model(ExportOptions(model=prms["prm_qwen"], name="bad", repo=tmp_path, max_length=256,
+                                          kind="prm", step_format=fmt), log=lambda _: None)
+    assert not (tmp_path / "bad").exists()
+
+
+# -- multi-objective RMs ------------------------------------------------------------------------------------------
+def test_a_multi_objective_rm_serves_its_own_logits_by_name_and_their_weighted_sum(prm_server, multi_rm):
+    """SCORES are the classifier's own `logits[0]` (the model-card snippet), SCORE their weighted sum; the objective
+    names come from the config's id2label; a client that reads only SCORE gets the sum unchanged."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    server, reports = prm_server
+    tok = AutoTokenizer.from_pretrained(str(multi_rm))
+    rm = AutoModelForSequenceClassification.from_pretrained(str(multi_rm), dtype=torch.float32).eval()
+    with RewardClient(RewardClientConfig(model="rm_multi", endpoints=[server.grpc_url])) as client:
+        result = client.score(CONVERSATIONS)
+        assert client.objectives == list(OBJECTIVES)
+    assert result.status == ["ok"] * 3 and result.objectives.shape == (3, 3)
+    weights = np.array([WEIGHTS[name] for name in OBJECTIVES])
+    for i, conversation in enumerate(CONVERSATIONS):
+        with torch.no_grad():
+            own = rm(**tok.apply_chat_template(conversation, return_tensors="pt", return_dict=True)).logits[0]
+        own = own.double().numpy()
+        assert (np.abs(result.objectives[i] - own) / np.maximum(1.0, np.abs(own))).max() < 1e-5
+        assert result.scores[i] == pytest.approx(float(own @ weights), rel=1e-5, abs=1e-6)
+    assert json.loads(reports["rm_multi"].parameters[contract.PARAM_OBJECTIVES]) == list(OBJECTIVES)
+    client = sync_client(server.grpc_url)
+    try:
+        old = decode_entry(client.infer("rm_multi", conversation_inputs(
+            [json.dumps({"messages": CONVERSATIONS[0]}).encode()]), outputs=requested_outputs(contract.ENTRY_OUTPUTS)))
+    finally:
+        client.close()
+    assert old.objectives is None and old.scores[0] == result.scores[0]
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    (None, "needs the weights SCORE combines them with"),
+    ({"kindness": 1.0}, "names kindness, which are not objectives of this RM (helpfulness, honesty, verbosity)"),
+    ([1.0, 2.0], "has 2 weights for 3 objectives"),
+])
+def test_a_multi_objective_rm_without_usable_weights_is_refused_at_export(multi_rm, tmp_path, weights, message):
+    with pytest.raises(ExportError, match=re.escape(message)):
+        export_reward_model(ExportOptions(model=multi_rm, name="multi", repo=tmp_path, max_length=256,
+                                          objective_weights=weights), log=lambda _: None)
