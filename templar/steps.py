@@ -211,3 +211,32 @@ class StepReader:
                 f"{self.fmt.step_tag!r} is ordinary text for its tokenizer, and the content (or the rest of the "
                 "conversation) writes it; remove it from the text")
         return StepReading(tokenized, positions, steps.ends)
+
+
+# -- step scores on the actor's tokens -----------------------------------------------------------------------------
+def step_end_tokens(tokenizer, response_ids: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """For each step end (a character offset in the response's text, as a PRM's STEP_ENDS gives it), the index of
+    the response token whose text ends that step: the first token after which the decoded text reaches the offset.
+
+    The text is the trainer's: `tokenizer.decode(response_ids, skip_special_tokens=True)` (templar.trainer.actor);
+    decoding prefixes of the ids is exact for byte-level and SentencePiece tokenizers alike (a token's own text may
+    start with a space, or be part of a character, which the prefix decodes account for). A character split over
+    several tokens (bytes of an emoji) ends at the token that completes it."""
+    ids = list(response_ids)
+
+    def length(n: int) -> int:  # characters the first n tokens write (an unfinished character does not count)
+        return len(tokenizer.decode(ids[:n], skip_special_tokens=True).rstrip("\ufffd"))
+
+    found, low = [], 1
+    for end in ends:
+        high = len(ids)
+        if end <= 0 or length(high) < end:
+            raise ValueError(f"step end {end} is outside the response's {length(high)} characters")
+        while low < high:  # the smallest n with length(n) >= end; the ends ascend, so the search only moves on
+            middle = (low + high) // 2
+            if length(middle) >= end:
+                high = middle
+            else:
+                low = middle + 1
+        found.append(low - 1)
+    return found

@@ -294,3 +294,70 @@ def test_a_multi_objective_rm_without_usable_weights_is_refused_at_export(multi_
     with pytest.raises(ExportError, match=re.escape(message)):
         export_reward_model(ExportOptions(model=multi_rm, name="multi", repo=tmp_path, max_length=256,
                                           objective_weights=weights), log=lambda _: None)
+
+
+# -- step scores on the actor's tokens --------------------------------------------------------------------------
+ACTOR_RESPONSE = "Tom starts with 3 apples 🍎\n\nHe buys 2 more, so 3 + 2 = 5.\n\nThe answer is 5."
+
+
+@pytest.mark.parametrize("family", ["llama3_1", "qwen2_5", "gemma3"])
+def test_each_step_end_lands_on_the_actor_token_that_writes_it(assets, family):
+    """Byte-level (Llama-3, Qwen) and SentencePiece (Gemma) actors: the token a step's score lands on is the one whose
+    text completes the step, checked on the decoded tokens: the step's last character (the first step's is an emoji,
+    several byte tokens where the vocabulary lacks it) is in the text up to that token and not in the text before."""
+    from transformers import AutoTokenizer
+
+    from templar.steps import step_end_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(assets[family]))
+    ids = tok.encode(ACTOR_RESPONSE, add_special_tokens=False)
+    text = tok.decode(ids, skip_special_tokens=True)  # what the trainer sends as the response
+    steps = split_steps(text, PRESETS["qwen-prm"])
+    positions = step_end_tokens(tok, ids, steps.ends)
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    for step, end, j in zip(steps.texts, steps.ends, positions):
+        upto = tok.decode(ids[: j + 1], skip_special_tokens=True)
+        before = tok.decode(ids[:j], skip_special_tokens=True).rstrip("\ufffd")
+        assert upto.startswith(text[:end]) and len(before) < end, (family, step, tok.convert_ids_to_tokens(ids[j]))
+    assert positions[-1] == len(ids) - 1  # the last step ends the response
+    with pytest.raises(ValueError, match="outside the response"):
+        step_end_tokens(tok, ids, [len(text) + 1])
+
+
+@pytest.mark.parametrize(("actor_family", "prm"), [("llama3_1", "prm_qwen"), ("qwen2_5", "prm_value")])
+def test_a_prm_on_another_tokenizer_puts_each_step_score_on_the_actor_token_that_ends_the_step(
+        prm_server, assets, actor_family, prm):
+    """The trainer's step rewards (templar.trainer.rewards.step_rewards) from a served PRM whose tokenizer is not the
+    actor's (a Qwen-style PRM scoring a Llama-3 actor, a Llama-3 PRM scoring a Qwen actor): right-padded response ids
+    as the actor generated them, one ended by its stop token; each served step score, times the RM's weight, sits on
+    the token whose decoded text completes the step, and nowhere else."""
+    from transformers import AutoTokenizer
+
+    from templar.trainer.rewards import step_rewards
+
+    server, _ = prm_server
+    tok = AutoTokenizer.from_pretrained(str(assets[actor_family]))
+    responses = [ACTOR_RESPONSE, "So 3 + 2 = 5.\n\nFive apples."]
+    rows = [tok.encode(text, add_special_tokens=False) for text in responses]
+    rows[1].append(tok.eos_token_id)  # generation stopped here: not part of the text
+    width = max(map(len, rows)) + 2
+    ids = torch.full((2, width), tok.eos_token_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    ended = torch.tensor([False, True])
+    texts = [tok.decode(row[: len(row) - int(done)], skip_special_tokens=True) for row, done in zip(rows, ended)]
+    conversations = [[{"role": "user", "content": QUESTION}, {"role": "assistant", "content": t}] for t in texts]
+    with RewardClient(RewardClientConfig(model=prm, endpoints=[server.grpc_url])) as client:
+        result = client.score(conversations)
+    assert result.status == ["ok", "ok"]
+    dense = step_rewards(tok, ids, mask, ended, {prm: result}, {prm: 0.5})
+    for i, text in enumerate(texts):
+        steps = split_steps(text, PRESETS["qwen-prm"])
+        assert result.step_ends[i] == steps.ends
+        placed = np.flatnonzero(dense[i])
+        assert len(placed) == len(steps.texts)
+        for j, end, score in zip(placed, steps.ends, result.step_scores[i]):
+            assert tok.decode(ids[i, : j + 1], skip_special_tokens=True).startswith(text[:end])
+            assert len(tok.decode(ids[i, :j], skip_special_tokens=True).rstrip("\ufffd")) < end
+            assert dense[i, j] == pytest.approx(0.5 * float(score))

@@ -59,6 +59,11 @@ class RewardModelConfig:
     weight: float = 1.0  # combined score = sum(weight * score)
     normalize: bool = False  # normalise this RM's scores with running mean/std before weighting
     max_length: int = 1024  # export: token limit of this RM
+    # "rm": one score per conversation. "prm": a process RM (docs/process-rms.md): with a per-token estimator (gae,
+    # reinforce_pp) weight * each step's score lands on the actor token that ends the step; the group estimators
+    # (grpo, dr_grpo, rloo) take its aggregate (SCORE) like any RM's score
+    kind: str = "rm"
+    prm_preset: str = "qwen-prm"  # kind prm with a `path`: the step format it is exported with (templar.steps)
 
 
 @dataclass
@@ -170,6 +175,12 @@ class TrainConfig:
         names = [m.name for m in self.reward.models]
         if "" in names or len(set(names)) != len(names):
             raise ConfigError(f"reward.models need distinct, non-empty names (got {names})")
+        for i, rm in enumerate(self.reward.models):
+            if rm.kind not in ("rm", "prm"):
+                raise ConfigError(f"reward.models.{i}.kind must be rm or prm, got {rm.kind!r}")
+            if rm.kind == "prm" and rm.normalize:
+                raise ConfigError(f"reward.models.{i}: a process RM's step scores are not normalised (normalize: "
+                                  "false)")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
         from templar.trainer.preferences import RULES

@@ -35,7 +35,9 @@ if TYPE_CHECKING:  # the config checks its estimator names against ESTIMATORS
 class AdvantageInputs:
     scores: torch.Tensor  # [B] combined RM score per row (0 where invalid)
     valid: torch.Tensor  # [B] bool: every RM scored the row
-    kl_rewards: torch.Tensor  # [B, T] -kl_coef * KL estimate per token (zero when the KL is a loss term)
+    # [B, T] per-token rewards: -kl_coef * KL estimate (zero when the KL is a loss term), plus, for an estimator with
+    # per_token_rewards, a process RM's step scores on the tokens that end each step
+    kl_rewards: torch.Tensor
     mask: torch.Tensor  # [B, T] response tokens of valid rows
     values: torch.Tensor | None  # [B, T] the critic's values (critic estimators only)
     group_size: int  # generation.samples_per_prompt: rows [g*n, (g+1)*n) answer the same prompt
@@ -53,6 +55,9 @@ class Estimator:
     min_group_size: int  # fewer responses per prompt and every advantage is 0
     compute: Compute  # -> (advantages [B, T], value targets [B, T] or None)
     sum_over_tokens: bool = False  # policy loss: sum over tokens / (rows x max_new_tokens) instead of a token mean
+    # the per-token reward term (`kl_rewards`) is a return's rewards, so a process RM's step scores join it on the
+    # tokens that end each step (GAE, REINFORCE++); the group estimators take the PRM's aggregate as its score
+    per_token_rewards: bool = False
 
 
 def _gae(x: AdvantageInputs, p: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +83,8 @@ def _reinforce_pp(x: AdvantageInputs, p: PPOConfig) -> tuple[torch.Tensor, None]
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
-    Estimator("gae", "Schulman et al. 2016/2017 (GAE, PPO)", needs_critic=True, min_group_size=1, compute=_gae),
+    Estimator("gae", "Schulman et al. 2016/2017 (GAE, PPO)", needs_critic=True, min_group_size=1, compute=_gae,
+              per_token_rewards=True),
     Estimator("grpo", "Shao et al. 2024 (DeepSeekMath)", needs_critic=False, min_group_size=2,
               compute=_grouped(ppo.group_normalized_scores)),
     Estimator("dr_grpo", "Liu et al. 2025 (Dr. GRPO)", needs_critic=False, min_group_size=2,
@@ -86,5 +92,6 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
               sum_over_tokens=True),
     Estimator("rloo", "Ahmadian et al. 2024 (RLOO)", needs_critic=False, min_group_size=2,
               compute=_grouped(ppo.leave_one_out_scores)),
-    Estimator("reinforce_pp", "Hu 2025 (REINFORCE++)", needs_critic=False, min_group_size=1, compute=_reinforce_pp),
+    Estimator("reinforce_pp", "Hu 2025 (REINFORCE++)", needs_critic=False, min_group_size=1, compute=_reinforce_pp,
+              per_token_rewards=True),
 )}

@@ -17,6 +17,7 @@ from templar.export.exporter import ExportOptions, export_reward_model, is_expor
 from templar.server.supervisor import SupervisedTriton
 from templar.trainer.config import TrainConfig
 from templar.trainer.distributed import World, barrier, run_on_main
+from templar.steps import step_format
 from templar.trainer.sources import resolve_source
 
 log = logging.getLogger("templar.trainer")
@@ -33,7 +34,8 @@ def export_options(config: TrainConfig, output_dir: Path) -> list[ExportOptions]
                 raise ConfigError(f"reward model {rm.name!r} is not in {repo} and has no path to export it from")
             continue
         source = resolve_source(rm.path, f"rm-{rm.name}", "reward", output_dir, seed=100 + index).resolve()
-        options.append(ExportOptions(model=source, name=rm.name, repo=repo, max_length=rm.max_length))
+        prm = {"kind": "prm", "step_format": step_format(rm.prm_preset)} if rm.kind == "prm" else {}
+        options.append(ExportOptions(model=source, name=rm.name, repo=repo, max_length=rm.max_length, **prm))
     return options
 
 

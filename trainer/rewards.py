@@ -24,6 +24,7 @@ from templar.chat_format import ChatFormat
 from templar.conversation import Conversation, Messages
 from templar.reward_client import RewardResult
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
+from templar.steps import step_end_tokens
 from templar.trainer.config import RewardConfig
 
 log = logging.getLogger("templar.trainer")
@@ -32,6 +33,25 @@ log = logging.getLogger("templar.trainer")
 def reward_conversations(prompts: list[Messages], responses: list[str]) -> list[dict]:
     return [{"messages": list(prompt) + [{"role": "assistant", "content": text}]}
             for prompt, text in zip(prompts, responses)]
+
+
+def step_rewards(tokenizer, response_ids, response_mask, ended, per_rm: dict[str, RewardResult],
+                 weights: dict[str, float]) -> np.ndarray:
+    """[B, Lr] the process RMs' step scores on the actor's response tokens: weight * each step's score on the token
+    whose text ends that step (templar.steps.step_end_tokens, on the very ids the response text was decoded from),
+    0 elsewhere and on rows a PRM did not score. The PRM cut the text it was sent; its STEP_ENDS are character
+    offsets in that text, so whose tokenizer the PRM uses never matters here."""
+    dense = np.zeros(tuple(response_ids.shape), dtype=np.float32)
+    for name, weight in weights.items():
+        result = per_rm[name]
+        for i, (scores, ends) in enumerate(zip(result.step_scores or [], result.step_ends or [])):
+            if not contract.is_ok(result.status[i]) or len(scores) == 0:
+                continue
+            kept = response_ids[i][response_mask[i].bool()].tolist()
+            kept = kept[:-1] if bool(ended[i]) else kept  # the text has no stop token (templar.trainer.actor)
+            for token, score in zip(step_end_tokens(tokenizer, kept, ends), scores):
+                dense[i, token] += weight * float(score)
+    return dense
 
 
 def actor_text_rows(conversations: list[dict], actor_chat: ChatFormat) -> list[dict]:

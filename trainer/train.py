@@ -50,7 +50,7 @@ from templar.trainer.metrics import MetricsLog, plot_curves, restart_jsonl
 from templar.trainer.models import load_actor, load_critic, load_reference
 from templar.trainer.reward_server import reward_endpoints
 from templar.trainer.rewards import (RewardBatch, RewardModels, actor_text_rows, record_unscored,
-                                     reward_conversations)
+                                     reward_conversations, step_rewards)
 from templar.trainer.sources import ModelSources, resolve_models
 
 log = logging.getLogger("templar.trainer")
@@ -110,6 +110,10 @@ class Scored:
     wait_s: float
     versions: dict[str, float] = field(default_factory=dict)  # rm_version/<name>: newest RM version that scored
     rule_hits: int = 0  # responses keeping data.rule (when one is set)
+    # process RMs (reward.models[].kind: prm): [B, Lr] weight * step score on the tokens that end each step, and the
+    # combined score without the PRMs' aggregates (what a per-token estimator adds at the last token); None without
+    step_rewards: torch.Tensor | None = None
+    outcome_scores: torch.Tensor | None = None
 
 
 class StepTimes(dict):
@@ -231,7 +235,18 @@ class PPOTrainer:
         rule = RULES.get(self.config.data.rule)
         hits = sum(rule(c["messages"][:-1], c["messages"][-1]["content"]) for c in conversations) if rule else 0
         return Scored(batch, scores, mask, failed, self.times["rewards_wait"], self.rewards.note_versions(step, batch),
-                      hits)
+                      hits, *self._step_rewards(rollout, batch, scores))
+
+    def _step_rewards(self, rollout: Rollout, batch: RewardBatch, scores: torch.Tensor):
+        """(the process RMs' step rewards on the actor's tokens, the score without their aggregates), or (None,
+        None) without a process RM."""
+        prms = {rm.name: rm.weight for rm in self.config.reward.models if rm.kind == "prm"}
+        if not prms:
+            return None, None
+        dense = step_rewards(self.actor_chat.tokenizer, rollout.response_ids, rollout.response_mask, rollout.ended,
+                             batch.per_rm, prms)
+        aggregates = sum(weight * np.nan_to_num(batch.per_rm[name].scores) for name, weight in prms.items())
+        return torch.from_numpy(dense), scores - torch.from_numpy(aggregates).float()
 
     def advantages(self, scored: Scored, old: Evaluation) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(advantages, value targets or None, the per-token KL estimate)."""
@@ -239,7 +254,11 @@ class PPOTrainer:
         kl = ppo.kl_estimate(old.logprobs, old.ref_logprobs, p.kl_estimator) * scored.mask
         kl_coef_in_reward = self.kl_ctl.value if p.kl_in == "reward" else 0.0
         kl_rewards = ppo.kl_penalty(kl, scored.mask, kl_coef_in_reward)  # the tested formula, not a copy of it
-        inputs = AdvantageInputs(scored.scores, torch.from_numpy(scored.batch.valid), kl_rewards, scored.mask,
+        scores = scored.scores
+        if scored.step_rewards is not None and self.estimator.per_token_rewards:  # a PRM's steps, token by token
+            kl_rewards = kl_rewards + scored.step_rewards * scored.mask
+            scores = scored.outcome_scores
+        inputs = AdvantageInputs(scores, torch.from_numpy(scored.batch.valid), kl_rewards, scored.mask,
                                  old.values, self.group_size, reduce_over_ranks)
         advantages, returns = self.estimator.compute(inputs, p)
         return advantages, returns, kl
@@ -302,6 +321,10 @@ class PPOTrainer:
                if k not in ("ratio_max", "scored")},
             **{f"score/{name}": float(np.nansum(np.where(batch.valid, r.scores, 0.0)))
                for name, r in batch.per_rm.items()},
+            # a process RM's: steps read per response, and the step rewards the actor's tokens got
+            **{f"steps/{name}": float(sum(len(s) for s, ok in zip(r.step_scores, batch.valid) if ok))
+               for name, r in batch.per_rm.items() if r.step_scores is not None},
+            "step_rewards": float((scored.step_rewards * mask).sum()) if scored.step_rewards is not None else 0.0,
         }
         if returns is not None:  # explained variance of the critic's values
             residual = returns - old.values
@@ -333,6 +356,9 @@ class PPOTrainer:
         if self.config.data.rule:
             metrics["rule_satisfied"] = t["rule"] / t["rows"]  # share of all responses keeping data.rule
         metrics.update({f"score/{name}": per_valid(t[f"score/{name}"]) for name in batch.per_rm})
+        metrics.update({key: per_valid(t[key]) for key in t if key.startswith("steps/")})
+        if scored.step_rewards is not None:
+            metrics["step_rewards_mean"] = per_valid(t["step_rewards"])  # per response: sum of its step rewards
         metrics.update({f"time/{phase}": seconds for phase, seconds in self.times.items()})
         metrics["time/checkpoint"], self.checkpoint_s = self.checkpoint_s, 0.0
         return {**metrics, **scored.versions}
