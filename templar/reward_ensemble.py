@@ -106,15 +106,17 @@ class RewardEnsemble:
                                                   if not contract.is_ok(r.status[i])) for i in range(n)]
         return EnsembleResult(combined, valid, results, errors)
 
-    def score(self, conversations: Sequence[Any]) -> EnsembleResult:
+    def score(self, conversations: Sequence[Any], aggregate: str | None = None) -> EnsembleResult:
+        """Every RM's scores and their combination; `aggregate` ("min", "last", "mean") recomputes a process RM's
+        score from its steps (None: the aggregate it was exported with)."""
         pending = self.submit(conversations)
-        return self.combine({name: future.result() for name, future in pending.items()})
+        return self.combine({name: future.result().with_aggregate(aggregate) for name, future in pending.items()})
 
-    async def score_async(self, conversations: Sequence[Any]) -> EnsembleResult:
+    async def score_async(self, conversations: Sequence[Any], aggregate: str | None = None) -> EnsembleResult:
         """From another event loop (a web server's): the clients run in their own loop thread."""
         pending = self.submit(conversations)
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in pending.values()))
-        return self.combine(dict(zip(pending, results)))
+        return self.combine({name: r.with_aggregate(aggregate) for name, r in zip(pending, results)})
 
     def close(self) -> None:
         for client in self.clients.values():

@@ -142,6 +142,13 @@ def split_steps(content: str, fmt: StepFormat, given: Sequence[str] | None = Non
     return Steps(texts, ends)
 
 
+def check_aggregate(how: str | None, where: str = "aggregate") -> str | None:
+    """An integration's aggregate choice: None (the RM's own, chosen at export) or one of AGGREGATES."""
+    if how is not None and how not in AGGREGATES:
+        raise ConfigError(f"{where} must be one of {', '.join(AGGREGATES)} (or unset: the RM's own), got {how!r}")
+    return how
+
+
 def aggregate(step_scores: Sequence[float], how: str) -> float:
     """SCORE of a PRM row from its step scores (see AGGREGATES)."""
     if len(step_scores) == 0:

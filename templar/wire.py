@@ -6,6 +6,7 @@ with the gRPC settings and error classification that the reward client, `templar
 from __future__ import annotations
 
 import abc
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -173,6 +174,19 @@ class RewardResult:
     @property
     def failed_rows(self) -> int:
         return int((~self.ok).sum())
+
+    def with_aggregate(self, how: str | None) -> RewardResult:
+        """A process RM's result with each scored row's score recomputed as `how` ("min", "last", "mean") of its
+        step scores, in place of the aggregate the RM was exported with; unchanged for None or any other RM."""
+        if how is None or self.step_scores is None:
+            return self
+        from templar.steps import aggregate
+
+        scores = self.scores.copy()
+        for i, steps in enumerate(self.step_scores):
+            if contract.is_ok(self.status[i]) and len(steps):
+                scores[i] = aggregate(steps, how)
+        return dataclasses.replace(self, scores=scores)
 
     def rows(self, part: slice) -> RewardResult:
         """The result of a run of rows (a request's share of a batch scored together), versions included."""

@@ -18,7 +18,7 @@ import torch
 
 from templar import contract
 from templar.conversation import Conversation, ConversationError
-from templar.errors import ExportError
+from templar.errors import ConfigError, ExportError
 from templar.export.exporter import ExportOptions, export_reward_model
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.steps import PRESETS, aggregate, split_steps, step_format
@@ -26,6 +26,7 @@ from templar.tiny_models import TinySize, build_tiny_model
 from templar.wire import decode_entry, sync_client, conversation_inputs, requested_outputs
 
 from conftest import TEST_SETTINGS, start_server
+from test_template_parser import openrlhf_query
 
 QUESTION = "Tom has 3 apples and buys 2 more. How many apples does he have?"
 STEPS = ["Tom starts with 3 apples.", "He buys 2 more, so 3 + 2 = 5.", "The answer is 5."]
@@ -361,3 +362,52 @@ def test_a_prm_on_another_tokenizer_puts_each_step_score_on_the_actor_token_that
             assert tok.decode(ids[i, : j + 1], skip_special_tokens=True).startswith(text[:end])
             assert len(tok.decode(ids[i, :j], skip_special_tokens=True).rstrip("\ufffd")) < end
             assert dense[i, j] == pytest.approx(0.5 * float(score))
+
+
+# -- the integrations ---------------------------------------------------------------------------------------------
+def test_trl_verl_and_openrlhf_take_a_process_rms_aggregate_and_report_its_steps(prm_server):
+    """TRL's TemplarReward and verl's compute_score take the aggregate a trainer wants from the steps (default: the
+    RM's own, SCORE); OpenRLHF's answer (the gateway's) rewards with the aggregate and logs the steps per row."""
+    from templar.integrations.openrlhf import OpenRLHFRewards
+    from templar.integrations.trl import TemplarReward
+    from templar.integrations.verl import compute_score_batch
+    from templar.reward_ensemble import RewardEnsemble, WeightedModel
+    from templar.template_parser import TemplateParser
+
+    server, _ = prm_server
+    prompt = [{"role": "user", "content": QUESTION}]
+    responses = ["\n\n".join(STEPS), "\n\n".join(STEPS[1:])]
+    with RewardClient(RewardClientConfig(model="prm_qwen", endpoints=[server.grpc_url])) as client:
+        steps = client.score([[*prompt, {"role": "assistant", "content": r}] for r in responses]).step_scores
+    expected = {how: [float(f(s)) for s in steps] for how, f in
+                (("min", np.min), ("last", lambda s: s[-1]), ("mean", np.mean))}
+
+    for how in (None, "last"):
+        reward = TemplarReward("prm_qwen", url=server.grpc_url, aggregate=how)
+        try:
+            got = reward(prompts=[prompt, prompt], completions=responses)
+        finally:
+            reward.close()
+        assert got == pytest.approx(expected[how or "min"], abs=1e-6)
+    rows = compute_score_batch(["math"] * 2, responses, [None] * 2, [{"prompt": prompt}] * 2, model="prm_qwen",
+                               url=server.grpc_url, aggregate="mean")
+    assert [r["score"] for r in rows] == pytest.approx(expected["mean"], abs=1e-6)
+    with pytest.raises(ConfigError, match="aggregate must be one of min, last, mean"):
+        TemplarReward("prm_qwen", url=server.grpc_url, aggregate="max")
+
+    parser = TemplateParser.from_source("qwen2_5")
+    prompt_text = parser.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    queries = [openrlhf_query(parser.tokenizer, prompt_text, r) for r in responses]  # what OpenRLHF sends
+    rewards = OpenRLHFRewards(parser)
+    parsed = rewards.rows(queries, [prompt_text] * 2, [None, None])
+    assert parsed.errors == [None, None]
+    ensemble = RewardEnsemble([WeightedModel("prm_qwen", 1.0)], RewardClientConfig(endpoints=[server.grpc_url]))
+    try:
+        answer = rewards.answer(parsed, ensemble.score(parsed.conversations, "last"))
+    finally:
+        ensemble.close()
+    assert answer["rewards"] == pytest.approx(expected["last"], abs=1e-6)
+    logs = answer["extra_logs"]
+    assert logs["templar/prm_qwen/num_steps"] == [3.0, 2.0]
+    assert logs["templar/prm_qwen/min_step"] == pytest.approx(expected["min"], abs=1e-6)
+    assert logs["templar/prm_qwen/last_step"] == pytest.approx(expected["last"], abs=1e-6)

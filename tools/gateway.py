@@ -10,6 +10,7 @@ from pathlib import Path
 from templar.client_options import ClientFlags, env_var
 from templar.errors import ConfigError, TemplarError
 from templar.integrations.gateway import GatewayOptions, build
+from templar.steps import AGGREGATES
 from templar.tools.export import json_object
 
 CLIENT_FLAGS = ClientFlags()  # every option of the reward client: --url, --tls ..., --request-timeout-s, ...
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port, help="(default: %(default)s)")
     parser.add_argument("--failed-reward", type=float, help="reward of a row that cannot be parsed or scored, flagged "
                         "in extra_logs (default: none, the request fails with the rows' reasons)")
+    parser.add_argument("--aggregate", choices=AGGREGATES,
+                        help="a process RM's step scores -> its reward: min, last or mean (default: the aggregate it "
+                        "was exported with); its steps go to extra_logs as templar/<rm>/num_steps, min_step, last_step")
     parser.add_argument("--batch-delay-ms", type=float, default=d.batch_delay_ms,
                         help="how long a request's rows wait to be scored with those of concurrent requests "
                         "(default: %(default)s)")
@@ -55,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("give --actor-template and at least one --model (or --print-reward-func)")
     options = GatewayOptions(actor_template=args.actor_template, models=args.model, host=args.host, port=args.port,
                              failed_reward=args.failed_reward, batch_delay_ms=args.batch_delay_ms,
+                             aggregate=args.aggregate,
                              template_kwargs=args.actor_template_kwargs, client=CLIENT_FLAGS.config(args))
     app, ensemble, _ = build(options)
     try:

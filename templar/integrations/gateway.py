@@ -22,6 +22,7 @@ from templar.errors import DataError, TemplarError
 from templar.integrations.openrlhf import OpenRLHFRewards, RowsFailed, request_rows
 from templar.reward_client import RewardClientConfig
 from templar.reward_ensemble import EnsembleResult, RewardEnsemble, WeightedModel
+from templar.steps import check_aggregate
 from templar.template_parser import TemplateParser
 
 log = logging.getLogger("templar.gateway")
@@ -34,6 +35,7 @@ class GatewayOptions:
     host: str = "127.0.0.1"  # the address the gateway binds (loopback only by default)
     port: int = 5000  # its HTTP port
     failed_reward: float | None = None  # reward of a row that cannot be parsed or scored; None: fail the request
+    aggregate: str | None = None  # a process RM's steps -> its reward: min, last, mean (None: as it was exported)
     batch_delay_ms: float = 5.0  # how long a request's rows wait for those of concurrent requests
     max_batch_rows: int = 256  # rows scored together at most
     template_kwargs: dict = field(default_factory=dict)  # the actor template's variables, e.g. a date_string
@@ -45,8 +47,10 @@ class MicroBatcher:
     """Rows of concurrent requests scored together: the first waiting request opens a batch that closes after
     `max_delay_s` or at `max_rows`; each request then gets its own rows' results."""
 
-    def __init__(self, ensemble: RewardEnsemble, *, max_rows: int = 256, max_delay_s: float = 0.005) -> None:
+    def __init__(self, ensemble: RewardEnsemble, *, max_rows: int = 256, max_delay_s: float = 0.005,
+                 aggregate: str | None = None) -> None:
         self.ensemble, self.max_rows, self.max_delay_s = ensemble, max_rows, max_delay_s
+        self.aggregate = aggregate
         self._pending: list[tuple[list[Messages], asyncio.Future]] = []
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -74,7 +78,7 @@ class MicroBatcher:
     async def _run(self, batch: list[tuple[list[Messages], asyncio.Future]]) -> None:
         rows = [conversation for conversations, _ in batch for conversation in conversations]
         try:
-            result = await self.ensemble.score_async(rows)
+            result = await self.ensemble.score_async(rows, self.aggregate)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             for _, future in batch:
                 if not future.done():
@@ -122,5 +126,6 @@ def build(options: GatewayOptions) -> tuple[FastAPI, RewardEnsemble, MicroBatche
     """The app and what it holds; a TemplarError when the actor template or the models are not usable."""
     parser = TemplateParser.from_source(options.actor_template, template_kwargs=options.template_kwargs)
     ensemble = RewardEnsemble(WeightedModel.parse_list(options.models), options.client)
-    batcher = MicroBatcher(ensemble, max_rows=options.max_batch_rows, max_delay_s=options.batch_delay_ms / 1e3)
+    batcher = MicroBatcher(ensemble, max_rows=options.max_batch_rows, max_delay_s=options.batch_delay_ms / 1e3,
+                           aggregate=check_aggregate(options.aggregate, "--aggregate"))
     return create_app(OpenRLHFRewards(parser, options.failed_reward), ensemble, batcher), ensemble, batcher

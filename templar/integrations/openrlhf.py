@@ -7,8 +7,10 @@ from the label when it carries them (the exact path: a JSON object with "message
 parsing the prompt with the actor's template (templar.template_parser); the response is what follows the prompt, its
 end-of-turn and padding tokens removed. Every configured RM then scores the conversation with ITS OWN template.
 
-The answer is OpenRLHF's: `rewards` (sum of weight * score), `scores` (the same values) and `extra_logs` (lists
-OpenRLHF logs: each RM's score, and `templar/failed`, 1 for a row that could not be parsed or scored). A failed row
+The answer is OpenRLHF's: `rewards` (sum of weight * score; a process RM's score is the aggregate of its steps),
+`scores` (the same values) and `extra_logs` (lists OpenRLHF logs: each RM's score, a process RM's steps as
+`templar/<rm>/num_steps`, `min_step`, `last_step`, and `templar/failed`, 1 for a row that could not be parsed or
+scored). A failed row
 is never a silent 0: with `failed_reward` set it gets that value and the flag; without, the whole request fails with
 the reason of every failed row (HTTP 422 for rows that cannot be parsed, 503 when the reward server cannot score).
 """
@@ -52,6 +54,21 @@ def request_rows(body: Any) -> tuple[list[str], list[str | None], list[Any]]:
     if not isinstance(labels, list) or len(labels) != len(queries):
         raise DataError(f'"labels" must be a list of {len(queries)} values, one per query')
     return queries, prompts, labels
+
+
+def _step_logs(name: str, scored, index: list[int], n: int) -> dict[str, list[float]]:
+    """A process RM's steps as per-row numbers OpenRLHF logs (one value per row under each key, as every extra_logs
+    entry is): how many steps, the weakest and the last step's score (NaN, then failed_reward, where not scored)."""
+    if scored.step_scores is None:
+        return {}
+    logs = {f"templar/{name}/{key}": [math.nan] * n for key in ("num_steps", "min_step", "last_step")}
+    for position, i in enumerate(index):
+        steps = scored.step_scores[position]
+        if len(steps):
+            logs[f"templar/{name}/num_steps"][i] = float(len(steps))
+            logs[f"templar/{name}/min_step"][i] = float(min(steps))
+            logs[f"templar/{name}/last_step"][i] = float(steps[-1])
+    return logs
 
 
 class OpenRLHFRewards:
@@ -104,6 +121,7 @@ class OpenRLHFRewards:
                 for position, i in enumerate(index):
                     values[i] = float(scored.scores[position])
                 per_rm[f"templar/{name}"] = values
+                per_rm.update(_step_logs(name, scored, index, n))
         failed = [i for i, e in enumerate(errors) if e is not None]
         if failed:
             self._handle_failures(failed, errors, retryable=set(failed) <= unreached_rows)

@@ -8,6 +8,7 @@ Configured by environment variables (set them where OpenRLHF's workers run):
     TEMPLAR_MODELS           reward models, NAME[:WEIGHT] comma-separated, e.g. "rm_llama3:1,rm_gemma3:0.5"  (required)
     TEMPLAR_URL              Triton gRPC endpoint(s), comma-separated                    (default 127.0.0.1:8001)
     TEMPLAR_FAILED_REWARD    reward of a row that cannot be parsed or scored; unset: such a call raises
+    TEMPLAR_AGGREGATE        a process RM's steps -> its reward: min, last or mean; unset: as it was exported
     TEMPLAR_<OPTION>         any option of the reward client (templar.reward_client.RewardClientConfig), named as
                              its field in capitals: TEMPLAR_TLS=1, TEMPLAR_TLS_CA=ca.pem, TEMPLAR_TLS_CERT,
                              TEMPLAR_TLS_KEY, TEMPLAR_REQUEST_TIMEOUT_S=30, TEMPLAR_MAX_ATTEMPTS,
@@ -22,6 +23,7 @@ import threading
 from templar import client_options
 from templar.integrations.openrlhf import OpenRLHFRewards
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
+from templar.steps import check_aggregate
 from templar.template_parser import TemplateParser
 
 _lock = threading.Lock()
@@ -44,6 +46,7 @@ def _setup() -> tuple[OpenRLHFRewards, RewardEnsemble]:
             models = WeightedModel.parse_list(os.environ["TEMPLAR_MODELS"])
             _state["ensemble"] = RewardEnsemble(models, client_options.from_environment(os.environ))
             _state["rewards"] = OpenRLHFRewards(parser, float(failed) if failed else None)
+            _state["aggregate"] = check_aggregate(os.environ.get("TEMPLAR_AGGREGATE") or None, "TEMPLAR_AGGREGATE")
     return _state["rewards"], _state["ensemble"]  # type: ignore[return-value]
 
 
@@ -52,4 +55,4 @@ def reward_func(queries: list[str], prompts: list[str], labels: list, **kwargs) 
     rewards, ensemble = _setup()
     rows = rewards.rows(queries, prompts, labels)
     good = [c for c in rows.conversations if c is not None]
-    return rewards.answer(rows, ensemble.score(good) if good else None)
+    return rewards.answer(rows, ensemble.score(good, _state["aggregate"]) if good else None)

@@ -4,8 +4,10 @@
     trainer = GRPOTrainer(model=..., reward_funcs=[TemplarReward("rm_llama3", url="127.0.0.1:8001")], ...)
     TemplarReward("rm_llama3", url="rm.example:8001", tls=True, tls_ca="ca.pem", request_timeout_s=30)  # over TLS
 
-Keyword arguments beyond `on_failure` are the reward client's options, named as templar.reward_client's
-RewardClientConfig fields (`url` is its endpoints: "host:port[,host:port...]" or a list).
+`aggregate` ("min", "last", "mean") is how a process RM's step scores become the reward (unset: the aggregate it was
+exported with, its SCORE). Keyword arguments beyond `on_failure` and `aggregate` are the reward client's options,
+named as templar.reward_client's RewardClientConfig fields (`url` is its endpoints: "host:port[,host:port...]" or a
+list).
 
 TRL calls `reward(prompts=..., completions=..., **columns)`. Conversational data gives each prompt as a list of
 messages and each completion as `[{"role": "assistant", "content": ...}]`; standard data gives strings (a prompt
@@ -26,6 +28,7 @@ from templar import client_options
 from templar.conversation import Messages
 from templar.errors import ConfigError, DataError, ServingError
 from templar.reward_client import RewardClient
+from templar.steps import check_aggregate
 from templar.wire import DEFAULT_URL
 
 log = logging.getLogger("templar.integrations")
@@ -46,9 +49,10 @@ class TemplarReward:
     """A TRL reward function scoring with the served RM `model` (see the module docstring)."""
 
     def __init__(self, model: str, url: str | Sequence[str] = DEFAULT_URL, *, on_failure: str = "none",
-                 **options: Any) -> None:
+                 aggregate: str | None = None, **options: Any) -> None:
         if on_failure not in ("none", "raise"):
             raise ConfigError(f"on_failure must be 'none' (TRL's no-reward) or 'raise', got {on_failure!r}")
+        self.aggregate = check_aggregate(aggregate, f"TemplarReward({model!r}): aggregate")
         given = options if "endpoints" in options else {"url": url, **options}
         config = client_options.from_keywords(given, f"TemplarReward({model!r})")
         self.client = RewardClient(dataclasses.replace(config, model=model))
@@ -57,7 +61,7 @@ class TemplarReward:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         conversations = [trl_conversation(p, c) for p, c in zip(prompts, completions)]
-        result = self.client.score(conversations)
+        result = self.client.score(conversations).with_aggregate(self.aggregate)
         failed = [i for i, ok in enumerate(result.ok) if not ok]
         if failed:
             shown = "; ".join(f"row {i}: {result.status[i]}" for i in failed[:3])

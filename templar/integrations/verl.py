@@ -9,6 +9,8 @@ copy that column into `extra_info.prompt` when preparing the Parquet file). Then
     custom_reward_function.reward_kwargs.model=rm_llama3         # or models=rm_llama3:1,rm_gemma3:0.5
     custom_reward_function.reward_kwargs.url=127.0.0.1:8001
     custom_reward_function.reward_kwargs.failed_reward=-1.0   # optional; unset: a row that cannot be scored raises
+    custom_reward_function.reward_kwargs.aggregate=min        # optional: a process RM's steps -> score (min, last,
+                                                              # mean; unset: the aggregate it was exported with)
     custom_reward_function.reward_kwargs.tls=true             # optional: the reward client's options, named as the
     custom_reward_function.reward_kwargs.tls_ca=/path/ca.pem  # fields of templar.reward_client.RewardClientConfig
 
@@ -27,6 +29,7 @@ from templar import client_options
 from templar.conversation import ConversationError, Messages, validate_messages
 from templar.errors import ConfigError, DataError, ServingError
 from templar.reward_ensemble import RewardEnsemble, WeightedModel
+from templar.steps import check_aggregate
 from templar.wire import DEFAULT_URL
 
 _lock = threading.Lock()
@@ -68,9 +71,12 @@ def prompt_messages(extra_info: Any) -> Messages:
 def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],
                         extra_infos: Sequence[Any], *, model: str | None = None,
                         models: str | Sequence[str] | None = None, url: str | Sequence[str] = DEFAULT_URL,
-                        failed_reward: float | None = None, **options: Any) -> list[dict[str, float]]:
+                        failed_reward: float | None = None, aggregate: str | None = None,
+                        **options: Any) -> list[dict[str, float]]:
     """verl's batch form (reward_model.reward_manager=batch): one dict per row. `model` names one RM, `models`
-    several as NAME[:WEIGHT],...; `url` and `options` are the reward client's (tls, tls_ca, request_timeout_s, ...)."""
+    several as NAME[:WEIGHT],...; `aggregate` how a process RM's steps become its score; `url` and `options` are the
+    reward client's (tls, tls_ca, request_timeout_s, ...)."""
+    check_aggregate(aggregate, "reward_kwargs.aggregate")
     conversations: dict[int, Messages] = {}
     errors: dict[int, str] = {}
     for i, (extra, response) in enumerate(zip(extra_infos, solution_strs)):
@@ -79,7 +85,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
         except DataError as exc:
             errors[i] = str(exc)
     ensemble = _ensemble(models or model, {"url": url, **options})
-    result = ensemble.score(list(conversations.values())) if conversations else None
+    result = ensemble.score(list(conversations.values()), aggregate) if conversations else None
     scored = {i: position for position, i in enumerate(conversations)}
     rows = []
     for i in range(len(solution_strs)):
@@ -101,7 +107,8 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
 def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, *,
                   model: str | None = None, models: str | Sequence[str] | None = None,
                   url: str | Sequence[str] = DEFAULT_URL, failed_reward: float | None = None,
-                  **options: Any) -> dict[str, float]:
+                  aggregate: str | None = None, **options: Any) -> dict[str, float]:
     """verl's per-row form (the naive reward manager)."""
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], model=model,
-                               models=models, url=url, failed_reward=failed_reward, **options)[0]
+                               models=models, url=url, failed_reward=failed_reward, aggregate=aggregate,
+                               **options)[0]
