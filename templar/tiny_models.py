@@ -110,6 +110,8 @@ def build_tiny_model(family: str, out: str | Path, *, kind: str = "reward", seed
     out = Path(out)
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
         AutoTokenizer.from_pretrained(str(tokenizer or tokenizer_dir(family)), local_files_only=True)
+    if kind == "process-reward" and "<extra_0>" not in added_tokens:  # Qwen2.5-Math-PRM's tokenizer has its tag
+        added_tokens = (*added_tokens, "<extra_0>")
     if added_tokens:
         tok.add_special_tokens({"additional_special_tokens": list(added_tokens)},
                                replace_extra_special_tokens=False)

@@ -411,3 +411,38 @@ def test_trl_verl_and_openrlhf_take_a_process_rms_aggregate_and_report_its_steps
     assert logs["templar/prm_qwen/num_steps"] == [3.0, 2.0]
     assert logs["templar/prm_qwen/min_step"] == pytest.approx(expected["min"], abs=1e-6)
     assert logs["templar/prm_qwen/last_step"] == pytest.approx(expected["last"], abs=1e-6)
+
+
+# -- a PPO run with a process RM --------------------------------------------------------------------------------
+def test_a_ppo_run_with_a_prm_on_another_tokenizer_puts_each_step_score_on_its_token(prm_server, tiny_actor,
+                                                                                     tmp_path):
+    """`templar train` (GAE with a critic) against a Llama-3 PRM (value head at each `<step>`) and a multi-objective
+    RM, with the Qwen actor: the run learns from both, logs the steps, and each sample records where every step's
+    score landed, which the decoded actor tokens confirm by hand."""
+    from transformers import AutoTokenizer
+
+    from templar.trainer.metrics import read_metrics
+    from test_trainer import templar_train
+
+    server, _ = prm_server
+    out = tmp_path / "run"
+    result = templar_train(
+        f"output_dir={out}", f"models.actor={tiny_actor}", "steps=2", "save_every=2", f"reward.url={server.grpc_url}",
+        "reward.models.0.name=prm_value", "reward.models.0.kind=prm", "reward.models.1.name=rm_multi",
+        "reward.models.1.weight=0.5", "generation.max_new_tokens=12", "ppo.rollout_batch_size=4",
+        "ppo.mini_batch_size=4", "ppo.micro_batch_size=2", "ppo.ppo_epochs=1", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["steps/prm_value"] >= 1 and np.isfinite(r["step_rewards_mean"]) for r in rows)
+    tok = AutoTokenizer.from_pretrained(str(tiny_actor))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    placed = [s for s in samples if "steps" in s]
+    assert placed, samples
+    for sample in placed:
+        text, ids = sample["messages"][-1]["content"], sample["response_ids"]
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        for step in sample["steps"]["prm_value"]:
+            upto = tok.decode(ids[: step["token"] + 1], skip_special_tokens=True)
+            before = tok.decode(ids[: step["token"]], skip_special_tokens=True).rstrip("\ufffd")
+            assert upto.startswith(text[: step["end"]]) and len(before) < step["end"]

@@ -64,6 +64,7 @@ class RewardModelConfig:
     # (grpo, dr_grpo, rloo) take its aggregate (SCORE) like any RM's score
     kind: str = "rm"
     prm_preset: str = "qwen-prm"  # kind prm with a `path`: the step format it is exported with (templar.steps)
+    trust_remote_code: bool = False  # export: run the model code shipped in `path` (Qwen2.5-Math-PRM ships its own)
 
 
 @dataclass

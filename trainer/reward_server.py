@@ -33,9 +33,13 @@ def export_options(config: TrainConfig, output_dir: Path) -> list[ExportOptions]
             if not (repo / rm.name / "config.pbtxt").is_file():
                 raise ConfigError(f"reward model {rm.name!r} is not in {repo} and has no path to export it from")
             continue
-        source = resolve_source(rm.path, f"rm-{rm.name}", "reward", output_dir, seed=100 + index).resolve()
+        # tiny:<family> of a process RM: a random one of Qwen2.5-Math-PRM's class (qwen2 families, qwen-prm preset)
+        kind = "process-reward" if rm.kind == "prm" else "reward"
+        source = resolve_source(rm.path, f"rm-{rm.name}", kind, output_dir, seed=100 + index).resolve()
         prm = {"kind": "prm", "step_format": step_format(rm.prm_preset)} if rm.kind == "prm" else {}
-        options.append(ExportOptions(model=source, name=rm.name, repo=repo, max_length=rm.max_length, **prm))
+        trust = rm.trust_remote_code or (rm.kind == "prm" and rm.path.startswith("tiny:"))  # the tiny PRM's own code
+        options.append(ExportOptions(model=source, name=rm.name, repo=repo, max_length=rm.max_length,
+                                     trust_remote_code=trust, **prm))
     return options
 
 

@@ -47,11 +47,17 @@ def step_rewards(tokenizer, response_ids, response_mask, ended, per_rm: dict[str
         for i, (scores, ends) in enumerate(zip(result.step_scores or [], result.step_ends or [])):
             if not contract.is_ok(result.status[i]) or len(scores) == 0:
                 continue
-            kept = response_ids[i][response_mask[i].bool()].tolist()
-            kept = kept[:-1] if bool(ended[i]) else kept  # the text has no stop token (templar.trainer.actor)
+            kept = text_ids(response_ids[i], response_mask[i], ended[i])
             for token, score in zip(step_end_tokens(tokenizer, kept, ends), scores):
                 dense[i, token] += weight * float(score)
     return dense
+
+
+def text_ids(response_ids, response_mask, ended) -> list[int]:
+    """The ids one response's text was decoded from: its tokens without padding and the stop token
+    (templar.trainer.actor.decode_responses)."""
+    kept = response_ids[response_mask.bool()].tolist()
+    return kept[:-1] if bool(ended) else kept
 
 
 def actor_text_rows(conversations: list[dict], actor_chat: ChatFormat) -> list[dict]:

@@ -34,6 +34,7 @@ import torch
 from templar.chat_format import ChatFormat
 from templar.conversation import Messages
 from templar.errors import ConfigError
+from templar.steps import step_end_tokens
 from templar.trainer.preferences import RULES
 from templar.trainer import ppo
 from templar.trainer.actor import (Rollout, generate, response_logprobs, response_logprobs_and_entropy,
@@ -50,7 +51,7 @@ from templar.trainer.metrics import MetricsLog, plot_curves, restart_jsonl
 from templar.trainer.models import load_actor, load_critic, load_reference
 from templar.trainer.reward_server import reward_endpoints
 from templar.trainer.rewards import (RewardBatch, RewardModels, actor_text_rows, record_unscored,
-                                     reward_conversations, step_rewards)
+                                     reward_conversations, step_rewards, text_ids)
 from templar.trainer.sources import ModelSources, resolve_models
 
 log = logging.getLogger("templar.trainer")
@@ -229,7 +230,7 @@ class PPOTrainer:
         failed = record_unscored(self.output_dir / f"unscored.rank{self.world.rank}.jsonl", step, conversations,
                                  batch)
         if self.world.is_main:  # one sample per step: what the actor said and what every RM made of it
-            self._record_sample(step, conversations[0], bool(rollout.ended[0]), batch)
+            self._record_sample(step, conversations[0], rollout, batch)
         mask = rollout.response_mask.float() * torch.from_numpy(batch.valid)[:, None]
         scores = torch.from_numpy(np.nan_to_num(batch.scores)).float()
         rule = RULES.get(self.config.data.rule)
@@ -363,9 +364,16 @@ class PPOTrainer:
         metrics["time/checkpoint"], self.checkpoint_s = self.checkpoint_s, 0.0
         return {**metrics, **scored.versions}
 
-    def _record_sample(self, step: int, conversation: dict, ended: bool, batch: RewardBatch) -> None:
-        row = {"step": step, "ended": ended, **conversation,
+    def _record_sample(self, step: int, conversation: dict, rollout: Rollout, batch: RewardBatch) -> None:
+        row = {"step": step, "ended": bool(rollout.ended[0]), **conversation,
                "scores": {name: (float(r.scores[0]) if r.ok[0] else r.status[0]) for name, r in batch.per_rm.items()}}
+        steps = {name: r for name, r in batch.per_rm.items() if r.step_scores is not None and r.ok[0]}
+        if steps:  # a process RM's: each step's score and the actor token it landed on (ids: the text's own)
+            ids = text_ids(rollout.response_ids[0], rollout.response_mask[0], rollout.ended[0])
+            row["response_ids"] = ids
+            row["steps"] = {name: [{"end": end, "token": token, "score": float(score)} for end, token, score in zip(
+                r.step_ends[0], step_end_tokens(self.actor_chat.tokenizer, ids, r.step_ends[0]), r.step_scores[0])]
+                for name, r in steps.items()}
         with open(self.output_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
