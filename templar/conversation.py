@@ -53,8 +53,8 @@ class Conversation:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     text: str | None = None  # a {"text": ...} row: already rendered by another template, scored as it is
     # the response's steps, as a client may send them for a process RM: {"role": "assistant", "content": ...,
-    # "steps": [...]} (templar.steps); None: a PRM cuts the content on its separator
-    steps: list[str] | None = None
+    # "steps": [...]} (templar.steps, which checks them: an outcome RM ignores them); None: a PRM cuts the content
+    steps: Any = None
 
     def to_json(self) -> str:
         if self.text is not None:
@@ -178,14 +178,9 @@ def parse_conversation(row: bytes | str | Mapping[str, Any], limits: RowLimits =
                         steps=_steps(row["messages"][-1]))
 
 
-def _steps(message: Mapping[str, Any]) -> list[str] | None:
-    """The final message's optional "steps" (a process RM's step texts, templar.steps)."""
-    steps = message.get("steps")
-    if steps is None:
-        return None
-    if not isinstance(steps, list) or not all(isinstance(step, str) for step in steps):
-        raise ConversationError(f"messages[-1].steps must be a list of strings, got {_kind(steps)}")
-    return list(steps)
+def _steps(message: Mapping[str, Any]) -> Any:
+    """The final message's optional "steps" as sent (a process RM's step texts: templar.steps checks them)."""
+    return message.get("steps")
 
 
 def conversation_rows(conversations: Sequence[Conversation | Mapping[str, Any] | Sequence[Mapping]]) -> list[bytes]:

@@ -124,6 +124,8 @@ def split_steps(content: str, fmt: StepFormat, given: Sequence[str] | None = Non
                 ends.append(start + len(piece))
             start += len(piece) + len(fmt.step_separator)
     else:
+        if not isinstance(given, list) or not all(isinstance(step, str) for step in given):
+            raise ConversationError("messages[-1].steps must be a list of strings")
         at = 0
         for i, step in enumerate(given):
             found = content.find(step, at)

@@ -46,7 +46,7 @@ INTEGRATION_FIXTURES = {"served_repo", "triton", "small_repo"}
 # (the longest first, measured, so that no worker is left alone with a long one at the end); the GRPO demo waits for
 # the tiny models the first demo builds on a cold cache, so it starts once they are likely built.
 START_ORDER = ("test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo.yaml]", "test_trainer.py",
-               "test_export_large.py", "test_estimators_training.py", "test_hot_swap.py",
+               "test_export_large.py", "test_estimators_training.py", "test_beyond_one_score.py", "test_hot_swap.py",
                "test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo_grpo.yaml]",
                "test_trainer_faults.py", "test_deploy.py", "test_bench_train.py", "test_integrations.py",
                "test_faults_serving.py")

@@ -209,6 +209,7 @@ def test_rows_whose_steps_cannot_be_read_get_their_own_error_and_cost_no_neighbo
         "cut steps": [{"role": "user", "content": QUESTION},
                       {"role": "assistant", "content": "\n".join([STEPS[0], long_prompt, STEPS[2]])}],
         "text row": None,
+        "bad steps": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "5", "steps": "5"}],
     }
     wire = [{"messages": m} if m else {"text": "3 + 2 = 5"} for m in rows.values()]
     with RewardClient(RewardClientConfig(model="prm_shepherd", endpoints=[server.grpc_url])) as client:
@@ -221,6 +222,7 @@ def test_rows_whose_steps_cannot_be_read_get_their_own_error_and_cost_no_neighbo
     assert "over max_length 256, and cutting it from the start drops steps: 2 of 3 step tags left" in \
         status["cut steps"]
     assert "not a 'text' row" in status["text row"]
+    assert "messages[-1].steps must be a list of strings" in status["bad steps"]
     assert all(len(s) == 0 for s in result.step_scores[1:]) and np.isnan(result.scores[1:]).all()
 
 

@@ -135,7 +135,9 @@ def test_a_causal_lm_is_not_a_reward_model(assets, tmp_path):
         export(model_dir, "rm_x", tmp_path / "repo")
 
 
-def test_two_labels_is_not_a_reward_model(assets, tmp_path):
+def test_two_labels_without_weights_are_refused_naming_the_labels(assets, tmp_path):
+    """A two-label classifier is a multi-objective RM: it exports only with the weights SCORE combines its labels
+    with (tests/test_beyond_one_score.py serves one)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from templar.tiny_models import tiny_config
@@ -145,7 +147,7 @@ def test_two_labels_is_not_a_reward_model(assets, tmp_path):
                                                                        num_labels=2))
     model.save_pretrained(tmp_path / "two")
     tok.save_pretrained(str(tmp_path / "two"))
-    with pytest.raises(ExportError, match="num_labels=2"):
+    with pytest.raises(ExportError, match=r"multi-objective RM \(2 labels: LABEL_0, LABEL_1\).*--objective-weights"):
         export(tmp_path / "two", "rm_x", tmp_path / "repo")
 
 

@@ -100,18 +100,34 @@ def test_a_dead_server_costs_the_rows_not_the_caller():
     assert "no reward endpoint serves model 'rm_small'" in result.status[0]
 
 
+def counts_reaching(servers, each: list[int] | None = None, total: int | None = None,
+                    timeout_s: float = 10.0) -> list[int]:
+    """The servers' inference counts once they reach `each` (per server) or `total` (summed): a server's statistics
+    take in a request just after it answered, so a count read at once can miss the last one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = [inference_count(s, "rm_small") for s in servers]
+        reached = (each is None or all(c >= e for c, e in zip(counts, each))) and \
+            (total is None or sum(counts) >= total)
+        if reached or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.1)
+
+
 def test_least_outstanding_balancing_and_fail_over(pair):
     a, b = pair
     config = RewardClientConfig(model="rm_small", endpoints=[a.grpc_url, b.grpc_url], rows_per_request=2,
                                 max_in_flight=4, endpoint_cooldown_s=30)
+    before = [inference_count(s, "rm_small") for s in pair]
     for server in pair:  # a replica's first requests pay its warm-up: measure the split between warm replicas
         with RewardClient(RewardClientConfig(model="rm_small", endpoints=[server.grpc_url])) as warm:
             warm.score(rows(4))
-    before = [inference_count(s, "rm_small") for s in pair]
+    before = counts_reaching(pair, [n + 4 for n in before])  # Triton counts a request just after answering it
     with RewardClient(config) as client:
         result = client.score(rows(48))
         assert result.failed_rows == 0
-        shares = [inference_count(s, "rm_small") - n for s, n in zip(pair, before)]
+        after = counts_reaching(pair, total=sum(before) + 48)
+        shares = [n - m for n, m in zip(after, before)]
         assert sum(shares) == 48 and min(shares) >= 12, f"both replicas should share the load: {shares}"
         a.stop()  # one replica goes away
         started = time.perf_counter()
