@@ -570,3 +570,45 @@ def test_a_micro_batch_without_a_scored_token_is_not_averaged_into_the_logged_lo
     assert np.array(losses["policy_loss"])[scored == 0].tolist() == [0.0, 0.0]
     for key in ("policy_loss", "value_loss", "clipfrac"):
         assert m[key] == pytest.approx(np.array(losses[key])[scored == 1].mean()), key
+
+
+# -- a process RM's step rewards ------------------------------------------------------------------------------------
+def prm_trainer(tmp_path: Path, estimator: str, *overrides: str) -> PPOTrainer:
+    """An outcome RM (`rm`, SCORES) and a process RM (`prm`, weight 0.5) whose steps end at characters 2 and 4 of
+    row 0's text (4 tokens: Qwen2.5 ids 3-6, one character each) and at character 1 of row 1's; rows 2 and 3 fail."""
+    from transformers import AutoTokenizer
+
+    from templar.assets import tokenizer_dir
+
+    extra = (("ppo.advantage_estimator=grpo", "generation.samples_per_prompt=2", "ppo.rollout_batch_size=2")
+             if estimator == "grpo" else ())
+    cfg = config("reward.models.1.name=prm", "reward.models.1.kind=prm", "reward.models.1.weight=0.5",
+                 "ppo.gamma=1.0", "ppo.lam=1.0", "ppo.kl_coef=0.0", *extra, *overrides)
+    t = bare_trainer(cfg, tmp_path)
+    t.actor_chat = type("Chat", (), {"tokenizer": AutoTokenizer.from_pretrained(str(tokenizer_dir("qwen2_5")))})()
+    prm = rm_result([0.2, 0.4, 0.0, 0.0], failed=(2, 3))
+    prm.step_scores = [np.array([0.2, 0.6], np.float32), np.array([0.4], np.float32), np.zeros(0), np.zeros(0)]
+    prm.step_ends = [[2, 4], [1], [], []]
+    t.rewards = GivenRewards(cfg, {"rm": rm_result(SCORES), "prm": prm})
+    return t
+
+
+def test_a_process_rms_steps_are_per_token_rewards_for_gae_and_its_aggregate_for_group_estimators(tmp_path):
+    t = prm_trainer(tmp_path, "gae")
+    rollout = rollout_of()
+    rollout.texts = [t.actor_chat.tokenizer.decode(rollout.response_ids[i][rollout.response_mask[i].bool()][
+        : int(rollout.response_mask[i].sum()) - int(rollout.ended[i])].tolist()) for i in range(4)]
+    assert [len(text) for text in rollout.texts[:2]] == [4, 1]  # one character per token
+    scored = t.collect(1, reward_conversations(t.data.next_batch(4), rollout.texts), rollout,
+                       t.rewards.submit([{}] * 4))
+    assert close(scored.step_rewards[:2], [[0, 0.1, 0, 0.3], [0.2, 0, 0, 0]])  # 0.5 x the steps, on their tokens
+    assert close(scored.outcome_scores[:2], [2.0, -1.0])  # the PRM's aggregate is not also added at the end
+    advantages, _, _ = t.advantages(scored, evaluation(torch.zeros(4, 4)))
+    # gamma = lam = 1, V = 0: A_t = the rewards from t to the end; row 0 [0, .1, 0, 2 + .3], row 1 [.2, -1]
+    assert close(advantages, [[2.4, 2.4, 2.3, 2.3], [-0.8, -1.0, 0, 0], [0] * 4, [0] * 4])
+    g = prm_trainer(tmp_path, "grpo")
+    scored = g.collect(1, reward_conversations(g.data.next_batch(4), rollout.texts), rollout,
+                       g.rewards.submit([{}] * 4))
+    assert close(scored.scores[:2], [2.0 + 0.5 * 0.2, -1.0 + 0.5 * 0.4])  # the aggregate, weighted, for the group
+    advantages, _, _ = g.advantages(scored, evaluation())
+    assert close(advantages[0], advantages[0, 0].expand(4)) and close(advantages[1, :2], advantages[1, 0].expand(2))

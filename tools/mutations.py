@@ -152,8 +152,8 @@ MUTATIONS: tuple[Mutation, ...] = (
       "sum_over_tokens=True),", "sum_over_tokens=False),",
       wiring("test_dr_grpo_sums_over_tokens_and_divides_by_a_constant")),
     M("groups-count-failed-rows", "trainer/train.py",
-      "AdvantageInputs(scored.scores, torch.from_numpy(scored.batch.valid),",
-      "AdvantageInputs(scored.scores, torch.ones(len(scored.scores), dtype=torch.bool),",
+      "AdvantageInputs(scores, torch.from_numpy(scored.batch.valid),",
+      "AdvantageInputs(scores, torch.ones(len(scores), dtype=torch.bool),",
       wiring("test_group_estimators_shape_the_score_of_each_row")),
     M("ratio-against-current-logprobs", "trainer/train.py",
       "loss, stats = actor_loss(logprobs, old.logprobs[idx],", "loss, stats = actor_loss(logprobs, logprobs.detach(),",
@@ -240,6 +240,19 @@ MUTATIONS: tuple[Mutation, ...] = (
       "width = int(batch.num_tokens[index].max())", "width = max(1, int(batch.num_tokens[index].max()) - 1)",
       ("tests/test_fidelity.py::test_a_score_does_not_depend_on_its_batch",),
       "micro-batches cut one token short: the longest row of each scores differently than alone"),
+    # -- process RMs (issue 23): a step's score on the wrong token, or counted twice ---------------------------------
+    M("step-reward-on-the-token-before", "templar/steps.py",
+      "        found.append(low - 1)", "        found.append(max(low - 2, 0))",
+      ("tests/test_beyond_one_score.py::test_each_step_end_lands_on_the_actor_token_that_writes_it",),
+      "each step's score lands one actor token before the token that completes the step"),
+    M("prm-aggregate-also-at-the-last-token", "trainer/train.py",
+      "            scores = scored.outcome_scores", "            scores = scored.scores",
+      wiring("test_a_process_rms_steps_are_per_token_rewards_for_gae_and_its_aggregate_for_group_estimators"),
+      "GAE gets a process RM's steps on their tokens AND its aggregate at the last token"),
+    M("prm-steps-not-in-the-rewards", "trainer/train.py",
+      "            kl_rewards = kl_rewards + scored.step_rewards * scored.mask", "            kl_rewards = kl_rewards",
+      wiring("test_a_process_rms_steps_are_per_token_rewards_for_gae_and_its_aggregate_for_group_estimators"),
+      "a process RM's step rewards never reach the per-token rewards"),
 )
 
 
