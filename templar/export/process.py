@@ -10,7 +10,6 @@ model's own forward at every step tag of the samples, in one right-padded batch.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
@@ -131,7 +130,7 @@ def export_process_reward_model(opts, log=print):
     count = loaded.parameters
     log(f"      {loaded.kind}, model_type {loaded.config.model_type}, {count / 1e6:.1f}M parameters, max_length "
         f"{max_length}")
-    with StagedModel(opts.repo, opts.name, opts.version) as staged, tempfile.TemporaryDirectory():
+    with StagedModel(opts.repo, opts.name, opts.version) as staged:
         step("saving tokenizer and template for the preprocessing model")
         served, reader, rows, positions = _save_tokenizer(opts, fmt, chat_format, staged.tokenizer_dir, max_length)
         log(f"      step tag {fmt.step_tag!r} = token {reader.tag_id}; {sum(map(len, positions))} steps in "
