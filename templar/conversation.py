@@ -174,13 +174,9 @@ def parse_conversation(row: bytes | str | Mapping[str, Any], limits: RowLimits =
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
     if reserved:
         raise ConversationError(f"'template_kwargs' may not set {', '.join(reserved)}")
+    # the final message's optional "steps", as sent: a process RM's step texts, which templar.steps checks
     return Conversation(messages=messages, tools=tools, template_kwargs=dict(kwargs),
-                        steps=_steps(row["messages"][-1]))
-
-
-def _steps(message: Mapping[str, Any]) -> Any:
-    """The final message's optional "steps" as sent (a process RM's step texts: templar.steps checks them)."""
-    return message.get("steps")
+                        steps=row["messages"][-1].get("steps"))
 
 
 def conversation_rows(conversations: Sequence[Conversation | Mapping[str, Any] | Sequence[Mapping]]) -> list[bytes]:

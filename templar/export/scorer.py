@@ -275,10 +275,22 @@ def _classifier_scorer(config, model_dir: Path, pickle: bool, trust_remote_code:
     return RewardScorer(getattr(model, model.base_model_prefix), head, weights=weights), model.float().eval()
 
 
-def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, value_head_prefix: str | None = None,
-                      trust_remote_code: bool = False, objective_weights=None) -> LoadedRewardModel:
-    """Load an RM folder as a RewardScorer in float32 (eval mode): any decoder-only `*ForSequenceClassification`
-    transformers provides (or the folder's own code, with trust_remote_code), or an OpenRLHF value-head RM."""
+@dataclass
+class ModelFolder:
+    """A Hugging Face model folder, checked: its config, its weight files and whether they are pickle."""
+
+    path: Path
+    config: Any
+    files: list[Path]
+    pickle: bool
+    custom: bool  # it ships its own model code (config.json auto_map), allowed to run
+    source_dtype: str  # the dtype the weights were shipped in, e.g. "bfloat16"
+
+
+def open_model_folder(model_dir: str | Path, *, allow_pickle: bool, trust_remote_code: bool,
+                      serves: str) -> ModelFolder:
+    """The checks every export of a folder starts with: a config.json, model code run only when trusted, a decoder
+    (`serves` says what Templar serves, in the refusal), safetensors unless pickle is allowed."""
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
@@ -290,10 +302,20 @@ def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, valu
     if not custom and not decoder_only(config.model_type):
         arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise ExportError(f"unsupported architecture {arch} (model_type {config.model_type!r}): Templar serves "
-                          "decoder-only reward models, which score the last token (an encoder such as BERT pools the "
-                          "first one); any decoder with a *ForSequenceClassification class in transformers works")
+                          f"decoder-only {serves}")
     files, pickle = weight_files(model_dir, allow_pickle)
-    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return ModelFolder(model_dir, config, files, pickle, custom, dtype.replace("torch.", ""))
+
+
+def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, value_head_prefix: str | None = None,
+                      trust_remote_code: bool = False, objective_weights=None) -> LoadedRewardModel:
+    """Load an RM folder as a RewardScorer in float32 (eval mode): any decoder-only `*ForSequenceClassification`
+    transformers provides (or the folder's own code, with trust_remote_code), or an OpenRLHF value-head RM."""
+    folder = open_model_folder(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                               serves="reward models, which score the last token (an encoder such as BERT pools the "
+                               "first one); any decoder with a *ForSequenceClassification class in transformers works")
+    model_dir, config, files, pickle = folder.path, folder.config, folder.files, folder.pickle
     prefix = find_value_head_prefix(model_dir, files, pickle, value_head_prefix, config)
     classifier = None
     if prefix is not None:
@@ -302,7 +324,7 @@ def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, valu
     else:
         (scorer, classifier), kind = _classifier_scorer(config, model_dir, pickle, trust_remote_code,
                                                         objective_weights), config.architectures[0]
-    loaded = LoadedRewardModel(scorer.float().eval(), config, kind, source_dtype.replace("torch.", ""), classifier)
+    loaded = LoadedRewardModel(scorer.float().eval(), config, kind, folder.source_dtype, classifier)
     if scorer.combine:
         loaded.objectives, loaded.weights = objective_names(config), scorer.weights.tolist()
     return loaded

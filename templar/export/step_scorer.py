@@ -98,21 +98,12 @@ class LoadedStepModel:
 def load_step_model(model_dir: str | Path, fmt: StepFormat, tokenizer, *, allow_pickle: bool = False,
                     value_head_prefix: str | None = None, trust_remote_code: bool = False) -> LoadedStepModel:
     """Load a PRM folder for `fmt.reading` in float32 (see the module docstring for what each reading loads)."""
-    from transformers import AutoConfig
+    from templar.export.scorer import find_value_head_prefix, head_tensors, load_pretrained, open_model_folder
 
-    from templar.export.scorer import (check_model_code, decoder_only, find_value_head_prefix, head_tensors,
-                                       load_pretrained, weight_files)
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ExportError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
-    check_model_code(model_dir, trust_remote_code)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
-    custom = bool(getattr(config, "auto_map", None))
-    if not custom and not decoder_only(config.model_type):
-        raise ExportError(f"unsupported architecture {config.model_type!r}: Templar serves decoder-only PRMs")
-    files, pickle = weight_files(model_dir, allow_pickle)
-    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    folder = open_model_folder(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                               serves="process reward models (a token classifier, a causal LM or a value head)")
+    model_dir, config, files, pickle, custom = folder.path, folder.config, folder.files, folder.pickle, folder.custom
+    dtype = folder.source_dtype
     archs = getattr(config, "architectures", None) or [config.model_type]
     if fmt.reading == "class-probability":
         from transformers import AutoModel, AutoModelForTokenClassification
