@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.templar-setup
 PIP    := $(BIN)/python -m pip
 
-.PHONY: setup test test-fast lint demo clean test-tools mutations vllm-env
+.PHONY: setup test test-fast lint demo demo-prm clean test-tools mutations vllm-env
 
 setup: $(STAMP)
 	@# idempotent: re-verifies the cached tokenizers and templates, fetches what is missing
@@ -61,6 +61,10 @@ vllm-env:
 
 demo: setup
 	$(BIN)/templar train --config configs/demo.yaml
+
+# The process-RM demo: the same actor against a PRM that scores each sentence (docs/process-rms.md)
+demo-prm: setup
+	$(BIN)/templar train --config configs/demo_prm.yaml
 
 clean:
 	rm -rf $(VENV) runs

@@ -230,11 +230,13 @@ def step_end_tokens(tokenizer, response_ids: Sequence[int], ends: Sequence[int])
     The text is the trainer's: `tokenizer.decode(response_ids, skip_special_tokens=True)` (templar.trainer.actor);
     decoding prefixes of the ids is exact for byte-level and SentencePiece tokenizers alike (a token's own text may
     start with a space, or be part of a character, which the prefix decodes account for). A character split over
-    several tokens (bytes of an emoji) ends at the token that completes it."""
+    several tokens (bytes of an emoji) ends at the token that completes it; bytes no later token completes (a
+    response cut mid-character, or token soup) stay in the text as U+FFFD, as the text sent to the PRM has them."""
     ids = list(response_ids)
 
-    def length(n: int) -> int:  # characters the first n tokens write (an unfinished character does not count)
-        return len(tokenizer.decode(ids[:n], skip_special_tokens=True).rstrip("\ufffd"))
+    def length(n: int) -> int:  # characters the first n tokens write (a prefix's unfinished character does not count)
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        return len(text) if n == len(ids) else len(text.rstrip("\ufffd"))
 
     found, low = [], 1
     for end in ends:

@@ -30,20 +30,21 @@ FAMILY_BACKBONE = {
 }
 KINDS = ("reward", "value-head-reward", "causal-lm", "process-reward")
 # `kind="process-reward"`: a PRM of Qwen2.5-Math-PRM's own class (its shipped model code, `Qwen2ForProcessRewardModel`:
-# a Qwen2 backbone and a two-layer, two-class head at every token), saved with code of the same shape
-PRM_CODE_FILE = "modeling_qwen2_prm.py"
+# a Qwen2 backbone and a two-layer, two-class head at every token), saved with code of the same shape; on another
+# family's backbone (`backbone=` or the family's own) the same class over that backbone (`LlamaForProcessRewardModel`)
+PRM_CODE_FILE = "modeling_prm.py"
 PRM_CODE = '''"""A process RM of the shape Qwen2.5-Math-PRM ships (its modeling_qwen2_rm.py): two classes per token."""
 import torch
 from torch import nn
-from transformers import Qwen2Model, Qwen2PreTrainedModel
+from transformers import {backbone}, {pretrained}
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
-class Qwen2ForProcessRewardModel(Qwen2PreTrainedModel):
+class {name}({pretrained}):
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = 2
-        self.model = Qwen2Model(config)
+        self.model = {backbone}(config)
         self.score = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(),
                                    nn.Linear(config.hidden_size, self.num_labels))
         self.post_init()
@@ -55,6 +56,16 @@ class Qwen2ForProcessRewardModel(Qwen2PreTrainedModel):
         logits = self.score(outputs[0])
         return CausalLMOutputWithPast(loss=None, logits=logits, past_key_values=outputs.past_key_values)
 '''
+PRM_BACKBONES = {"qwen2": "Qwen2", "llama": "Llama"}  # model_type -> the transformers class prefix
+
+
+def prm_code(model_type: str) -> tuple[str, str]:
+    """(the class name, the model code) of a tiny PRM over a backbone of `model_type`."""
+    if model_type not in PRM_BACKBONES:
+        raise ConfigError(f"a tiny process-reward model is built over {' or '.join(PRM_BACKBONES)}, not {model_type}")
+    prefix = PRM_BACKBONES[model_type]
+    name = f"{prefix}ForProcessRewardModel"
+    return name, PRM_CODE.format(backbone=f"{prefix}Model", pretrained=f"{prefix}PreTrainedModel", name=name)
 
 
 @dataclass
@@ -144,19 +155,16 @@ def _build_and_save(kind: str, config, tok, out: Path, size: TinySize) -> None:
             model.lm_head.weight.normal_(0.0, size.lm_head_std)
         model.save_pretrained(out, safe_serialization=True)
     elif kind == "process-reward":
-        if config.model_type != "qwen2":
-            raise ConfigError("a tiny process-reward model is of Qwen2.5-Math-PRM's class (qwen2), not "
-                              f"{config.model_type}")
+        name, code = prm_code(config.model_type)
         namespace: dict[str, Any] = {}
-        exec(compile(PRM_CODE, PRM_CODE_FILE, "exec"), namespace)  # the code saved beside the weights, run here
-        model = namespace["Qwen2ForProcessRewardModel"](config)
+        exec(compile(code, PRM_CODE_FILE, "exec"), namespace)  # the code saved beside the weights, run here
+        model = namespace[name](config)
         for layer in (model.score[0], model.score[2]):
             _spread_head(layer.weight)
         model.save_pretrained(out, safe_serialization=True)
-        (out / PRM_CODE_FILE).write_text(PRM_CODE)
+        (out / PRM_CODE_FILE).write_text(code)
         cfg = json.loads((out / "config.json").read_text())
-        cfg.update(architectures=["Qwen2ForProcessRewardModel"],
-                   auto_map={"AutoModel": f"{PRM_CODE_FILE[:-3]}.Qwen2ForProcessRewardModel"})
+        cfg.update(architectures=[name], auto_map={"AutoModel": f"{PRM_CODE_FILE[:-3]}.{name}"})
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
     else:  # the layout OpenRLHF's RewardModel saves: <base_model_prefix>.* + value_head.weight, mean/std in config
         backbone = AutoModel.from_config(config)

@@ -327,6 +327,23 @@ def test_each_step_end_lands_on_the_actor_token_that_writes_it(assets, family):
         step_end_tokens(tok, ids, [len(text) + 1])
 
 
+def test_a_response_cut_mid_character_has_its_last_step_on_its_last_token(assets):
+    """A sampled response can end in bytes no token completes (cut at max_new_tokens, or token soup): its text, as
+    decoded and sent to the PRM, ends in U+FFFD characters, and the last step (ending there) lands on the last token.
+    (A PPO run of configs/demo_prm.yaml once stopped here: the step end was 2 characters past the text counted.)"""
+    from transformers import AutoTokenizer
+
+    from templar.steps import step_end_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(assets["qwen2_5"]))
+    partial = [i for i in range(5000) if tok.decode([i]).endswith("\ufffd")][:2]  # lone bytes of a character
+    ids = tok.encode("The rain is wonderful. Hope", add_special_tokens=False) + partial
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text.endswith("\ufffd\ufffd")
+    steps = split_steps(text, step_format("qwen-prm", step_separator=". "))
+    assert step_end_tokens(tok, ids, steps.ends) == [3, len(ids) - 1]  # "wonderful" ends step 1
+
+
 @pytest.mark.parametrize(("actor_family", "prm"), [("llama3_1", "prm_qwen"), ("qwen2_5", "prm_value")])
 def test_a_prm_on_another_tokenizer_puts_each_step_score_on_the_actor_token_that_ends_the_step(
         prm_server, assets, actor_family, prm):

@@ -54,3 +54,49 @@ def test_demo_config_learns_the_rule_with_a_small_kl(config, tmp_path):
     assert (out / "final" / "critic").is_dir() == critic
     if not critic:  # 8 prompts x 4 responses: at first the RMs tell a group's responses apart
         assert sum(r["groups_all_equal"] for r in first) / quarter < 0.1
+
+
+@pytest.mark.timeout(3600)
+def test_prm_demo_learns_each_step_and_credits_the_token_that_ends_it(tmp_path):
+    """configs/demo_prm.yaml for its first 12 of 20 steps: the warm-started Qwen actor against one process RM on the
+    Llama-3.1 tokenizer and template, in Qwen2.5-Math-PRM's step format, trained (tiny-prm, cached) to score each
+    sentence by the built-in rule. Both steps' scores rise (the first sentence turns kind, the closing polite), so
+    does the share keeping the whole rule; and every step's score is on the actor token whose text ends that
+    sentence, checked on the actor's own decoded tokens."""
+    from transformers import AutoTokenizer
+
+    from templar.trainer.preferences import SENTENCE_STEPS
+
+    out, repo = tmp_path / "demo_prm", tmp_path / "model_repository"
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo_prm.yaml"
+    steps = 12  # measured on 20 (README): the rule is kept from about step 7
+    result = templar_train("--config", str(demo), f"output_dir={out}", f"reward.repo={repo}", f"steps={steps}",
+                           timeout=3300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == steps and all(r["failed_rows"] == 0 for r in rows)
+    quarter = steps // 4
+    mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
+    first, last = rows[:quarter], rows[-quarter:]
+    for key in ("first_step/prm_llama3", "last_step/prm_llama3"):  # each half of the rule, step by step
+        assert mean(key, last) > 0.85 and mean(key, last) > mean(key, first) + 0.1, (key, [r[key] for r in rows])
+    assert rows[0]["rule_satisfied"] < 0.5 and mean("rule_satisfied", last) > rows[0]["rule_satisfied"] + 0.3
+    assert mean("reward_mean", last) > mean("reward_mean", first) + 2
+    assert max(r["kl_per_token"] for r in rows) < 1.5 and mean("unfinished_rows", last) <= 1
+    assert 1.5 < mean("steps/prm_llama3", last) < 3  # a body and a closing
+    actor = AutoTokenizer.from_pretrained(str(out / "final" / "actor"))  # the actor's own tokenizer, saved with it
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    checked = 0
+    for sample in samples:
+        text, ids = sample["messages"][-1]["content"], sample.get("response_ids")
+        if ids is None:
+            continue
+        pieces = [p for p in text.split(SENTENCE_STEPS) if p.strip()]
+        placed = sample["steps"]["prm_llama3"]
+        assert len(placed) == len(pieces), (text, placed)
+        for step in placed:  # the step's last character is written by its token, not before it
+            before, through = (len(actor.decode(ids[:n], skip_special_tokens=True)) for n in
+                               (step["token"], step["token"] + 1))
+            assert before < step["end"] <= through, (text, step)
+            checked += 1
+    assert checked >= 2 * steps

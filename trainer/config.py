@@ -64,6 +64,9 @@ class RewardModelConfig:
     # (grpo, dr_grpo, rloo) take its aggregate (SCORE) like any RM's score
     kind: str = "rm"
     prm_preset: str = "qwen-prm"  # kind prm with a `path`: the step format it is exported with (templar.steps)
+    # kind prm: where a response is cut into steps (None: the preset's; tiny-prm:<family> is trained on sentences,
+    # ". ", and gets that)
+    step_separator: str | None = None
     trust_remote_code: bool = False  # export: run the model code shipped in `path` (Qwen2.5-Math-PRM ships its own)
 
 
@@ -182,6 +185,9 @@ class TrainConfig:
             if rm.kind == "prm" and rm.normalize:
                 raise ConfigError(f"reward.models.{i}: a process RM's step scores are not normalised (normalize: "
                                   "false)")
+            if (rm.path or "").startswith("tiny-prm:") and rm.prm_preset != "qwen-prm":
+                raise ConfigError(f"reward.models.{i}: {rm.path} is trained in the qwen-prm step format, not "
+                                  f"{rm.prm_preset!r} (prm_preset: qwen-prm)")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
         from templar.trainer.preferences import RULES

@@ -88,17 +88,24 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
 
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
-    panels = [("reward_mean", "reward (RM score)")]
+    panels: list[tuple[list[str], str]] = [(["reward_mean"], "reward (RM score)")]
     if any(r.get("rule_satisfied") is not None for r in rows):  # data.rule: the share keeping the preference
-        panels.append(("rule_satisfied", "responses keeping the rule"))
-    panels += [("kl_per_token", "KL(actor || reference), nats/token"), ("policy_loss", "policy loss"),
-               ("entropy", "policy entropy (per token)")]
+        panels.append((["rule_satisfied"], "responses keeping the rule"))
+    step_keys = sorted({k for r in rows for k in r if k.startswith(("first_step/", "last_step/"))})
+    if step_keys:  # a process RM: its first and last step scores, one line each
+        panels.append((step_keys, "process RM step scores"))
+    panels += [(["kl_per_token"], "KL(actor || reference), nats/token"), (["policy_loss"], "policy loss"),
+               (["entropy"], "policy entropy (per token)")]
     if any(r.get("value_loss") is not None for r in rows):  # a critic estimator
-        panels.append(("value_loss", "value loss"))
+        panels.append((["value_loss"], "value loss"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (key, title) in zip(axes, panels):
-        values = [r.get(key) for r in rows]
-        ax.plot(steps, [math.nan if v is None else v for v in values], marker=".", linewidth=1)
+    for ax, (keys, title) in zip(axes, panels):
+        for key in keys:
+            values = [r.get(key) for r in rows]
+            ax.plot(steps, [math.nan if v is None else v for v in values], marker=".", linewidth=1,
+                    label=key if len(keys) > 1 else None)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -66,7 +66,45 @@ def rule_satisfied(prompt: Messages | str, answer: str) -> bool:
     return kind and answer.strip().endswith(POLITE_ENDINGS)
 
 
-RULES = {"kind_and_polite": rule_satisfied}  # data.rule in a training config
+RULES = {"kind_and_polite": rule_satisfied}
+# The same rule step by step, for the process-RM demo (`tiny-prm:<family>`, configs/demo_prm.yaml): an answer's steps
+# are its sentences ("The ocean is wonderful. Hope this helps!" is two steps, cut at ". ")
+SENTENCE_STEPS = ". "
+
+
+def step_kept(index: int, step: str) -> bool:
+    """The rule for one step: the first speaks kindly (a kind word, no dismissive one); every later step is a
+    polite closing."""
+    if index == 0:
+        words = words_of(step)
+        return bool(words & set(KIND_WORDS)) and not words & set(DISMISSIVE_WORDS)
+    return step.strip() in POLITE_ENDINGS
+
+
+@dataclass(frozen=True)
+class StepExample:
+    messages: Messages  # the prompt and the answer being judged, as the last (assistant) message
+    labels: list[bool]  # per step of the answer (cut at SENTENCE_STEPS): does it keep the rule
+
+
+def step_examples(count: int, seed: int = 0) -> list[StepExample]:
+    """`count` answers with a label per sentence: kind or dismissive, polite or flat at random, and one in five
+    reshaped (the body alone, the closing alone, or a second body before the closing) so a PRM also sees steps out
+    of place."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        topic = rng.choice(TOPICS)
+        body = lambda: rng.choice(KIND_BODIES if rng.random() < 0.5 else DISMISSIVE_BODIES).format(topic=topic)  # noqa: E731
+        closing = lambda: rng.choice(POLITE_ENDINGS if rng.random() < 0.5 else FLAT_ENDINGS)  # noqa: E731
+        shape = rng.random()
+        steps = [body()] if shape < 0.07 else [closing()] if shape < 0.14 else [body(), body(), closing()] \
+            if shape < 0.2 else [body(), closing()]
+        text = " ".join(steps)
+        pieces = [piece for piece in text.split(SENTENCE_STEPS) if piece.strip()]
+        examples.append(StepExample(question(rng, topic) + [{"role": "assistant", "content": text}],
+                                    [step_kept(i, piece) for i, piece in enumerate(pieces)]))
+    return examples  # data.rule in a training config
 TOPIC_QUESTIONS = "builtin:topic-questions"  # data.path of a training config: the questions below, every topic
 
 

@@ -15,9 +15,10 @@ from templar.server.ports import free_server_ports
 from templar.errors import ConfigError
 from templar.export.exporter import ExportOptions, export_reward_model, is_exported
 from templar.server.supervisor import SupervisedTriton
-from templar.trainer.config import TrainConfig
+from templar.trainer.config import RewardModelConfig, TrainConfig
+from templar.trainer.preferences import SENTENCE_STEPS
 from templar.trainer.distributed import World, barrier, run_on_main
-from templar.steps import step_format
+from templar.steps import StepFormat, step_format
 from templar.trainer.sources import resolve_source
 
 log = logging.getLogger("templar.trainer")
@@ -33,14 +34,23 @@ def export_options(config: TrainConfig, output_dir: Path) -> list[ExportOptions]
             if not (repo / rm.name / "config.pbtxt").is_file():
                 raise ConfigError(f"reward model {rm.name!r} is not in {repo} and has no path to export it from")
             continue
-        # tiny:<family> of a process RM: a random one of Qwen2.5-Math-PRM's class (qwen2 families, qwen-prm preset)
+        # tiny:<family> of a process RM: a random one of Qwen2.5-Math-PRM's shape (qwen2 and llama families, qwen-prm)
         kind = "process-reward" if rm.kind == "prm" else "reward"
         source = resolve_source(rm.path, f"rm-{rm.name}", kind, output_dir, seed=100 + index).resolve()
-        prm = {"kind": "prm", "step_format": step_format(rm.prm_preset)} if rm.kind == "prm" else {}
-        trust = rm.trust_remote_code or (rm.kind == "prm" and rm.path.startswith("tiny:"))  # the tiny PRM's own code
+        prm = {"kind": "prm", "step_format": prm_step_format(rm)} if rm.kind == "prm" else {}
+        trust = rm.trust_remote_code or (rm.kind == "prm" and rm.path.startswith(("tiny:", "tiny-prm:")))  # their code
         options.append(ExportOptions(model=source, name=rm.name, repo=repo, max_length=rm.max_length,
                                      trust_remote_code=trust, **prm))
     return options
+
+
+def prm_step_format(rm: RewardModelConfig) -> StepFormat:
+    """The step format a process RM is exported with: its preset, cut where the config (or the tiny PRM's
+    training) says."""
+    separator = rm.step_separator
+    if separator is None and (rm.path or "").startswith("tiny-prm:"):
+        separator = SENTENCE_STEPS  # what templar.trainer.prm_training trained it on
+    return step_format(rm.prm_preset, step_separator=separator)
 
 
 def ensure_exported(config: TrainConfig, output_dir: Path) -> list[str]:

@@ -4,6 +4,8 @@ chat template, built on first use (no model hub is reachable):
     tiny:<family>        random weights (any role)
     tiny-chat:<family>   a causal LM warm-started to answer the built-in topic questions and end its turn (the actor)
     tiny-rm:<family>     a reward model trained on the built-in preference pairs, rendered with its own template
+    tiny-prm:<family>    a process RM of Qwen2.5-Math-PRM's shape and step format, trained to score each sentence of
+                         an answer by the built-in rule, on the family's tokenizer and template (the PRM demo's)
 
 The trained ones take minutes, so they are built once per machine into the cache ($TEMPLAR_HOME/models, by family,
 seed and builder version) and shared by every run. Every source is checked here, before any server starts or any
@@ -99,13 +101,26 @@ def _trained_rm(family: str, path: Path, seed: int) -> None:
     shutil.copy(run / "eval_pairs.jsonl", path / "eval_pairs.jsonl")
 
 
+def _trained_prm(family: str, path: Path, seed: int) -> None:
+    from templar.trainer.prm_training import StepTrainConfig, train_process_reward_model
+
+    log.info("building %s: a small process RM on the real %s tokenizer and template, trained to score each sentence "
+             "of the built-in answers in Qwen2.5-Math-PRM's step format", path, family)
+    run = path.with_name(path.name + "-training")
+    # Qwen2.5-Math-PRM's shape (its two-class head at every token) over this family's own backbone
+    base = build_tiny_model(family, run / "base", kind="process-reward", seed=seed)
+    summary = train_process_reward_model(StepTrainConfig(output_dir=str(run), seed=seed), base)
+    shutil.copytree(summary["model"], path)
+    shutil.copy(run / "metrics.json", path / "training_metrics.json")
+
+
 BUILT = "templar_built"  # written last: the folder is complete
 # raise a builder's version when it changes what it makes: cached models of older versions are not reused
 # (tiny-rm v3: trained through the model's own forward, which reads before a trailing pad token)
-BUILD_VERSIONS = {"tiny-chat:": 2, "tiny-rm:": 3}
+BUILD_VERSIONS = {"tiny-chat:": 2, "tiny-rm:": 3, "tiny-prm:": 1}
 # prefix -> the kind of model it makes (None: any, random weights); BUILDERS say how the trained ones are made
-TINY_SOURCES = {"tiny:": None, "tiny-chat:": "causal-lm", "tiny-rm:": "reward"}
-BUILDERS = {"tiny-chat:": _warm_started_actor, "tiny-rm:": _trained_rm}
+TINY_SOURCES = {"tiny:": None, "tiny-chat:": "causal-lm", "tiny-rm:": "reward", "tiny-prm:": "process-reward"}
+BUILDERS = {"tiny-chat:": _warm_started_actor, "tiny-rm:": _trained_rm, "tiny-prm:": _trained_prm}
 
 
 @dataclass(frozen=True)

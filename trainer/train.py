@@ -325,6 +325,10 @@ class PPOTrainer:
             # a process RM's: steps read per response, and the step rewards the actor's tokens got
             **{f"steps/{name}": float(sum(len(s) for s, ok in zip(r.step_scores, batch.valid) if ok))
                for name, r in batch.per_rm.items() if r.step_scores is not None},
+            # ... and the score of each response's first and of its last step (where a PRM's signal moves)
+            **{f"{which}_step/{name}": float(sum(s[at] for s, ok in zip(r.step_scores, batch.valid) if ok and len(s)))
+               for name, r in batch.per_rm.items() if r.step_scores is not None
+               for which, at in (("first", 0), ("last", -1))},
             "step_rewards": float((scored.step_rewards * mask).sum()) if scored.step_rewards is not None else 0.0,
         }
         if returns is not None:  # explained variance of the critic's values
@@ -357,7 +361,7 @@ class PPOTrainer:
         if self.config.data.rule:
             metrics["rule_satisfied"] = t["rule"] / t["rows"]  # share of all responses keeping data.rule
         metrics.update({f"score/{name}": per_valid(t[f"score/{name}"]) for name in batch.per_rm})
-        metrics.update({key: per_valid(t[key]) for key in t if key.startswith("steps/")})
+        metrics.update({key: per_valid(t[key]) for key in t if key.startswith(("steps/", "first_step/", "last_step/"))})
         if scored.step_rewards is not None:
             metrics["step_rewards_mean"] = per_valid(t["step_rewards"])  # per response: sum of its step rewards
         metrics.update({f"time/{phase}": seconds for phase, seconds in self.times.items()})
