@@ -87,6 +87,13 @@ class StepExample:
     labels: list[bool]  # per step of the answer (cut at SENTENCE_STEPS): does it keep the rule
 
 
+def _sentence(rng: random.Random, kind: str, topic: str) -> str:
+    """A kind or dismissive body about `topic`, or a polite or flat closing, each half the time."""
+    if kind == "body":
+        return rng.choice(KIND_BODIES if rng.random() < 0.5 else DISMISSIVE_BODIES).format(topic=topic)
+    return rng.choice(POLITE_ENDINGS if rng.random() < 0.5 else FLAT_ENDINGS)
+
+
 def step_examples(count: int, seed: int = 0) -> list[StepExample]:
     """`count` answers with a label per sentence: kind or dismissive, polite or flat at random, and one in five
     reshaped (the body alone, the closing alone, or a second body before the closing) so a PRM also sees steps out
@@ -95,11 +102,10 @@ def step_examples(count: int, seed: int = 0) -> list[StepExample]:
     examples = []
     for _ in range(count):
         topic = rng.choice(TOPICS)
-        body = lambda: rng.choice(KIND_BODIES if rng.random() < 0.5 else DISMISSIVE_BODIES).format(topic=topic)  # noqa: E731
-        closing = lambda: rng.choice(POLITE_ENDINGS if rng.random() < 0.5 else FLAT_ENDINGS)  # noqa: E731
         shape = rng.random()
-        steps = [body()] if shape < 0.07 else [closing()] if shape < 0.14 else [body(), body(), closing()] \
-            if shape < 0.2 else [body(), closing()]
+        kinds = ("body",) if shape < 0.07 else ("closing",) if shape < 0.14 else ("body", "body", "closing") \
+            if shape < 0.2 else ("body", "closing")
+        steps = [_sentence(rng, kind, topic) for kind in kinds]
         text = " ".join(steps)
         pieces = [piece for piece in text.split(SENTENCE_STEPS) if piece.strip()]
         examples.append(StepExample(question(rng, topic) + [{"role": "assistant", "content": text}],

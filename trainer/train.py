@@ -322,13 +322,7 @@ class PPOTrainer:
                if k not in ("ratio_max", "scored")},
             **{f"score/{name}": float(np.nansum(np.where(batch.valid, r.scores, 0.0)))
                for name, r in batch.per_rm.items()},
-            # a process RM's: steps read per response, and the step rewards the actor's tokens got
-            **{f"steps/{name}": float(sum(len(s) for s, ok in zip(r.step_scores, batch.valid) if ok))
-               for name, r in batch.per_rm.items() if r.step_scores is not None},
-            # ... and the score of each response's first and of its last step (where a PRM's signal moves)
-            **{f"{which}_step/{name}": float(sum(s[at] for s, ok in zip(r.step_scores, batch.valid) if ok and len(s)))
-               for name, r in batch.per_rm.items() if r.step_scores is not None
-               for which, at in (("first", 0), ("last", -1))},
+            **step_sums(batch),
             "step_rewards": float((scored.step_rewards * mask).sum()) if scored.step_rewards is not None else 0.0,
         }
         if returns is not None:  # explained variance of the critic's values
@@ -393,6 +387,20 @@ class PPOTrainer:
                     engine.module.save_pretrained(final / name, safe_serialization=True)
                     self.actor_chat.tokenizer.save_pretrained(str(final / name))
         barrier()
+
+
+def step_sums(batch: RewardBatch) -> dict[str, float]:
+    """Each process RM's sums over the scored rows: steps read, and the scores of the first and of the last step
+    (where a PRM's signal moves); the step rewards the actor's tokens got are summed beside them."""
+    sums = {}
+    for name, result in batch.per_rm.items():
+        if result.step_scores is None:
+            continue
+        rows = [scores for scores, ok in zip(result.step_scores, batch.valid) if ok and len(scores)]
+        sums[f"steps/{name}"] = float(sum(len(scores) for scores in rows))
+        sums[f"first_step/{name}"] = float(sum(scores[0] for scores in rows))
+        sums[f"last_step/{name}"] = float(sum(scores[-1] for scores in rows))
+    return sums
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
