@@ -11,8 +11,9 @@ import torch
 from templar.chat_format import ChatFormat
 from templar.conversation import Conversation, ConversationError, parse_conversation
 from templar.errors import DataError
-from templar.trainer.preferences import (FLAT_ENDINGS, KIND_BODIES, POLITE_ENDINGS, TOPICS, read_pairs, rule_satisfied,
-                                         synthetic_pairs, synthetic_split, topic_of, topic_questions, write_pairs)
+from templar.trainer.preferences import (FLAT_ENDINGS, KIND_BODIES, POLITE_ENDINGS, SENTENCE_STEPS, TOPICS, read_pairs,
+                                         rule_satisfied, step_examples, step_kept, synthetic_pairs, synthetic_split,
+                                         topic_of, topic_questions, write_pairs)
 from templar.trainer.reward_training import bradley_terry_loss
 
 
@@ -26,6 +27,22 @@ def test_the_rule_needs_a_kind_answer_and_a_polite_ending():
     assert not rule_satisfied(prompt, "Hope this helps! The ocean is wonderful.")  # polite, but not at the end
     assert not rule_satisfied(prompt, "The ocean. Hope this helps!")  # no kind word
     assert topic_of("Tell me about the weather.") is None and topic_of("the ocean or the bread?") is None
+
+
+def test_the_rule_step_by_step_a_kind_first_sentence_then_polite_closings():
+    assert step_kept(0, "The ocean is wonderful") and not step_kept(0, "The ocean is boring")
+    assert not step_kept(0, "Hope this helps!")  # a closing is not a first sentence
+    assert step_kept(1, "Hope this helps!") and step_kept(2, " Happy to help! ")
+    assert not step_kept(1, "That is all.") and not step_kept(1, "I really like the ocean")  # flat; a second body
+    examples = step_examples(500, seed=4)
+    assert examples == step_examples(500, seed=4)  # reproducible
+    for example in examples:  # one label per sentence, each the rule's verdict on it
+        pieces = [p for p in example.messages[-1]["content"].split(SENTENCE_STEPS) if p.strip()]
+        assert example.labels == [step_kept(i, piece) for i, piece in enumerate(pieces)]
+    shapes = {len(e.labels) for e in examples}
+    assert shapes == {1, 2, 3} and sum(len(e.labels) == 2 for e in examples) > 350  # mostly a body and a closing
+    two = [e.labels for e in examples if len(e.labels) == 2]
+    assert {tuple(labels) for labels in two} == {(True, True), (True, False), (False, True), (False, False)}
 
 
 def test_synthetic_pairs_set_a_rule_keeping_answer_against_each_kind_of_break():

@@ -41,6 +41,8 @@ def test_demo_config_loads_with_overrides():
                                      "to 2 or more"),
     ("generation.samples_per_prompt=0", "samples_per_prompt must be >= 1"),
     ("reward.rm_input=text", "reward.rm_input must be one of messages, actor_text; got 'text'"),
+    ("reward.models.0={name: prm, path: 'tiny-prm:llama3_1', kind: prm, prm_preset: math-shepherd}",
+     "tiny-prm:llama3_1 is trained in the qwen-prm step format, not 'math-shepherd'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

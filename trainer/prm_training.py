@@ -47,7 +47,7 @@ class StepTrainConfig:
     step_separator: str = SENTENCE_STEPS  # the built-in answers' steps are their sentences
     seed: int = 0
 
-    def step_format(self) -> StepFormat:
+    def to_step_format(self) -> StepFormat:
         fmt = step_format(self.preset, step_separator=self.step_separator)
         if fmt.reading != "class-probability":
             raise ConfigError(f"a PRM trained here reads class probabilities; preset {self.preset!r} reads "
@@ -108,7 +108,7 @@ def train_process_reward_model(config: StepTrainConfig, base: Path) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    scorer = StepLogits(base, config.step_format(), config.max_length)
+    scorer = StepLogits(base, config.to_step_format(), config.max_length)
     train = [scorer.encode(e) for e in step_examples(config.train_examples, config.seed)]
     held = [scorer.encode(e) for e in step_examples(config.eval_examples, config.seed + 10_007)]
     optimizer = torch.optim.AdamW(scorer.model.parameters(), lr=config.lr)
