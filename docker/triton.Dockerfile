@@ -13,10 +13,15 @@ COPY templar templar
 COPY trainer trainer
 COPY tools tools
 
-# What the Python models import (tests/test_deploy.py keeps this list in step with the code): no torch here, the
-# scoring model runs on Triton's own ONNX Runtime / TensorRT backends; onnxruntime (fp32) and openvino (bf16) serve the CPU configs.
+# What the Python models import (tests/test_deploy.py keeps this list in step with the code): no torch here (but
+# below, for RMs served by their own forward), the scoring model runs on Triton's own ONNX Runtime / TensorRT backends; onnxruntime (fp32) and openvino (bf16) serve the CPU configs.
 RUN pip install -c constraints.txt numpy transformers tokenizers jinja2 onnxruntime openvino \
  && pip install --no-deps .
+# An RM served by its own forward (one whose code combines its own objectives, e.g. ArmoRM:
+# templar/export/own_forward.py) runs torch in the Python backend: build with OWN_FORWARD_TORCH=1
+# (docker compose: TEMPLAR_OWN_FORWARD_TORCH=1). PyPI's Linux torch is the CUDA build.
+ARG OWN_FORWARD_TORCH=0
+RUN if [ "${OWN_FORWARD_TORCH}" = 1 ]; then pip install -c constraints.txt torch==2.13.0; fi
 
 EXPOSE 8000 8001 8002
 CMD ["tritonserver", "--model-repository=/models"]

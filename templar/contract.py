@@ -82,7 +82,9 @@ PARAM_SCORE_POSITION_REASON = "score_position_reason"
 PARAM_RM_KIND = "rm_kind"
 RM_KINDS = ("outcome", "process", "multi-objective")
 PARAM_OBJECTIVES = "objectives"  # a multi-objective RM's objective names, as a JSON list
-PARAM_OBJECTIVE_WEIGHTS = "objective_weights"  # ... and the weights SCORE combines them with, as a JSON list
+PARAM_OBJECTIVE_WEIGHTS = "objective_weights"  # ... and the weights SCORE combines them with, as a JSON list (null:
+# the RM combines them itself, its own forward served: templar.export.own_forward)
+PARAM_SCORER_RUNTIME = "scorer_runtime"  # "torch" where `<rm>_model` runs the RM's own forward; unset: ONNX
 PARAM_STEP_FORMAT = "step_format"  # a process RM's templar.steps.StepFormat, as JSON
 PARAM_STEP_TAG_ID = "step_tag_id"
 FINGERPRINT_PARAMS = (PARAM_TEMPLATE_SHA256, PARAM_TOKENIZER_SHA256, PARAM_MAX_LENGTH, PARAM_SPECIAL_TOKENS,

@@ -84,3 +84,23 @@ def test_a_failing_micro_batch_costs_only_its_rows():
                             "error: rm_model failed: out of memory"]
     assert (scored.tokens, scored.slots, scored.calls) == (3, 3, 1)
     assert contract.is_ok(batch.status[0])
+
+
+def test_a_row_the_scorer_refuses_is_found_alone_and_its_neighbours_are_scored():
+    """A model's own code may refuse one row (ArmoRM's gating pattern missing from it): its micro-batch is scored
+    again row by row, so only that row fails."""
+    lengths = np.array([3, 4, 4, 3])
+    ids = np.zeros((4, 4), np.int64)
+    ids[2, 0] = 7  # the row the scorer refuses
+    mask = (np.arange(4) < lengths[:, None]).astype(np.int64)
+    batch = PreprocessedBatch(ids, mask, ["ok"] * 4, lengths.astype(np.int32), np.zeros(4, bool))
+
+    def score(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if (ids[:, 0] == 7).any():
+            raise ValueError("Token pattern not found in the list.")
+        return mask.sum(1).astype(np.float32)
+
+    scored = score_in_micro_batches(batch, score, max_rows=8, max_tokens=100)
+    assert scored.scores.tolist()[:2] == [3, 4] and np.isnan(scored.scores[2]) and scored.scores[3] == 3
+    assert batch.status == ["ok", "ok", "error: Token pattern not found in the list.", "ok"]
+    assert scored.calls == 3  # the whole micro-batch failed; then rows 0, 1, 3 alone (row 2 failed alone)

@@ -89,9 +89,126 @@ def multi_rm(assets, tmp_path_factory) -> Path:
                             size=SIZE, seed=3)
 
 
+# An RM whose own code combines its objectives, of ArmoRM-Llama3-8B's shape (RLHFlow's modeling_custom.py)
+ARMO_CODE = '''"""A reward model of ArmoRM-Llama3-8B's shape (RLHFlow's modeling_custom.py): objectives regressed from
+the last token, combined by a gating network that reads the prompt's end, found in Python by its token pattern."""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.utils import ModelOutput
+
+
+class GatingNetwork(nn.Module):
+    def __init__(self, in_features, out_features, temperature=10.0, hidden_dim=32, n_hidden=2):
+        super().__init__()
+        self.temperature = temperature
+        self.logit_scale = nn.Parameter(torch.ones(1))
+        layers = []
+        for _ in range(n_hidden):
+            layers.append(nn.Linear(in_features, hidden_dim))
+            in_features = hidden_dim
+        layers.append(nn.Linear(in_features, out_features))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
+        return F.softmax(x / self.temperature, dim=1) * self.logit_scale[0]
+
+
+# "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n" in the Llama-3 tokenizer
+token_pattern = [128009, 128006, 78191, 128007, 271]
+
+
+def find_token_for_gating(lst):
+    """The last occurrence of token_pattern in a list."""
+    for j in range(len(lst) - len(token_pattern), -1, -1):
+        if lst[j:j + len(token_pattern)] == token_pattern:
+            return j
+    raise ValueError("Token pattern not found in the list.")
+
+
+@dataclass
+class CustomOutput(ModelOutput):
+    rewards: Optional[torch.FloatTensor] = None
+    gating_output: Optional[torch.FloatTensor] = None
+    score: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+
+
+class LlamaForRewardModelWithGating(LlamaPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.num_objectives = config.num_objectives
+        self.regression_layer = nn.Linear(config.hidden_size, self.num_objectives, bias=False)
+        self.post_init()
+        eye = torch.zeros(self.num_objectives, self.num_objectives)
+        eye[range(self.num_objectives), range(self.num_objectives)] = 1.0
+        self.reward_transform_matrix = nn.Parameter(eye, requires_grad=False)
+        self.gating = GatingNetwork(config.hidden_size, self.num_objectives)
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        tokens_hidden_states = self.model(input_ids, attention_mask=attention_mask)[0]
+        batch_size = input_ids.shape[0]
+        sequence_lengths = torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1
+        sequence_lengths = sequence_lengths % input_ids.shape[-1]
+        rows = torch.arange(batch_size, device=tokens_hidden_states.device)
+        hidden_states = tokens_hidden_states[rows, sequence_lengths]
+        rewards = self.regression_layer(hidden_states)
+        gating_token_positions = [find_token_for_gating(ids.tolist()) for ids in input_ids]
+        prompt_embedding = tokens_hidden_states[rows, gating_token_positions, :]
+        gating_output = self.gating(prompt_embedding)
+        rewards_adjusted = rewards @ self.reward_transform_matrix
+        score = torch.sum(gating_output * rewards_adjusted, dim=1)
+        return CustomOutput(rewards=rewards, gating_output=gating_output, score=score, logits=score)
+'''
+ARMO_OBJECTIVES = ("helpsteer-helpfulness", "helpsteer-correctness", "ultrafeedback-honesty", "code-complexity")
+
+
+def build_armo_like(out: Path, seed: int = 5) -> Path:
+    """A tiny RM of ArmoRM's class on the real Llama-3.1 tokenizer, with ArmoRM's "[PAD]" pad token; loaded, as
+    ArmoRM is, with AutoModelForSequenceClassification and trust_remote_code."""
+    from transformers import AutoTokenizer
+
+    from templar.assets import tokenizer_dir
+    from templar.tiny_models import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("llama3_1")))
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    config = tiny_config("llama3_1", len(tok), tok.pad_token_id, SIZE)
+    config.num_objectives = len(ARMO_OBJECTIVES)
+    namespace: dict = {}
+    exec(compile(ARMO_CODE, "modeling_custom.py", "exec"), namespace)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = namespace["LlamaForRewardModelWithGating"](config)
+        with torch.no_grad():  # spread the objectives and the gate, so that rows and objectives differ visibly
+            model.regression_layer.weight.normal_(0.0, 1.0 / config.hidden_size ** 0.5)
+            model.gating.layers[-1].weight.normal_(0.0, 3.0)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "modeling_custom.py").write_text(ARMO_CODE)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(architectures=["LlamaForRewardModelWithGating"],
+               auto_map={"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(str(out))
+    return out
+
+
 @pytest.fixture(scope="module")
-def prm_server(prms, multi_rm, tmp_path_factory):
-    """One repository and one server for the module: the three PRMs and the multi-objective RM."""
+def armo_rm(assets, tmp_path_factory) -> Path:
+    return build_armo_like(tmp_path_factory.mktemp("armo") / "rm")
+
+
+@pytest.fixture(scope="module")
+def prm_server(prms, multi_rm, armo_rm, tmp_path_factory):
+    """One repository and one server for the module: the three PRMs, the multi-objective RM and the RM that combines
+    its own objectives."""
     repo = tmp_path_factory.mktemp("prm_repo") / "model_repository"
     reports = {}
     for name, (_, _, _, preset) in PRMS.items():
@@ -102,6 +219,9 @@ def prm_server(prms, multi_rm, tmp_path_factory):
     reports["rm_multi"] = export_reward_model(ExportOptions(
         model=multi_rm, name="rm_multi", repo=repo, max_length=256, objective_weights=WEIGHTS,
         settings=TEST_SETTINGS), log=lambda _: None)
+    reports["rm_armo"] = export_reward_model(ExportOptions(
+        model=armo_rm, name="rm_armo", repo=repo, max_length=256, trust_remote_code=True,
+        objective_names=list(ARMO_OBJECTIVES), settings=TEST_SETTINGS), log=lambda _: None)
     server = start_server(repo)
     yield server, reports
     server.stop()
@@ -297,6 +417,53 @@ def test_a_multi_objective_rm_without_usable_weights_is_refused_at_export(multi_
     with pytest.raises(ExportError, match=re.escape(message)):
         export_reward_model(ExportOptions(model=multi_rm, name="multi", repo=tmp_path, max_length=256,
                                           objective_weights=weights), log=lambda _: None)
+
+
+def test_an_rm_that_combines_its_own_objectives_is_served_by_its_own_forward(prm_server, armo_rm):
+    """ArmoRM's shape: its code finds the gating position in Python (a trace would freeze it), so its own forward is
+    served, in torch. SCORE is its `score` (its gate's combination), SCORES its `rewards`, each within 1e-5 of the
+    model card's snippet (`AutoModelForSequenceClassification` with trust_remote_code, `apply_chat_template`, one
+    conversation at a time), batched with rows of other lengths; the names are the ones given at export."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    server, reports = prm_server
+    parameters = reports["rm_armo"].parameters
+    assert parameters[contract.PARAM_SCORER_RUNTIME] == "torch" and parameters[contract.PARAM_RM_KIND] == \
+        "multi-objective" and float(parameters["parity_max_abs_diff"]) < 1e-5
+    tok = AutoTokenizer.from_pretrained(str(armo_rm))
+    rm = AutoModelForSequenceClassification.from_pretrained(str(armo_rm), trust_remote_code=True,
+                                                            dtype=torch.float32).eval()
+    with RewardClient(RewardClientConfig(model="rm_armo", endpoints=[server.grpc_url])) as client:
+        result = client.score(CONVERSATIONS)
+        assert client.objectives == list(ARMO_OBJECTIVES)
+    assert result.status == ["ok"] * 3 and result.objectives.shape == (3, len(ARMO_OBJECTIVES))
+    for i, conversation in enumerate(CONVERSATIONS):
+        with torch.no_grad():
+            own = rm(**tok.apply_chat_template(conversation, return_tensors="pt", return_dict=True))
+        rewards, score = own.rewards[0].double().numpy(), float(own.score[0])
+        assert (np.abs(result.objectives[i] - rewards) / np.maximum(1.0, np.abs(rewards))).max() < 1e-5
+        assert result.scores[i] == pytest.approx(score, rel=1e-5, abs=1e-6)
+        assert result.scores[i] != pytest.approx(float(rewards.mean()), abs=1e-3)  # the gate, not a plain mean
+    assert len({round(float(s), 4) for s in result.scores}) == 3
+
+
+def test_a_row_an_rms_own_code_refuses_costs_no_neighbour(prm_server):
+    """ArmoRM's code raises for a conversation without an assistant header (its gating pattern): that row gets the
+    error, the rows batched with it are scored."""
+    server, _ = prm_server
+    rows = [{"messages": CONVERSATIONS[0]}, {"text": "no chat template at all"}, {"messages": CONVERSATIONS[1]}]
+    with RewardClient(RewardClientConfig(model="rm_armo", endpoints=[server.grpc_url])) as client:
+        result = client.score(rows)
+    assert result.status[0] == "ok" and result.status[2] == "ok"
+    assert "Token pattern not found" in result.status[1]
+
+
+def test_an_rm_that_combines_its_objectives_refuses_weights_and_a_wrong_number_of_names(armo_rm, tmp_path):
+    for extra, message in (({"objective_weights": [1.0] * 4}, "combines its objectives itself"),
+                           ({"objective_names": ["a", "b"]}, "gives 2 names (a, b) for the 4 objectives")):
+        with pytest.raises(ExportError, match=re.escape(message)):
+            export_reward_model(ExportOptions(model=armo_rm, name="armo", repo=tmp_path, max_length=256,
+                                              trust_remote_code=True, **extra), log=lambda _: None)
 
 
 # -- step scores on the actor's tokens --------------------------------------------------------------------------

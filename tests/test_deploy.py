@@ -256,14 +256,22 @@ def test_triton_dockerfile_installs_what_the_python_models_import_at_the_pinned_
     distributions = importlib.metadata.packages_distributions()
     needed = {distributions[name][0].lower() for name in imports}
     assert {"numpy", "transformers", "jinja2", "onnxruntime"} <= needed
-    lines = _pip_install_lines(TRITON_DOCKERFILE)
+    lines = [line for line in _pip_install_lines(TRITON_DOCKERFILE) if "torch==2.13.0" not in line]
     installed = {a.lower() for line in lines for a in line
                  if not a.startswith("-") and a not in (".", "constraints.txt")}
     assert needed <= installed, f"the Python models import {sorted(needed - installed)}, which the image lacks"
     assert any(line[:2] == ["-c", "constraints.txt"] for line in lines)  # the project's pins apply
     pins = _pins()
     assert all(name in pins for name in installed), sorted(installed - set(pins))
-    assert "torch" not in installed  # Triton's own backends score; the Python models never import torch
+    # Triton's own backends score; the Python models never import torch, but for an RM served by its own forward
+    # (templar.serving.torch_scorer), which the image gets only when built with OWN_FORWARD_TORCH=1
+    assert "torch" not in installed
+    torch_line = re.search(r'^RUN if \[ "\$\{OWN_FORWARD_TORCH\}" = 1 \]; then pip install -c constraints.txt '
+                           r"torch==(\S+); fi$", TRITON_DOCKERFILE.read_text(), re.M)
+    assert torch_line and torch_line.group(1) == pins["torch"]
+    assert _third_party_imports("templar.serving.torch_scorer") - imports - {"triton_python_backend_utils"} \
+        <= {"torch"}
+    assert compose_config()["services"]["triton"]["build"]["args"]["OWN_FORWARD_TORCH"] == "0"
     assert ["--no-deps", "."] in lines  # the templar package itself
 
 

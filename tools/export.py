@@ -60,6 +60,10 @@ def add_prm_arguments(parser) -> None:
                         help='a multi-objective RM (num_labels > 1): SCORE = sum of weight * objective, as JSON: '
                         '\'{"helpfulness": 1.0, "verbosity": -0.2}\' (an objective not named weighs 0) or a list in '
                         "label order; its objectives are served as SCORES")
+    parser.add_argument("--objective-names", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                        help="an RM whose own code combines its objectives (ArmoRM; --trust-remote-code): their "
+                        "names, comma-separated, in its order (default: config.id2label where it names each, else "
+                        "objective_<i>)")
     prm = parser.add_argument_group("process RMs (--kind prm): the preset's step format, any field overridden")
     prm.add_argument("--prm-preset", choices=sorted(PRESETS),
                      help="qwen-prm (Qwen2.5-Math-PRM: <extra_0> after each step, P(class 1) of its 2-class head), "
@@ -169,6 +173,7 @@ def main(args) -> int:
                          engine_tolerance=args.engine_tolerance, opset=args.opset,
                          check_resources=not args.skip_resource_check, version=args.version, force=args.force,
                          kind=args.kind, step_format=step_format_of(args), objective_weights=args.objective_weights,
+                         objective_names=args.objective_names,
                          settings=EntrySettings(max_row_bytes=args.max_row_bytes, max_messages=args.max_messages,
                                                 max_json_depth=args.max_json_depth,
                                                 max_request_bytes=args.max_request_bytes,

@@ -94,6 +94,9 @@ class ExportOptions:
     # a multi-objective RM (num_labels > 1): SCORE = sum of weight * objective; {label name: weight} (an objective not
     # named weighs 0) or one weight per label in order. Required for such an RM: its labels have no order of merit
     objective_weights: dict[str, float] | list[float] | None = None
+    # an RM whose own code combines its objectives (ArmoRM): their names, in its order (else config.id2label, where it
+    # names each, else objective_<i>)
+    objective_names: list[str] | None = None
 
 
 @dataclass
@@ -139,7 +142,7 @@ def source_sha256(opts: ExportOptions) -> str:
                "template_kwargs": opts.template_kwargs, "value_head_prefix": opts.value_head_prefix,
                "opset": opts.opset, "settings": dataclasses.asdict(opts.settings), "kind": opts.kind,
                "step_format": opts.step_format.to_json() if opts.step_format else None,
-               "objective_weights": opts.objective_weights}
+               "objective_weights": opts.objective_weights, "objective_names": opts.objective_names}
     digest.update(json.dumps(shaping, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -232,6 +235,15 @@ def resolve_max_length(opts: ExportOptions, config) -> int:
     return max_length
 
 
+def _load_checked(opts: ExportOptions, chat_format: ChatFormat, step: Progress) -> tuple[LoadedRewardModel, int]:
+    """The RM's weights, checked against its tokenizer and the options, and its max_length."""
+    step(f"loading weights from {opts.model}{estimate(opts, 'loading')}")
+    loaded = load_reward_model(opts.model, allow_pickle=opts.allow_pickle, value_head_prefix=opts.value_head_prefix,
+                               trust_remote_code=opts.trust_remote_code, objective_weights=opts.objective_weights)
+    _check_loaded(opts, chat_format, loaded)
+    return loaded, resolve_max_length(opts, loaded.config)
+
+
 def _check_loaded(opts: ExportOptions, chat_format: ChatFormat, loaded: LoadedRewardModel) -> None:
     """The loaded RM against its tokenizer and the options."""
     _check_vocabulary(chat_format, loaded)
@@ -258,7 +270,7 @@ def _check_vocabulary(chat_format: ChatFormat, loaded: LoadedRewardModel) -> Non
                           "own tokenizer (pass it with --tokenizer DIR)")
 
 
-def _save_tokenizer(opts: ExportOptions, chat_format: ChatFormat, max_length: int,
+def save_served_tokenizer(opts: ExportOptions, chat_format: ChatFormat, max_length: int,
                     tokenizer_dir: Path) -> tuple[ChatFormat, list[list[int]]]:
     """Save the tokenizer and template the preprocessing model will load; check that the saved folder tokenizes the
     sample conversations exactly as the source does. Returns (the served ChatFormat, the sample token rows)."""
@@ -460,18 +472,18 @@ def _export_outcome_rm(opts: ExportOptions, log: Log) -> ExportReport:
     step = Progress(7 + (opts.precision == "int8") + 2 * tensorrt, log)
     step(f"loading tokenizer and chat template from {opts.tokenizer or opts.model}")
     chat_format = _load_chat_format(opts)
-    step(f"loading weights from {opts.model}{estimate(opts, 'loading')}")
-    loaded = load_reward_model(opts.model, allow_pickle=opts.allow_pickle, value_head_prefix=opts.value_head_prefix,
-                               trust_remote_code=opts.trust_remote_code, objective_weights=opts.objective_weights)
-    max_length = resolve_max_length(opts, loaded.config)
-    _check_loaded(opts, chat_format, loaded)
+    loaded, max_length = _load_checked(opts, chat_format, step)
+    if loaded.scorer is None:  # a custom-code RM that combines its own objectives: served by its own forward
+        from templar.export.own_forward import export_own_forward
+
+        return export_own_forward(opts, loaded, chat_format, max_length, step, log)
     count = loaded.parameters
     log(f"      {loaded.kind}, model_type {loaded.config.model_type}, {count / 1e6:.1f}M parameters "
         f"({loaded.source_dtype} weights, served {opts.precision}), max_length {max_length}")
     with StagedModel(opts.repo, opts.name, opts.version) as staged, \
             tempfile.TemporaryDirectory(prefix="templar-export-") as tmp:
         step("saving tokenizer and template for the preprocessing model")
-        served, rows = _save_tokenizer(opts, chat_format, max_length, staged.tokenizer_dir)
+        served, rows = save_served_tokenizer(opts, chat_format, max_length, staged.tokenizer_dir)
         position = _score_position(opts, loaded, served, rows, log)
         step(f"exporting ONNX (opset {opts.opset}){estimate(opts, 'exporting')}")
         _export_onnx(opts, loaded, rows, staged.onnx_path, log)

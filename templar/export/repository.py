@@ -7,6 +7,8 @@
                                                                      configs/embedded.pbtxt (Python + ONNX Runtime,
                                                                      the CPU embedded server), N/model.onnx
                                                                      [+ N/model.onnx.data], N/model.py
+                            or an RM's own forward in torch          config.pbtxt (Python, KIND_GPU), configs/
+                            (templar.export.own_forward)             embedded.pbtxt (Python, CPU), N/hf/*, N/model.py
 
 N is 1 unless `templar export --version N` adds a version beside the existing ones (a hot swap, `templar reload`):
 the three models of one export share N, the entry calls its sub-models at its own version, and what differs between
@@ -43,12 +45,13 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 @dataclass
 class RewardModelEntry:
     name: str
-    onnx_path: Path
+    onnx_path: Path | None  # None: the RM is served by its own forward (torch_model_dir)
     tokenizer_dir: Path  # a folder holding the tokenizer files and chat_template.jinja
     parameters: dict[str, str]  # fingerprints, max_length, special_tokens, template_kwargs, source
     settings: EntrySettings = field(default_factory=EntrySettings)
     tensorrt_plan: Path | None = None  # a TensorRT engine (int32 ids) for the GPU container, beside the ONNX graph
     tensorrt_max_rows: int | None = None  # the engine profile's largest batch
+    torch_model_dir: Path | None = None  # the model folder its own forward runs from (templar.serving.torch_scorer)
 
     @property
     def kind(self) -> str:
@@ -166,6 +169,14 @@ def scorer_config_tensorrt(entry: RewardModelEntry) -> str:
             + _instances("KIND_GPU", s.scorer_instances) + _dynamic_batching(s.queue_delay_us))
 
 
+def scorer_config_torch(entry: RewardModelEntry, instance_kind: str) -> str:
+    """An RM served by its own forward: a Python model running torch, on the GPU (container) or the CPU."""
+    s = entry.settings
+    return (_header(contract.scoring_model_name(entry.name), scorer_signature(entry), s.micro_batch_rows,
+                    'backend: "python"')
+            + _instances(instance_kind, s.scorer_instances) + _params(s.to_parameters("scorer")))
+
+
 def scorer_config_embedded(entry: RewardModelEntry) -> str:
     """For the embedded CPU server (Python backend only): ONNX Runtime inside a Python model. Beside a TensorRT
     engine it takes the engine's int32 ids too (the entry model sends one dtype; ONNX Runtime casts them back)."""
@@ -250,6 +261,12 @@ class StagedModel:
         return self.staging / self.names[0] / self.version / "tokenizer"
 
     @property
+    def torch_model_dir(self) -> Path:
+        from templar.serving.torch_scorer import MODEL_FOLDER
+
+        return self.staging / self.names[1] / self.version / MODEL_FOLDER
+
+    @property
     def onnx_path(self) -> Path:
         path = self.staging / self.names[1] / self.version / "model.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +283,7 @@ class StagedModel:
         (pre / SERVING_FILE).write_text(json.dumps(serving_settings(entry), indent=1, sort_keys=True) + "\n")
         if Path(entry.tokenizer_dir).resolve() != self.tokenizer_dir.resolve():
             shutil.copytree(entry.tokenizer_dir, self.tokenizer_dir)
-        if Path(entry.onnx_path).resolve() != self.onnx_path.resolve():
+        if entry.onnx_path is not None and Path(entry.onnx_path).resolve() != self.onnx_path.resolve():
             from templar.export.onnx_files import model_files
 
             for file in model_files(entry.onnx_path):  # the graph and its external data, if any
@@ -275,7 +292,12 @@ class StagedModel:
         if entry.tensorrt_plan:
             shutil.copyfile(entry.tensorrt_plan, scorer / "model.plan")
         main.mkdir(parents=True, exist_ok=True)
-        for folder, module in ((pre, "preprocess"), (scorer, "onnx_scorer"), (main, "reward_entry")):
+        if entry.torch_model_dir is not None and Path(entry.torch_model_dir).resolve() != \
+                self.torch_model_dir.resolve():
+            shutil.copytree(entry.torch_model_dir, self.torch_model_dir)
+        scorer.mkdir(parents=True, exist_ok=True)
+        scoring = "torch_scorer" if entry.torch_model_dir is not None else "onnx_scorer"
+        for folder, module in ((pre, "preprocess"), (scorer, scoring), (main, "reward_entry")):
             write_model_py(folder / "model.py", f"templar.serving.{module}", self.final(folder / "model.py"))
         self.write_configs(entry, self.staging)
 
@@ -283,8 +305,11 @@ class StagedModel:
         pre, scorer, main = (root / n for n in self.names)
         (scorer / "configs").mkdir(parents=True, exist_ok=True)
         gpu_config = scorer_config_tensorrt(entry) if entry.tensorrt_plan else scorer_config_gpu(entry)
+        embedded = scorer_config_embedded(entry)
+        if entry.torch_model_dir is not None:  # its own forward, in torch, wherever it is served
+            gpu_config, embedded = scorer_config_torch(entry, "KIND_GPU"), scorer_config_torch(entry, "KIND_CPU")
         for path, text in ((pre / "config.pbtxt", preprocess_config(entry)), (scorer / "config.pbtxt", gpu_config),
-                           (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt", scorer_config_embedded(entry)),
+                           (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt", embedded),
                            (main / "config.pbtxt", entry_config(entry))):
             write_if_changed(path, text)
 

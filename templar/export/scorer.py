@@ -123,7 +123,7 @@ def weight_files(model_dir: Path, allow_pickle: bool) -> tuple[list[Path], bool]
 
 @dataclass
 class LoadedRewardModel:
-    scorer: RewardScorer  # float32, eval mode
+    scorer: RewardScorer | None  # float32, eval mode; None for an RM served by its own forward (own_forward.py)
     config: Any
     kind: str  # e.g. "Qwen3ForSequenceClassification", or "value-head RM (value_head)"
     source_dtype: str  # the dtype the weights were shipped in, e.g. "bfloat16"
@@ -136,7 +136,7 @@ class LoadedRewardModel:
 
     @property
     def parameters(self) -> int:
-        return sum(p.numel() for p in self.scorer.parameters())
+        return sum(p.numel() for p in (self.scorer or self.classifier).parameters())
 
     @property
     def pad_token_id(self) -> int | None:
@@ -258,18 +258,24 @@ def _classifier_scorer(config, model_dir: Path, pickle: bool, trust_remote_code:
     from transformers import AutoModelForSequenceClassification
 
     archs = getattr(config, "architectures", None) or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
+    auto_map = getattr(config, "auto_map", None) or {}
+    own_code = trust_remote_code and "AutoModelForSequenceClassification" in auto_map  # e.g. ArmoRM's
+    if not own_code and not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ExportError(
             f"{model_dir} is a {', '.join(archs) or config.model_type}, not a reward model: expected "
             "*ForSequenceClassification with num_labels=1, or an OpenRLHF value-head RM (value_head.weight; "
             "other prefixes with --value-head-prefix)")
     weights = None
-    if config.num_labels != 1:
+    if config.num_labels != 1 and not own_code:
         weights = resolve_weights(objective_names(config), objective_weights)
-    elif objective_weights is not None:
+    elif objective_weights is not None and config.num_labels == 1:
         raise ExportError(f"--objective-weights goes with a multi-objective RM; {model_dir} has one label")
     model = load_pretrained(AutoModelForSequenceClassification, model_dir, pickle, trust_remote_code)
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if own_code and not isinstance(head, nn.Module):  # no head to trace: its own forward is served (own_forward.py)
+        return None, model.float().eval()
+    if config.num_labels != 1 and weights is None:
+        weights = resolve_weights(objective_names(config), objective_weights)
     if head is None:
         raise ExportError(f"{type(model).__name__} has no `score` or `classifier` head to read the reward from")
     return RewardScorer(getattr(model, model.base_model_prefix), head, weights=weights), model.float().eval()
@@ -324,6 +330,9 @@ def load_reward_model(model_dir: str | Path, *, allow_pickle: bool = False, valu
     else:
         (scorer, classifier), kind = _classifier_scorer(config, model_dir, pickle, trust_remote_code,
                                                         objective_weights), config.architectures[0]
+    if scorer is None:  # a custom-code RM with no head of its own to trace (templar.export.own_forward)
+        return LoadedRewardModel(None, config, f"{kind} (its own code, served by its own forward)",
+                                 folder.source_dtype, classifier)
     loaded = LoadedRewardModel(scorer.float().eval(), config, kind, folder.source_dtype, classifier)
     if scorer.combine:
         loaded.objectives, loaded.weights = objective_names(config), scorer.weights.tolist()

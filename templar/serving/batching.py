@@ -147,26 +147,30 @@ def score_in_micro_batches(batch: PreprocessedBatch, score: Callable[[np.ndarray
                            max_rows: int, max_tokens: int, max_padding: float | None = None,
                            aggregate: str = "min") -> ScoredBatch:
     """Score the rows whose status is ok with `score(ids, mask) -> [B] or [B, 1]`, in length-sorted micro-batches
-    cut to their longest row. A micro-batch whose `score` raises gets the error as its rows' status (in place in
-    `batch.status`); the other micro-batches are unaffected. For a process RM's batch, `score` answers [B, L] (the
-    step score at every position): each row's steps are read at its tags, its score is their `aggregate`. A
-    multi-objective RM's `score` answers a pair: ([B] scores, [B, K] objectives)."""
+    cut to their longest row. A micro-batch whose `score` raises is scored again row by row, and a row that still
+    raises gets the error as its status (in place in `batch.status`): one row a model's own code refuses never costs
+    its neighbours. For a process RM's batch, `score` answers [B, L] (the step score at every position): each row's
+    steps are read at its tags, its score is their `aggregate`. A multi-objective RM's `score` answers a pair:
+    ([B] scores, [B, K] objectives)."""
     scores = np.full(len(batch.status), np.nan, dtype=np.float32)
     process = batch.step_positions is not None
     step_scores = [np.zeros(0, np.float32) for _ in batch.status] if process else None
     objectives = None
     good = np.flatnonzero([contract.is_ok(s) for s in batch.status])
     tokens = slots = calls = 0
-    for part in plan_micro_batches(batch.num_tokens[good], max_rows=max_rows, max_tokens=max_tokens,
-                                   max_padding=max_padding):
-        index = good[part]
+    parts = [good[part] for part in plan_micro_batches(batch.num_tokens[good], max_rows=max_rows,
+                                                       max_tokens=max_tokens, max_padding=max_padding)]
+    while parts:
+        index = parts.pop(0)
         width = int(batch.num_tokens[index].max())
         try:
             result = score(np.ascontiguousarray(batch.input_ids[index, :width]),
                            np.ascontiguousarray(batch.attention_mask[index, :width]))
         except Exception as exc:  # noqa: BLE001 - becomes these rows' status, never the whole batch's failure
-            for i in index:
-                batch.status[i] = contract.error_status(str(exc))
+            if len(index) > 1:  # which row was it: each alone
+                parts[:0] = [index[i:i + 1] for i in range(len(index))]
+                continue
+            batch.status[index[0]] = contract.error_status(str(exc))
             continue
         if isinstance(result, tuple):  # a multi-objective RM: (scores, objectives)
             result, values = result
