@@ -37,15 +37,6 @@ from templar.serving.torch_scorer import OwnForwardScorer, own_outputs
 SCORE_POSITION = "own-forward"  # PARAM_SCORE_POSITION: the model's own code decides where it reads
 
 
-def returns_objectives(loaded: LoadedRewardModel, rows: list[list[int]]) -> bool:
-    """Does the classifier's own forward answer `score` and `rewards` (ArmoRM's CustomOutput)?"""
-    try:
-        own_outputs(loaded.classifier, *map(torch.from_numpy, right_pad(rows[:1])))
-    except ExportError:
-        return False
-    return True
-
-
 def name_objectives(loaded: LoadedRewardModel, count: int, given: list[str] | None) -> list[str]:
     """--objective-names, else the config's id2label where it names every objective, else objective_<i>."""
     if given is not None:

@@ -5,10 +5,15 @@ it on the instance's GPU). SCORE is the forward's `score`, SCORES its `rewards`,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import numpy as np
-import torch
+# torch's OpenMP threads sleep between batches instead of spinning (as the ONNX Runtime scorer's do by default):
+# spinning threads take the cores from a trainer beside the server. Read when torch starts, so before it is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from templar import contract
 from templar.errors import ExportError
