@@ -512,10 +512,8 @@ def _export_outcome_rm(opts: ExportOptions, log: Log) -> ExportReport:
         folders = staged.commit(lambda m: log("      " + m))
         step(f"checking ONNX Runtime against {reference.name} on the served files{estimate(opts, 'checking')}")
         max_diff = _check_onnx(opts, staged.final(staged.onnx_path), reference, rows, pad_id, log)
-        entry.parameters["parity_max_abs_diff"] = f"{max_diff:.3e}"
         _check_bf16(staged.final(staged.onnx_path), settings, reference, rows, pad_id, entry.parameters, log)
-        staged.rewrite_configs(entry)
-        staged.finish()
+        staged.finish_checked(entry, max_diff)
         step.finish()
     report = ExportReport(opts.name, folders, max_diff, len(rows), entry.parameters, time.perf_counter() - started)
     version = f" version {opts.version}" if opts.version else ""

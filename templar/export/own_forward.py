@@ -136,9 +136,7 @@ def export_own_forward(opts, loaded: LoadedRewardModel, chat_format: ChatFormat,
         tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCES["fp32"]
         max_diff = _check(staged.final(staged.torch_model_dir), reference, rows, padding_id(served.tokenizer),
                           tolerance, log)
-        entry.parameters["parity_max_abs_diff"] = f"{max_diff:.3e}"
-        staged.rewrite_configs(entry)
-        staged.finish()
+        staged.finish_checked(entry, max_diff)
         step.finish()
     report = ExportReport(opts.name, folders, max_diff, len(rows), entry.parameters, time.perf_counter() - started)
     log(f"exported {opts.name!r} in {report.seconds:.1f}s: served by its own forward (torch), SCORE = its own "

@@ -156,9 +156,7 @@ def export_process_reward_model(opts, log=print):
         tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCES["fp32"]
         max_diff = _check_onnx(staged.final(staged.onnx_path), reference, reference_name, rows, positions,
                                padding_id(served.tokenizer), tolerance, log)
-        entry.parameters["parity_max_abs_diff"] = f"{max_diff:.3e}"
-        staged.rewrite_configs(entry)
-        staged.finish()
+        staged.finish_checked(entry, max_diff)
         step.finish()
     report = ExportReport(opts.name, folders, max_diff, len(rows), entry.parameters, time.perf_counter() - started)
     log(f"exported process RM {opts.name!r} in {report.seconds:.1f}s: {fmt.preset} steps, tag {fmt.step_tag!r}, "

@@ -313,6 +313,12 @@ class StagedModel:
                            (main / "config.pbtxt", entry_config(entry))):
             write_if_changed(path, text)
 
+    def finish_checked(self, entry: RewardModelEntry, max_diff: float) -> None:
+        """The served files held against the reference: record by how much, and keep them."""
+        entry.parameters["parity_max_abs_diff"] = f"{max_diff:.3e}"
+        self.rewrite_configs(entry)
+        self.finish()
+
     def rewrite_configs(self, entry: RewardModelEntry) -> None:
         """The configs again, in place (after the checks measured what the parameters record)."""
         self.write_configs(entry, self.repo if self.committed else self.staging)
