@@ -42,7 +42,7 @@ def warm_start_examples(chat: ChatFormat, count: int, seed: int) -> list[tuple[l
     return examples
 
 
-def warm_start(model_dir: str | Path, *, steps: int = 300, batch_size: int = 32, lr: float = 3e-3,
+def warm_start(model_dir: str | Path, *, steps: int = 150, batch_size: int = 32, lr: float = 3e-3,
                seed: int = 0) -> dict[str, float]:
     """Fine-tune the causal LM in `model_dir` in place; returns the first and last training loss."""
     from transformers import AutoModelForCausalLM

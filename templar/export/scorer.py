@@ -265,20 +265,25 @@ def _classifier_scorer(config, model_dir: Path, pickle: bool, trust_remote_code:
             f"{model_dir} is a {', '.join(archs) or config.model_type}, not a reward model: expected "
             "*ForSequenceClassification with num_labels=1, or an OpenRLHF value-head RM (value_head.weight; "
             "other prefixes with --value-head-prefix)")
-    weights = None
-    if config.num_labels != 1 and not own_code:
-        weights = resolve_weights(objective_names(config), objective_weights)
-    elif objective_weights is not None and config.num_labels == 1:
-        raise ExportError(f"--objective-weights goes with a multi-objective RM; {model_dir} has one label")
+    if not own_code:  # refused before the weights load
+        _objective_weights(config, model_dir, objective_weights)
     model = load_pretrained(AutoModelForSequenceClassification, model_dir, pickle, trust_remote_code)
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if own_code and not isinstance(head, nn.Module):  # no head to trace: its own forward is served (own_forward.py)
         return None, model.float().eval()
-    if config.num_labels != 1 and weights is None:
-        weights = resolve_weights(objective_names(config), objective_weights)
+    weights = _objective_weights(config, model_dir, objective_weights)
     if head is None:
         raise ExportError(f"{type(model).__name__} has no `score` or `classifier` head to read the reward from")
     return RewardScorer(getattr(model, model.base_model_prefix), head, weights=weights), model.float().eval()
+
+
+def _objective_weights(config, model_dir: Path, objective_weights) -> list[float] | None:
+    """SCORE's weights for a multi-label classifier (None for one label, which takes none)."""
+    if config.num_labels != 1:
+        return resolve_weights(objective_names(config), objective_weights)
+    if objective_weights is not None:
+        raise ExportError(f"--objective-weights goes with a multi-objective RM; {model_dir} has one label")
+    return None
 
 
 @dataclass
