@@ -92,3 +92,22 @@ def test_reduced_precision_engines_against_torch(tiny_rms, tmp_path, precision):
     print(f"\n{precision}: {measured.strip()}")
     config = (tmp_path / "repo" / f"rm_{precision}" / "config.pbtxt").read_text()
     assert f'"tensorrt_precision" value: {{ string_value: "{precision}" }}' in config
+
+
+def test_an_rm_served_by_its_own_forward_runs_on_the_gpu_as_on_the_cpu(assets, tmp_path):
+    """templar.serving.torch_scorer on a KIND_GPU instance's device: the ArmoRM-shaped RM's SCORE and objectives on
+    CUDA match the CPU's (float32, TF32 off) on the export's sample conversations."""
+    from templar.export.exporter import ExportOptions, export_reward_model
+    from templar.serving.torch_scorer import MODEL_FOLDER, OwnForwardScorer
+
+    from test_beyond_one_score import build_armo_like
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    source = build_armo_like(tmp_path / "armo")
+    export_reward_model(ExportOptions(model=source, name="rm_armo", repo=tmp_path / "repo", max_length=256,
+                                      trust_remote_code=True), log=lambda _: None)
+    folder = tmp_path / "repo" / "rm_armo_model" / "1" / MODEL_FOLDER
+    ids, mask = right_pad(_rows(source), pad_id=json.loads((source / "config.json").read_text())["pad_token_id"])
+    cpu, gpu = OwnForwardScorer(folder)(ids, mask), OwnForwardScorer(folder, "cuda:0")(ids, mask)
+    for on_cpu, on_gpu in zip(cpu, gpu):
+        np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-5)

@@ -32,7 +32,8 @@ def own_outputs(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarra
             type(output).__name__
         raise ExportError(f"the model's forward answers {fields}; an RM that combines its own objectives answers "
                           "`score` (its combination) and `rewards` (one value per objective), as ArmoRM does")
-    return score.float().reshape(len(ids), 1).numpy(), rewards.float().reshape(len(ids), -1).numpy()
+    return (score.float().cpu().reshape(len(ids), 1).numpy(),  # from the GPU, where it runs there
+            rewards.float().cpu().reshape(len(ids), -1).numpy())
 
 
 class OwnForwardScorer:
