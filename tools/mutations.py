@@ -253,6 +253,16 @@ MUTATIONS: tuple[Mutation, ...] = (
       "            kl_rewards = kl_rewards + scored.step_rewards * scored.mask", "            kl_rewards = kl_rewards",
       wiring("test_a_process_rms_steps_are_per_token_rewards_for_gae_and_its_aggregate_for_group_estimators"),
       "a process RM's step rewards never reach the per-token rewards"),
+    M("unfinished-character-not-counted", "templar/steps.py",
+      "        return len(text) if n == len(ids) else len(text.rstrip(\"\\ufffd\"))",
+      "        return len(text.rstrip(\"\\ufffd\"))",
+      ("tests/test_beyond_one_score.py::test_a_response_cut_mid_character_has_its_last_step_on_its_last_token",),
+      "a response ending mid-character is counted without its U+FFFD, so its last step falls outside it"),
+    # -- a row the scorer refuses (an RM's own code: ArmoRM) --------------------------------------------------------
+    M("refused-micro-batch-not-retried-row-by-row", "templar/serving/batching.py",
+      "            if len(index) > 1:  # which row was it: each alone", "            if False:",
+      ("tests/test_batching.py::test_a_row_the_scorer_refuses_is_found_alone_and_its_neighbours_are_scored",),
+      "one row the scorer refuses fails every row of its micro-batch"),
 )
 
 
