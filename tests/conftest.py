@@ -53,6 +53,7 @@ INTEGRATION_FIXTURES = {"served_repo", "triton", "small_repo"}
 START_ORDER = ("test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo.yaml]", "test_trainer.py",
                "test_export_large.py", "test_estimators_training.py", "test_beyond_one_score.py", "test_hot_swap.py",
                "test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo_grpo.yaml]",
+               "test_demo.py::test_prm_demo_learns_each_step_and_credits_the_token_that_ends_it",
                "test_trainer_faults.py", "test_deploy.py", "test_bench_train.py", "test_integrations.py",
                "test_faults_serving.py")
 OWN_UNITS = ("tests/test_demo.py::",)
