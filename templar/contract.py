@@ -85,6 +85,11 @@ PARAM_OBJECTIVES = "objectives"  # a multi-objective RM's objective names, as a 
 PARAM_OBJECTIVE_WEIGHTS = "objective_weights"  # ... and the weights SCORE combines them with, as a JSON list (null:
 # the RM combines them itself, its own forward served: templar.export.own_forward)
 PARAM_SCORER_RUNTIME = "scorer_runtime"  # "torch" where `<rm>_model` runs the RM's own forward; unset: ONNX
+# the embedded entry's config: "prefix" where `<rm>_model` is the packed CPU scorer (micro-batches of rows in token
+# order, shared prefixes computed once), else "padded" (templar.serving.batching)
+PARAM_SCORER_PACKING = "scorer_packing"
+# the packed CPU scorer's config: how to load the RM's folder as the export did (JSON, packed_scorer.LoadOptions)
+PARAM_PACKED_LOAD = "packed_load"
 PARAM_STEP_FORMAT = "step_format"  # a process RM's templar.steps.StepFormat, as JSON
 PARAM_STEP_TAG_ID = "step_tag_id"
 FINGERPRINT_PARAMS = (PARAM_TEMPLATE_SHA256, PARAM_TOKENIZER_SHA256, PARAM_MAX_LENGTH, PARAM_SPECIAL_TOKENS,

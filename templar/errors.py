@@ -11,7 +11,8 @@ asset, a server that cannot be reached) is a TemplarError whose message says wha
     │   ├── PromptDataError              a prompt row of the training data (templar.trainer.data)
     │   └── WorkloadError                a conversation file of the load tools (templar.tools.workload)
     ├── ExportError                  a reward model that cannot be exported
-    │   └── TensorRTUnavailable          TensorRT or its GPU missing (templar.export.tensorrt)
+    │   ├── TensorRTUnavailable          TensorRT or its GPU missing (templar.export.tensorrt)
+    │   └── PackedScorerUnsupported      a model the packed CPU scorer cannot run (templar.serving.packed_scorer)
     ├── AssetError                   a tokenizer or template that cannot be fetched or verified
     ├── ServingError                 a reward server that cannot start or be reached
     │   ├── ServerError                  the embedded server (templar.server.embedded)
@@ -68,6 +69,11 @@ class ExportError(TemplarError, RuntimeError):
 
 class TensorRTUnavailable(ExportError):
     """TensorRT (or a CUDA GPU for it) is missing; the message says what to install."""
+
+
+class PackedScorerUnsupported(ExportError):
+    """The model's code does not run through transformers' attention interface, or asks it for something the packed
+    CPU scorer does not compute; the export serves it with ONNX Runtime instead and says why."""
 
 
 class AssetError(TemplarError, RuntimeError):

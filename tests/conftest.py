@@ -20,6 +20,7 @@ os.environ["TEMPLAR_CPU_PRECISION"] = "fp32"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,8 +39,10 @@ FAMILIES = ("qwen2_5", "qwen3", "llama3_1", "llama3_2", "gemma3", "mistral_nemo"
 # Llama-3.2's template inserts today's date unless told otherwise: pin it on both sides.
 TEMPLATE_KWARGS = {"llama3_2": {"date_string": "26 Jul 2024"}}
 MAX_LENGTH = 1024
-# Small servers for tests: one instance per model keeps the number of stub processes down.
-TEST_SETTINGS = EntrySettings(entry_instances=1, intra_op_threads=1)
+# Small servers for tests: one instance per model keeps the number of stub processes down. The packed scorer's layers
+# run uncompiled (torch.compile traces each scoring model again at every server start, seconds per model on 2
+# cores); tests/test_packed_scorer.py serves it compiled, as `templar export` configures it by default.
+TEST_SETTINGS = EntrySettings(entry_instances=1, intra_op_threads=1, packed_compile=False)
 
 
 # Fixtures that export ONNX or start Triton: a test using one is an integration test (left out by `make test-fast`).
@@ -138,6 +141,11 @@ def served_repo(tiny_rms, tmp_path_factory) -> ServedRepo:
     repo.reports["rm_gemma1"] = export(tiny_rms["gemma3"], "rm_gemma1", repo.path,
                                        chat_template=template_path("gemma"))
     repo.models["rm_gemma1"] = tiny_rms["gemma3"]
+    # the ONNX graph on ONNX Runtime (cpu_runtime onnxruntime): the CPU path whose scores are bit-identical whatever
+    # the batch; every other RM here runs the default packed torch scorer
+    repo.reports["rm_qwen2_5_ort"] = export(tiny_rms["qwen2_5"], "rm_qwen2_5_ort", repo.path,
+                                            settings=dataclasses.replace(TEST_SETTINGS, cpu_runtime="onnxruntime"))
+    repo.models["rm_qwen2_5_ort"] = tiny_rms["qwen2_5"]
     return repo
 
 

@@ -119,7 +119,8 @@ def test_no_long_functions(folder):
 def test_the_generated_model_files_import_only_the_library():
     """Triton loads these modules from the thin generated model.py files; they must need nothing above templar/."""
     graph = import_graph()
-    for module in ("templar.serving.preprocess", "templar.serving.reward_entry", "templar.serving.onnx_scorer"):
+    for module in ("templar.serving.preprocess", "templar.serving.reward_entry", "templar.serving.onnx_scorer",
+                   "templar.serving.packed_scorer", "templar.serving.torch_scorer"):
         assert all(layer(t) == "library" for t in graph[module]), graph[module]
 
 

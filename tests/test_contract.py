@@ -86,7 +86,8 @@ def test_the_settings_table_round_trips_through_the_generated_configs(tmp_path):
     settings = EntrySettings(max_batch_size=64, micro_batch_rows=8, micro_batch_tokens=1000,
                              micro_batch_max_padding=None, intra_op_threads=3, intra_op_spinning=True,
                              cpu_precision="bf16", max_row_bytes=999, max_messages=7, max_json_depth=9,
-                             max_request_bytes=12345)
+                             max_request_bytes=12345, cpu_runtime="openvino", packed_tokens=777,
+                             prefix_sharing=False, packed_compile=False)
     entry = RewardModelEntry("rm", tmp_path / "model.onnx", tmp_path, {"max_length": "8"}, settings)
     configs = {"entry": repository.entry_config(entry), "preprocess": repository.preprocess_config(entry),
                "scorer": repository.scorer_config_embedded(entry)}
@@ -101,7 +102,8 @@ def test_the_settings_table_round_trips_through_the_generated_configs(tmp_path):
             recorded.add(f.name)
     assert recorded == {"max_batch_size", "micro_batch_rows", "micro_batch_tokens", "micro_batch_max_padding",
                         "intra_op_threads", "intra_op_spinning", "cpu_precision", "max_row_bytes", "max_messages",
-                        "max_json_depth", "max_request_bytes"}
+                        "max_json_depth", "max_request_bytes", "cpu_runtime", "packed_tokens", "prefix_sharing",
+                        "packed_compile"}
     assert settings.row_limits.max_messages == 7
     # a config written before a key existed keeps that key's documented default
     assert EntrySettings.from_parameters({}, "entry") == EntrySettings()

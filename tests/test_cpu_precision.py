@@ -1,11 +1,14 @@
-"""The CPU scorer's precision: fp32 on ONNX Runtime, bf16 on OpenVINO where the CPU has bf16 in hardware. What `auto`
-picks on which CPU, what the export writes, and the bf16 path's measured agreement with fp32 over real gRPC: its
-bound against the fp32 scores, its rank agreement, and how far a row's score may move with its batch.
+"""The CPU scorer's precision: bf16 only where a bf16 product is measured faster than fp32 here (the packed torch
+scorer in bf16; OpenVINO for the ONNX graph), fp32 elsewhere. What `auto` picks on which CPU, what the export writes,
+and each bf16 path's measured agreement with fp32 over real gRPC: its bound against the fp32 scores, its rank
+agreement, and how far a row's score may move with its batch.
 
 The rest of the suite pins `auto` to fp32 ($TEMPLAR_CPU_PRECISION, tests/conftest.py): its fidelity checks hold
 the served scores bit for bit to fp32 references on every CPU the suite runs on."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,34 +16,50 @@ import pytest
 from templar import contract
 from templar.export.repository import EntrySettings
 from templar.reward_client import RewardClient, RewardClientConfig
-from templar.serving.cpu_precision import BF16_BATCH_BOUND, BF16_TOLERANCE, ENV_OVERRIDE, bf16_in_hardware, resolve
+from templar.serving.cpu_precision import (BF16_BATCH_BOUND, BF16_TOLERANCE, ENV_OVERRIDE, bf16_in_hardware,
+                                          bf16_speedup, resolve)
 from templar.tools.stats import spearman
 from templar.tools.workload import conversation_mix
 
 from conftest import TEST_SETTINGS, export, running
 
 
-@pytest.mark.parametrize("flags, environ, setting, expected", [
-    ({"avx2", "fma"}, {}, "auto", ("fp32", "onnxruntime")),  # AVX2 only: bf16 would be emulated, slower
-    ({"avx512f", "avx512_bf16"}, {}, "auto", ("bf16", "openvino")),  # Zen 4, Cooper Lake
-    ({"amx_tile", "amx_bf16"}, {}, "auto", ("bf16", "openvino")),  # Sapphire Rapids and later
-    ({"amx_bf16"}, {ENV_OVERRIDE: "fp32"}, "auto", ("fp32", "onnxruntime")),  # the machine's override of auto
-    ({"avx2"}, {ENV_OVERRIDE: "bf16"}, "auto", ("bf16", "openvino")),
-    ({"amx_bf16"}, {}, "fp32", ("fp32", "onnxruntime")),  # an export's explicit choice wins on any CPU
-    ({"amx_bf16"}, {ENV_OVERRIDE: "bf16"}, "fp32", ("fp32", "onnxruntime")),  # ... over the override too
-    ({"avx2"}, {}, "bf16", ("bf16", "openvino")),
+SLOWER, FASTER = (lambda: 0.6), (lambda: 2.0)  # bf16_speedup() on an AVX-512 BF16 Xeon without AMX / on Zen 4
+
+
+@pytest.mark.parametrize("flags, environ, setting, runtime, measure, expected", [
+    ({"avx2", "fma"}, {}, "auto", "torch", FASTER, ("fp32", "torch")),  # AVX2 only: never asked, never bf16
+    ({"avx512f", "avx512_bf16"}, {}, "auto", "torch", FASTER, ("bf16", "torch")),  # Zen 4: bf16 measured faster
+    ({"avx512f", "avx512_bf16"}, {}, "auto", "torch", SLOWER, ("fp32", "torch")),  # Xeon without AMX: slower
+    ({"amx_tile", "amx_bf16"}, {}, "auto", "onnxruntime", FASTER, ("bf16", "openvino")),  # the ONNX graph's bf16
+    ({"amx_bf16"}, {}, "auto", "onnxruntime", SLOWER, ("fp32", "onnxruntime")),
+    ({"amx_bf16"}, {ENV_OVERRIDE: "fp32"}, "auto", "torch", FASTER, ("fp32", "torch")),  # the machine's override
+    ({"avx2"}, {ENV_OVERRIDE: "bf16"}, "auto", "torch", SLOWER, ("bf16", "torch")),
+    ({"amx_bf16"}, {}, "fp32", "torch", FASTER, ("fp32", "torch")),  # an export's explicit choice wins on any CPU
+    ({"amx_bf16"}, {ENV_OVERRIDE: "bf16"}, "fp32", "onnxruntime", FASTER, ("fp32", "onnxruntime")),  # ... over it
+    ({"avx2"}, {}, "bf16", "onnxruntime", SLOWER, ("bf16", "openvino")),
+    ({"avx512_bf16"}, {}, "fp32", "openvino", FASTER, ("fp32", "openvino")),  # cpu_runtime openvino: its fp32
 ])
-def test_auto_is_bf16_where_the_cpu_computes_it(flags, environ, setting, expected):
-    choice = resolve(setting, flags=flags, environ=environ)
+def test_auto_is_bf16_where_it_is_measured_faster(flags, environ, setting, runtime, measure, expected):
+    choice = resolve(setting, runtime=runtime, flags=flags, environ=environ, measure=measure)
     assert (choice.precision, choice.runtime) == expected
     assert choice.reason  # the line the scoring model logs
     if setting == "auto" and not environ:
         assert (bf16_in_hardware(flags) or "no bf16") in choice.reason
+        if bf16_in_hardware(flags):
+            assert f"x{measure():.2f}" in choice.reason  # the measured figure is in the log line
+
+
+def test_the_bf16_measurement_compares_fp32_with_bf16_products():
+    speedup = bf16_speedup(hidden=64, rows=64, repeats=2)
+    assert np.isfinite(speedup) and speedup > 0
 
 
 def test_a_wrong_precision_is_refused_with_its_name():
     with pytest.raises(ValueError, match="cpu_precision must be one of auto, fp32, bf16, got 'fp16'"):
         resolve("fp16", flags=set(), environ={})
+    with pytest.raises(ValueError, match="cpu_runtime must be one of torch, onnxruntime, openvino, got 'tvm'"):
+        resolve("auto", runtime="tvm", flags=set(), environ={})
     with pytest.raises(ValueError, match=rf"\${ENV_OVERRIDE} must be fp32 or bf16, got 'half'"):
         resolve("auto", flags=set(), environ={ENV_OVERRIDE: "half"})
     settings = EntrySettings(cpu_precision="bf16")
@@ -51,9 +70,12 @@ def test_a_wrong_precision_is_refused_with_its_name():
 
 @pytest.fixture(scope="module")
 def precision_repo(tiny_rms, tmp_path_factory):
-    """One tiny RM exported twice: --precision bf16 and --precision fp32."""
+    """One tiny RM exported three times: --precision bf16 and fp32 (the packed torch scorer), and bf16 with
+    cpu_runtime openvino (the ONNX graph in OpenVINO)."""
     repo = tmp_path_factory.mktemp("precision") / "model_repository"
     reports = {p: export(tiny_rms["qwen2_5"], f"rm_{p}", repo, precision=p) for p in ("bf16", "fp32")}
+    reports["ov"] = export(tiny_rms["qwen2_5"], "rm_ov", repo, precision="bf16",
+                           settings=dataclasses.replace(TEST_SETTINGS, cpu_runtime="openvino"))
     return repo, reports
 
 
@@ -68,9 +90,13 @@ def test_export_records_the_cpu_precision_and_checks_bf16(precision_repo, tiny_r
     repo, reports = precision_repo
     assert scorer_parameter(repo, "rm_bf16", "cpu_precision") == "bf16"
     assert scorer_parameter(repo, "rm_fp32", "cpu_precision") == "fp32"
-    # the bf16 export checked the bf16 scorer against the model's own forward, beside the fp32 graph's check
-    assert 0 < float(reports["bf16"].parameters["bf16_max_abs_diff"]) <= BF16_TOLERANCE
+    assert scorer_parameter(repo, "rm_bf16", "cpu_runtime") == "torch"
+    assert scorer_parameter(repo, "rm_ov", "cpu_runtime") == "openvino"
+    # each bf16 export checked its bf16 scorer against the model's own forward, beside the fp32 checks
+    for name in ("bf16", "ov"):
+        assert 0 < float(reports[name].parameters["bf16_max_abs_diff"]) <= BF16_TOLERANCE
     assert "bf16_max_abs_diff" not in reports["fp32"].parameters
+    assert float(reports["fp32"].parameters["packed_max_abs_diff"]) <= 1e-5  # the packed fp32 scorer's own check
     default = export(tiny_rms["qwen2_5"], "rm_auto", tmp_path / "repo")
     assert default.parameters[contract.PARAM_PRECISION] == "auto"
     assert scorer_parameter(tmp_path / "repo", "rm_auto", "cpu_precision") == "auto"
@@ -82,27 +108,29 @@ def test_bf16_scores_over_grpc_agree_with_fp32_within_their_bound(precision_repo
     BF16_BATCH_BOUND (alone vs in one request of 256 vs beside other rows in shuffled requests)."""
     repo, _ = precision_repo
     rows = [row["messages"] for row in conversation_mix(256, seed=3)]
+    scores, alone, shuffled = {}, {}, {}
     with running(repo) as server:
-        scores = {}
-        for precision in ("fp32", "bf16"):
-            config = RewardClientConfig(model=f"rm_{precision}", endpoints=[server.grpc_url], rows_per_request=256)
+        for name in ("fp32", "bf16", "ov"):
+            config = RewardClientConfig(model=f"rm_{name}", endpoints=[server.grpc_url], rows_per_request=256)
             with RewardClient(config) as client:
                 result = client.score(rows)
                 assert result.status == ["ok"] * len(rows)
-                scores[precision] = result.scores.astype(np.float64)
-                if precision == "bf16":
-                    alone = np.array([client.score([row]).scores[0] for row in rows[:24]], dtype=np.float64)
-                    shuffled = client.score(rows[24:48] + rows[:24]).scores[24:].astype(np.float64)
+                scores[name] = result.scores.astype(np.float64)
+                if name != "fp32":
+                    alone[name] = np.array([client.score([row]).scores[0] for row in rows[:24]], dtype=np.float64)
+                    shuffled[name] = client.score(rows[24:48] + rows[:24]).scores[24:].astype(np.float64)
         log = server.log_path.read_text(errors="replace")
-    assert "rm_bf16_model: scoring in bf16 on openvino" in log
-    assert "rm_fp32_model: scoring in fp32 on onnxruntime" in log
-    error = np.abs(scores["bf16"] - scores["fp32"]) / np.maximum(1.0, np.abs(scores["fp32"]))
-    print(f"bf16 vs fp32 over {len(rows)} conversations: max {error.max():.2e}, mean {error.mean():.2e}, Spearman "
-          f"{spearman(scores['bf16'], scores['fp32']):.4f}")
-    assert error.max() <= BF16_TOLERANCE
-    assert spearman(scores["bf16"], scores["fp32"]) >= 0.99
-    for other in (scores["bf16"][:24], shuffled):
-        assert np.abs(alone - other).max() <= BF16_BATCH_BOUND
+    assert "rm_bf16_model: scoring in bf16 on torch" in log
+    assert "rm_fp32_model: scoring in fp32 on torch" in log
+    assert "rm_ov_model: scoring in bf16 on openvino" in log
+    for name in ("bf16", "ov"):
+        error = np.abs(scores[name] - scores["fp32"]) / np.maximum(1.0, np.abs(scores["fp32"]))
+        print(f"{name} vs fp32 over {len(rows)} conversations: max {error.max():.2e}, mean {error.mean():.2e}, "
+              f"Spearman {spearman(scores[name], scores['fp32']):.4f}")
+        assert error.max() <= BF16_TOLERANCE
+        assert spearman(scores[name], scores["fp32"]) >= 0.99
+        for other in (scores[name][:24], shuffled[name]):
+            assert np.abs(alone[name] - other).max() <= BF16_BATCH_BOUND
 
 
 def test_the_suite_pins_auto_to_fp32():

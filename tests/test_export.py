@@ -24,6 +24,7 @@ from templar.export.repository import read_parameters
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations, without_system
 from templar.padding import right_pad
+from templar.serving.packed_scorer import PackedScorer
 from templar.serving.onnx_runtime import create_session, run_scores
 from templar.tiny_models import TinySize, build_tiny_model
 
@@ -52,13 +53,18 @@ def test_every_family_exports_with_parity_and_valid_configs(served_repo, referen
     reference = references[family]
     rows = [reference.ids(m) for m in sample_conversations(long_words=300).values()]
     served = exported_scores(repo / contract.scoring_model_name(name) / "1" / "model.onnx", rows)
-    np.testing.assert_allclose(served, [reference.score_ids(r) for r in rows], atol=1e-4, rtol=0)
+    own = [reference.score_ids(r) for r in rows]
+    np.testing.assert_allclose(served, own, atol=1e-4, rtol=0)
+    # the CPU's packed scorer, loaded from the served folder (N/hf) as Triton loads it: the same scores
+    packed = PackedScorer(repo / contract.scoring_model_name(name) / "1" / "hf",
+                          pad_id=int(served_repo.reports[name].parameters[contract.PARAM_SCORE_PAD_ID] or -1))
+    np.testing.assert_allclose(packed(*right_pad(rows)).reshape(-1), own, atol=1e-4, rtol=0)
     assert served_repo.reports[name].samples >= 5
     assert (repo / contract.scoring_model_name(name) / "1" / "model.onnx").stat().st_size > 0
     tokenizer = repo / contract.preprocess_model_name(name) / "1" / "tokenizer"
     assert (tokenizer / "chat_template.jinja").is_file() and (tokenizer / "tokenizer.json").is_file()
     configs = list(_configs(repo, name))
-    assert len(configs) == 4  # entry, preprocess, scorer (GPU) and scorer (embedded)
+    assert len(configs) == 5  # entry (GPU and embedded), preprocess, scorer (GPU and embedded)
     for path in configs:
         parsed = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
         assert parsed.max_batch_size > 0
@@ -187,8 +193,10 @@ def test_cli_shows_progress_and_fails_clearly(tiny_rms, tmp_path):
     ok = run("--model", str(tiny_rms["mistral_nemo"]), "--name", "rm_cli", "--repo", str(tmp_path / "repo"),
              "--max-length", "256")
     assert ok.returncode == 0, ok.stderr
-    assert "[1/7] loading tokenizer" in ok.stderr and "[6/7] writing Triton entries" in ok.stderr
-    assert "[7/7] checking ONNX Runtime against the model's own forward on the served files" in ok.stderr
+    assert "[1/8] loading tokenizer" in ok.stderr and "[7/8] writing Triton entries" in ok.stderr
+    assert "[6/8] checking the packed CPU scorer against the model's own forward" in ok.stderr
+    assert "CPU runtime torch: the packed scorer serves it" in ok.stderr
+    assert "[8/8] checking ONNX Runtime against the model's own forward on the served files" in ok.stderr
     assert "max |onnxruntime - the model's own forward|" in ok.stderr
     assert "score position: last-non-pad" in ok.stderr and "ends a conversation with that token" in ok.stderr
     bad = run("--model", str(tmp_path / "nowhere"), "--name", "rm_cli")

@@ -6,15 +6,17 @@ The reference is never Templar's code: for a `*ForSequenceClassification` it is 
 snippet); for an OpenRLHF value-head RM, OpenRLHF's reading (the value head at the last attention-mask position,
 normalised by the mean/std in config.json).
 
-The matrix (template quirk x architecture) runs the served code path in process: the RM's template and guards
-(`ChatFormat`, `preprocess_rows`), length-sorted micro-batches (`score_in_micro_batches`) and ONNX Runtime
-(`create_session`, `run_scores`) on the graph the export traces (`choose_score_position`, `trace_to_onnx`), which is
-what the three Triton models run. That this in-process path IS the served path, bit for bit, is checked over real
-gRPC on the repository of every fetched family (`test_the_in_process_path_is_the_served_path`).
+The matrix (template quirk x architecture) runs both CPU scoring paths in process: the RM's template and guards
+(`ChatFormat`, `preprocess_rows`), then length-sorted micro-batches (`score_in_micro_batches`) on ONNX Runtime
+(`create_session`, `run_scores`) with the graph the export traces (`choose_score_position`, `trace_to_onnx`), and
+packed micro-batches on the packed torch scorer (`PackedScorer`, the default CPU runtime), which is what the three
+Triton models run. That this in-process path IS the served path, bit for bit, is checked over real gRPC on the
+repository of every fetched family (`test_the_in_process_path_is_the_served_path`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -38,6 +40,7 @@ from templar.padding import right_pad
 from templar.serving.batching import preprocess_rows, score_in_micro_batches
 from templar.serving.settings import load_chat_format, padding_id, version_parameters
 from templar.serving.onnx_runtime import create_session, run_scores
+from templar.serving.packed_scorer import PackedScorer, create_packed_scorer
 from templar.serving.settings import EntrySettings
 from templar.tiny_models import TinySize, build_tiny_model
 
@@ -158,6 +161,7 @@ class Graph:
     folder: Path
     session: object
     pad_id: int | None  # where the graph reads: the last token that is not this id
+    packed: PackedScorer  # the same folder in the packed torch scorer (uncompiled, as the tests serve it)
 
 
 @pytest.fixture(scope="module")
@@ -178,21 +182,46 @@ def graphs(assets, tmp_path_factory):
         loaded.scorer.pad_id = position.pad_id
         ids, mask = right_pad(rows[:2], padding_id(tok))
         trace_to_onnx(loaded.scorer, torch.from_numpy(ids), torch.from_numpy(mask), folder / "model.onnx")
-        return Graph(folder, create_session(folder / "model.onnx", intra_op_threads=1), position.pad_id)
+        return Graph(folder, create_session(folder / "model.onnx", intra_op_threads=1), position.pad_id,
+                     PackedScorer(folder, pad_id=position.pad_id))
 
     return build
 
 
-def served_path(chat_format: ChatFormat, session, rows: list[bytes], pad_id: int,
+def served_path(chat_format: ChatFormat, scorer, rows: list[bytes], pad_id: int,
                 settings: EntrySettings = EntrySettings()) -> np.ndarray:
     """The scores the entry model computes for one dynamic batch of rows: preprocessing with the RM's template, then
-    length-sorted micro-batches on the ONNX graph (templar.serving.reward_entry's code, without Triton around it)."""
+    micro-batches on the scoring model (templar.serving.reward_entry's code, without Triton around it): length-sorted
+    on an ONNX Runtime session, packed (shared prefixes once) on a PackedScorer."""
     batch = preprocess_rows(chat_format, rows, pad_id=pad_id)
     assert batch.status == ["ok"] * len(rows), batch.status
-    scored = score_in_micro_batches(batch, lambda ids, mask: run_scores(session, ids, mask),
-                                    max_rows=settings.micro_batch_rows, max_tokens=settings.micro_batch_tokens,
-                                    max_padding=settings.micro_batch_max_padding)
+    packed = isinstance(scorer, PackedScorer)
+    score = scorer if packed else (lambda ids, mask: run_scores(scorer, ids, mask))
+    scored = score_in_micro_batches(batch, score, max_rows=settings.micro_batch_rows,
+                                    max_tokens=settings.packed_tokens if packed else settings.micro_batch_tokens,
+                                    max_padding=settings.micro_batch_max_padding,
+                                    packing="prefix" if packed else "padded", share_prefixes=settings.prefix_sharing)
     return scored.scores.astype(np.float64)
+
+
+@contextlib.contextmanager
+def served_scorer(repo: Path, name: str):
+    """The CPU scoring model of a served RM, loaded in this process from its served files as Triton loads it: the
+    packed torch scorer (its embedded config's settings) or an ONNX Runtime session. Its torch threads are this
+    process's only while it is in use."""
+    from templar.export.repository import read_parameters
+
+    folder = repo / contract.scoring_model_name(name)
+    params = read_parameters(folder / "configs" / f"{contract.EMBEDDED_CONFIG_NAME}.pbtxt")
+    settings = EntrySettings.from_parameters(params, "scorer")
+    threads = torch.get_num_threads()
+    try:
+        if settings.cpu_runtime == "torch":
+            yield create_packed_scorer(folder / "1", params, settings)
+        else:
+            yield create_session(folder / "1" / "model.onnx", intra_op_threads=1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def own_forward(folder: Path, arch: str, tok, template: str | None, cases: list[list[dict]]) -> np.ndarray:
@@ -236,26 +265,29 @@ def test_served_score_is_the_models_own_forward(graphs, quirk, arch):
     shows_the_quirk(tok, template, cases)  # the cell really has its quirk
     graph = graphs(spec.family, arch)
     chat = ChatFormat(tok, chat_template=template)
-    served = served_path(chat, graph.session, conversation_rows(list(cases.values())), padding_id(tok))
     reference = own_forward(graph.folder, arch, tok, template, list(cases.values()))
-    error = parity_error(served, reference)
-    assert error.max() <= FP32_BOUND, f"{quirk} x {arch}: {error.max():.2e} (served {served}, own {reference})"
-    assert np.ptp(served) > 1e-4  # different conversations, different scores: nothing constant is compared
+    for runtime, scorer in (("onnxruntime", graph.session), ("packed torch", graph.packed)):
+        served = served_path(chat, scorer, conversation_rows(list(cases.values())), padding_id(tok))
+        error = parity_error(served, reference)
+        assert error.max() <= FP32_BOUND, \
+            f"{quirk} x {arch} on {runtime}: {error.max():.2e} (served {served}, own {reference})"
+        assert np.ptp(served) > 1e-4  # different conversations, different scores: nothing constant is compared
 
 
 def test_the_in_process_path_is_the_served_path(triton, served_repo, references):
     """The matrix's in-process path, run on each served RM's own exported files (its tokenizer folder and
-    serving.json, its model.onnx), gives bit for bit what Triton serves over gRPC; and both equal the model's own
-    forward within the fp32 bound."""
+    serving.json, its scoring model's files and settings), gives bit for bit what Triton serves over gRPC; and both
+    equal the model's own forward within the fp32 bound. The RMs run the packed torch scorer; rm_qwen2_5_ort the
+    ONNX graph."""
     cases = list(conversations().values())
-    for family in FAMILIES:
+    for family in (*FAMILIES, "qwen2_5_ort"):
         name = f"rm_{family}"
         version = served_repo.path / contract.preprocess_model_name(name) / "1"
         chat, pad = load_chat_format(version / "tokenizer", version_parameters(version, {}))
-        session = create_session(served_repo.path / contract.scoring_model_name(name) / "1" / "model.onnx",
-                                 intra_op_threads=1)
         kept = [m for m in cases if preprocess_rows(chat, conversation_rows([m])).status == ["ok"]]
-        local = served_path(chat, session, conversation_rows(kept), pad)
+        with served_scorer(served_repo.path, name) as scorer:
+            local = served_path(chat, scorer, conversation_rows(kept), pad)
+        family = family.removesuffix("_ort")
         with RewardClient(RewardClientConfig(model=name, endpoints=[triton.grpc_url])) as client:
             result = client.score(kept)
         assert result.status == ["ok"] * len(kept)
@@ -265,12 +297,14 @@ def test_the_in_process_path_is_the_served_path(triton, served_repo, references)
 
 
 # -- a score does not depend on its batch ------------------------------------------------------------------------
-def test_a_score_does_not_depend_on_its_batch(triton, served_repo):
-    """48 conversations scored alone, all in one request, in shuffled requests the dynamic batcher merges, and padded
-    beside long rows in every micro-batch split: bit-identical scores, 4 x 48 of 48 (fp32, ONNX Runtime CPU)."""
+@pytest.mark.parametrize("name, bound", [("rm_qwen2_5_ort", 0.0), ("rm_qwen2_5", FP32_BOUND)])
+def test_a_score_does_not_depend_on_its_batch(triton, served_repo, name, bound):
+    """48 conversations scored alone, all in one request, in shuffled requests the dynamic batcher merges, and beside
+    long rows, and in process in every micro-batch split. ONNX Runtime (cpu_runtime onnxruntime): bit-identical
+    scores, 48 of 48 each time. The packed torch scorer (the default): within the fp32 bound, relative (its matrix
+    products round differently beside other rows and shared prefixes; the measured largest difference is printed)."""
     import concurrent.futures
 
-    name = "rm_qwen2_5"
     base = list(conversations().values())
     rows = [[*m[:-1], {"role": "assistant", "content": m[-1]["content"] + f" ({i})"}] for i in range(8)
             for m in base][:48]
@@ -287,18 +321,23 @@ def test_a_score_does_not_depend_on_its_batch(triton, served_repo):
         for idx, scores in parts:
             merged[idx] = scores
         beside_long = client.score([*long_rows[:2], *rows, *long_rows[2:]]).scores[2:-2]
-    for what, scores in (("in one request", together), ("merged", merged), ("beside long rows", beside_long)):
-        assert np.array_equal(alone, scores), f"{what}: {int((alone != scores).sum())} of 48 differ"
-    # every micro-batch split, in process on the served files: rows of one length sorted into batches of 1..48
+    # every micro-batch split, in process on the served files
     version = served_repo.path / contract.preprocess_model_name(name) / "1"
     chat, pad = load_chat_format(version / "tokenizer", version_parameters(version, {}))
-    session = create_session(served_repo.path / contract.scoring_model_name(name) / "1" / "model.onnx",
-                             intra_op_threads=1)
-    for rows_per_batch in (1, 2, 3, 7, 16, 48):
-        split = served_path(chat, session, conversation_rows(rows), pad, EntrySettings(micro_batch_rows=rows_per_batch,
-                                                                    micro_batch_tokens=1 << 20,
-                                                                    micro_batch_max_padding=0.99))
-        assert np.array_equal(alone, split.astype(np.float32)), f"micro-batches of {rows_per_batch} rows"
+    splits = [EntrySettings(micro_batch_rows=n, micro_batch_tokens=1 << 20, micro_batch_max_padding=0.99,
+                            packed_tokens=t) for n, t in ((1, 1 << 20), (2, 64), (3, 300), (7, 1 << 20),
+                                                          (16, 2048), (48, 1 << 20))]
+    with served_scorer(served_repo.path, name) as scorer:
+        split = {f"micro-batches of {s.micro_batch_rows} rows": served_path(chat, scorer, conversation_rows(rows),
+                                                                           pad, s).astype(np.float32)
+                 for s in splits}
+    worst = 0.0
+    for what, scores in {"in one request": together, "merged": merged, "beside long rows": beside_long,
+                         **split}.items():
+        error = parity_error(scores, alone)
+        worst = max(worst, float(error.max()))
+        assert error.max() <= bound, f"{what}: {int((alone != scores).sum())} of 48 differ, by up to {error.max()}"
+    print(f"{name}: largest |batched - alone| / max(1, |alone|) = {worst:.2e}")
 
 
 def test_templar_check_compares_the_served_rm_with_its_own_forward(triton, served_repo, tiny_rms, tmp_path):

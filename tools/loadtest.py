@@ -35,7 +35,7 @@ from templar.client_options import CONNECTION, ClientFlags
 from templar.conversation import conversation_rows
 from templar.errors import LoadTestError
 from templar.reward_client import RewardClientConfig
-from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS
+from templar.serving.batching import METRIC_SHARED, METRIC_SLOTS, METRIC_TOKENS
 from templar.serving.cpu_precision import cpu_flags
 from templar.tools.workload import conversation_mix, invalid_rows, read_rows
 
@@ -243,7 +243,7 @@ async def snapshot(client: wire.GrpcTransport, options: RewardClientConfig, metr
         if again == stats:
             break
         stats = again
-    return ServerSnapshot(stats, read_counters(metrics_url, (METRIC_TOKENS, METRIC_SLOTS), model))
+    return ServerSnapshot(stats, read_counters(metrics_url, (METRIC_TOKENS, METRIC_SLOTS, METRIC_SHARED), model))
 
 
 def server_figures(model: str, before: ServerSnapshot, after: ServerSnapshot, wall_s: float) -> dict[str, Any]:
@@ -267,9 +267,12 @@ def server_figures(model: str, before: ServerSnapshot, after: ServerSnapshot, wa
         figures["rows_per_entry_execution"] = entry["inferences"] / max(1, entry["executions"])
     tokens = after.counters.get(METRIC_TOKENS, 0) - before.counters.get(METRIC_TOKENS, 0)
     slots = after.counters.get(METRIC_SLOTS, 0) - before.counters.get(METRIC_SLOTS, 0)
-    if slots > 0:
-        figures["padding_waste"] = 1.0 - tokens / slots
+    shared = after.counters.get(METRIC_SHARED, 0) - before.counters.get(METRIC_SHARED, 0)
+    if slots > 0:  # the packed scorer computes each shared prefix once: those tokens were not slots at all
+        figures["padding_waste"] = 1.0 - (tokens - shared) / slots
         figures["computed_token_slots"] = int(slots)
+        figures["prefix_shared_tokens"] = int(shared)
+        figures["prefix_shared_share"] = shared / tokens if tokens else 0.0
     return figures
 
 

@@ -49,6 +49,20 @@ def conversation_mix(count: int, *, seed: int = 0, options: MixOptions | None = 
     options = options or MixOptions()
     rng = np.random.default_rng(seed)
     prompts = load_prompts()
+    text = _text_maker(rng)
+    rows = []
+    for _ in range(count):
+        messages = [dict(m) for m in prompts[int(rng.integers(len(prompts)))]]
+        if rng.random() < options.long_prompt_share:
+            messages[-1]["content"] += " Use this text: " + text(int(rng.integers(options.long_prompt_words // 3,
+                                                                                   options.long_prompt_words)))
+        messages.append({"role": "assistant", "content": text(_response_words(rng, options))})
+        rows.append({"messages": messages})
+    return rows
+
+
+def _text_maker(rng: np.random.Generator):
+    """text(words) -> that many words of the sample conversations, with sentence ends, drawn from `rng`."""
     pool = _word_pool()
 
     def text(words: int) -> str:
@@ -56,16 +70,31 @@ def conversation_mix(count: int, *, seed: int = 0, options: MixOptions | None = 
         sentence_ends = set(rng.choice(words, size=max(1, words // 14), replace=False).tolist())
         return " ".join(pool[p] + ("." if i in sentence_ends else "") for i, p in enumerate(picked))
 
+    return text
+
+
+def _response_words(rng: np.random.Generator, options: MixOptions) -> int:
+    return int(np.clip(rng.lognormal(np.log(options.median_response_words), options.sigma),
+                       options.min_response_words, options.max_response_words))
+
+
+def grpo_mix(prompts: int, *, group: int = 8, prompt_words: int = 220, seed: int = 0,
+             options: MixOptions | None = None) -> list[dict[str, Any]]:
+    """GRPO/RLOO-shaped rows: `prompts` prompts of about `prompt_words` words (a question on a pasted document; 220
+    words are ~300 tokens), each answered `group` times with responses of mixed length (the mix's log-normal), in the
+    order a trainer sends them: group after group."""
+    if prompts < 1 or group < 1:
+        raise WorkloadError(f"the GRPO mix needs at least one prompt and one answer each, got {prompts} x {group}")
+    options = options or MixOptions()
+    rng = np.random.default_rng(seed)
+    questions = load_prompts()
+    text = _text_maker(rng)
     rows = []
-    for _ in range(count):
-        messages = [dict(m) for m in prompts[int(rng.integers(len(prompts)))]]
-        if rng.random() < options.long_prompt_share:
-            messages[-1]["content"] += " Use this text: " + text(int(rng.integers(options.long_prompt_words // 3,
-                                                                                   options.long_prompt_words)))
-        words = int(np.clip(rng.lognormal(np.log(options.median_response_words), options.sigma),
-                            options.min_response_words, options.max_response_words))
-        messages.append({"role": "assistant", "content": text(words)})
-        rows.append({"messages": messages})
+    for _ in range(prompts):
+        messages = [dict(m) for m in questions[int(rng.integers(len(questions)))]]
+        messages[-1]["content"] += " Use this text: " + text(prompt_words)
+        rows += [{"messages": [*messages, {"role": "assistant", "content": text(_response_words(rng, options))}]}
+                 for _ in range(group)]
     return rows
 
 

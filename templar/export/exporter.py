@@ -33,6 +33,7 @@ from templar.chat_format import TEMPLATE_FILE, ChatFormat, MissingChatTemplateEr
 from templar.conversation import Conversation, ConversationError
 from templar.errors import ExportError
 from templar.fingerprints import TOKENIZER_FILES, fingerprint_tokenizer_dir, sha256_file
+from templar.export.packed import choose_packed_runtime, copy_model_files
 from templar.export.onnx_files import DATA_SUFFIX, gather_external_data, model_files, weights_sha256
 from templar.export.repository import (EntrySettings, RewardModelEntry, StagedModel, check_name, check_version,
                                        read_parameters)
@@ -328,12 +329,16 @@ def quantize_int8(path: Path, log: Log = lambda _: None) -> None:
     log(f"      int8 weights: {sum(f.stat().st_size for f in model_files(path)) / 1e6:.0f} MB")
 
 
+def _tolerance(opts: ExportOptions) -> float:
+    return opts.tolerance if opts.tolerance is not None else TOLERANCES[opts.precision]
+
+
 def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: Reference, rows: list[list[int]], pad_id: int,
                 log: Log) -> float:
     """Largest relative difference between ONNX Runtime and the reference over the sample rows in one right-padded
     batch (padded with the pad id, so padding must not move where a score is read), on the files where they are
     served; refuses a graph past the tolerance."""
-    tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCES[opts.precision]
+    tolerance = _tolerance(opts)
     ids, mask = right_pad(rows, pad_id)
     session = create_session(onnx_path, prepacking=False)  # no packed copy of the weights: one copy in memory
     if reference.objectives is None:
@@ -357,7 +362,7 @@ def _check_bf16(onnx_path: Path, settings: EntrySettings, reference: Reference, 
                 parameters: dict[str, str], log: Log) -> None:
     """Where this machine's CPU scorer will run bf16 (cpu_precision bf16, or auto on a CPU with bf16 in hardware):
     the same check on the bf16 scorer, against its own, looser tolerance, recorded as `bf16_max_abs_diff`."""
-    choice = resolve_cpu_precision(settings.cpu_precision)
+    choice = resolve_cpu_precision(settings.cpu_precision, runtime=settings.cpu_runtime)
     if choice.precision != "bf16":
         return
     ids, mask = right_pad(rows, pad_id)
@@ -399,6 +404,18 @@ def _score_position(opts: ExportOptions, loaded: LoadedRewardModel, served: Chat
             log(f"      note: {loaded.kind}'s own forward reads elsewhere on {moved} of {len(rows)} sample "
                 "conversations; the served scores follow --score-position, not the model's own forward")
     return position
+
+
+def _packed_scorer(opts: ExportOptions, cpu_precision: str, position: ScorePosition, reference: Reference,
+                   rows: list[list[int]], pad_id: int, staged: StagedModel, step: Progress, log: Log):
+    """Does the packed CPU scorer serve this RM (checked against the reference)? Its files are staged if so."""
+    step(f"checking the packed CPU scorer against {reference.name} (templar.serving.packed_scorer)")
+    packed = choose_packed_runtime(opts, cpu_precision=cpu_precision, read_pad_id=position.pad_id,
+                                   reference=reference, rows=rows, pad_id=pad_id, tolerance=_tolerance(opts), log=log)
+    log(f"      CPU runtime {packed.runtime}: {packed.reason}")
+    if packed.runtime == "torch":
+        copy_model_files(Path(opts.model), staged.torch_model_dir, opts.allow_pickle)
+    return packed
 
 
 def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[list[int]], reference: Reference,
@@ -469,7 +486,7 @@ def _export_outcome_rm(opts: ExportOptions, log: Log) -> ExportReport:
     started = time.perf_counter()
     check_options(opts)
     tensorrt = opts.format == "tensorrt"
-    step = Progress(7 + (opts.precision == "int8") + 2 * tensorrt, log)
+    step = Progress(8 + (opts.precision == "int8") + 2 * tensorrt, log)
     step(f"loading tokenizer and chat template from {opts.tokenizer or opts.model}")
     chat_format = _load_chat_format(opts)
     loaded, max_length = _load_checked(opts, chat_format, step)
@@ -498,27 +515,36 @@ def _export_outcome_rm(opts: ExportOptions, log: Log) -> ExportReport:
         if opts.precision == "int8":
             step("quantizing to int8 (ONNX Runtime dynamic quantization)")
             quantize_int8(staged.onnx_path, log)
-        parameters = {**export_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count, position),
-                      **objective_parameters(loaded), **engine,
-                      contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
         cpu = CPU_PRECISION[opts.precision] if loaded.weights is None else "fp32"  # multi-objective: fp32 for now
+        packed = _packed_scorer(opts, cpu, position, reference, rows, pad_id, staged, step, log)
+        parameters = {**export_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count, position),
+                      **objective_parameters(loaded), **engine, **packed.parameters,
+                      contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
         settings = dataclasses.replace(opts.settings, gpu_fp16=opts.settings.gpu_fp16 or opts.precision == "fp16",
-                                       cpu_precision=cpu)
+                                       cpu_precision=cpu, cpu_runtime=packed.runtime)
         entry = RewardModelEntry(opts.name, staged.onnx_path, staged.tokenizer_dir, parameters, settings,
                                  tensorrt_plan=Path(tmp) / "model.plan" if tensorrt else None,
-                                 tensorrt_max_rows=opts.settings.micro_batch_rows if tensorrt else None)
+                                 tensorrt_max_rows=opts.settings.micro_batch_rows if tensorrt else None,
+                                 packed_model_dir=staged.torch_model_dir if packed.runtime == "torch" else None,
+                                 packed_load=packed.load)
         step(f"writing Triton entries for {opts.name!r} into {opts.repo}")
         staged.write(entry)
         folders = staged.commit(lambda m: log("      " + m))
         step(f"checking ONNX Runtime against {reference.name} on the served files{estimate(opts, 'checking')}")
         max_diff = _check_onnx(opts, staged.final(staged.onnx_path), reference, rows, pad_id, log)
-        _check_bf16(staged.final(staged.onnx_path), settings, reference, rows, pad_id, entry.parameters, log)
+        if packed.runtime != "torch":
+            _check_bf16(staged.final(staged.onnx_path), settings, reference, rows, pad_id, entry.parameters, log)
         staged.finish_checked(entry, max_diff)
         step.finish()
     report = ExportReport(opts.name, folders, max_diff, len(rows), entry.parameters, time.perf_counter() - started)
+    _log_exported(opts, report, log)
+    return report
+
+
+def _log_exported(opts: ExportOptions, report: ExportReport, log: Log) -> None:
     version = f" version {opts.version}" if opts.version else ""
+    parameters = report.parameters
     log(f"exported {opts.name!r}{version} in {report.seconds:.1f}s: chat_template sha256 "
         f"{parameters[contract.PARAM_TEMPLATE_SHA256][:16]}…, tokenizer sha256 "
         f"{parameters[contract.PARAM_TOKENIZER_SHA256][:16]}…, weights sha256 "
         f"{parameters[contract.PARAM_WEIGHTS_SHA256][:16]}…")
-    return report

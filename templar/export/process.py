@@ -148,7 +148,7 @@ def export_process_reward_model(opts, log=print):
                       contract.PARAM_RM_KIND: "process", contract.PARAM_STEP_FORMAT: fmt.to_json(),
                       contract.PARAM_STEP_TAG_ID: str(reader.tag_id),
                       contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
-        settings = dataclasses.replace(opts.settings, cpu_precision="fp32")
+        settings = dataclasses.replace(opts.settings, cpu_precision="fp32", cpu_runtime="onnxruntime")
         entry = RewardModelEntry(opts.name, staged.onnx_path, staged.tokenizer_dir, parameters, settings)
         step(f"writing Triton entries for {opts.name!r} and checking ONNX Runtime on the served files")
         staged.write(entry)

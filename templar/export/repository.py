@@ -7,6 +7,9 @@
                                                                      configs/embedded.pbtxt (Python + ONNX Runtime,
                                                                      the CPU embedded server), N/model.onnx
                                                                      [+ N/model.onnx.data], N/model.py
+                            and, for the packed CPU scorer           configs/embedded.pbtxt (Python + torch), N/hf/*
+                            (templar.serving.packed_scorer, the      (the RM's folder), N/model.py; the entry's
+                            default CPU runtime)                     configs/embedded.pbtxt: scorer_packing prefix
                             or an RM's own forward in torch          config.pbtxt (Python, KIND_GPU), configs/
                             (templar.export.own_forward)             embedded.pbtxt (Python, CPU), N/hf/*, N/model.py
 
@@ -52,6 +55,10 @@ class RewardModelEntry:
     tensorrt_plan: Path | None = None  # a TensorRT engine (int32 ids) for the GPU container, beside the ONNX graph
     tensorrt_max_rows: int | None = None  # the engine profile's largest batch
     torch_model_dir: Path | None = None  # the model folder its own forward runs from (templar.serving.torch_scorer)
+    # the RM's folder the packed CPU scorer loads (templar.serving.packed_scorer), beside the ONNX graph the GPU
+    # container serves; with its load options (packed_scorer.LoadOptions as JSON)
+    packed_model_dir: Path | None = None
+    packed_load: str = ""
 
     @property
     def kind(self) -> str:
@@ -124,9 +131,11 @@ def scorer_signature(entry: RewardModelEntry) -> contract.Signature:
     return contract.scorer_signature("TYPE_INT32" if entry.tensorrt_plan else "TYPE_INT64", entry.kind)
 
 
-def entry_config(entry: RewardModelEntry) -> str:
+def entry_config(entry: RewardModelEntry, embedded: bool = False) -> str:
+    """The entry's config; `embedded`: the embedded CPU server's, which says when its scorer takes packed rows."""
     s = entry.settings
     ids_type = scorer_signature(entry).inputs[0].dtype.numpy
+    packing = "prefix" if embedded and entry.packed_model_dir is not None else "padded"
     return (
         _header(entry.name, contract.entry_signature(entry.kind), s.max_batch_size, 'backend: "python"')
         + _instances("KIND_CPU", s.entry_instances) + _dynamic_batching(s.queue_delay_us, s.max_queue_size)
@@ -134,6 +143,7 @@ def entry_config(entry: RewardModelEntry) -> str:
             **entry.parameters,
             **s.to_parameters("entry"),
             contract.PARAM_SCORING_IDS_DTYPE: np.dtype(ids_type).name,  # what `<rm>_model` takes (its config too)
+            contract.PARAM_SCORER_PACKING: packing,
         })
     )
 
@@ -178,13 +188,19 @@ def scorer_config_torch(entry: RewardModelEntry, instance_kind: str) -> str:
 
 
 def scorer_config_embedded(entry: RewardModelEntry) -> str:
-    """For the embedded CPU server (Python backend only): ONNX Runtime inside a Python model. Beside a TensorRT
-    engine it takes the engine's int32 ids too (the entry model sends one dtype; ONNX Runtime casts them back)."""
+    """For the embedded CPU server (Python backend only): the packed scorer (torch) or ONNX Runtime inside a Python
+    model. Beside a TensorRT engine it takes the engine's int32 ids too (the entry model sends one dtype; the CPU
+    scorer casts them back). The packed scorer also reads where scores are read and how to load the RM's folder."""
     s = entry.settings
+    packed = {}
+    if entry.packed_model_dir is not None:
+        packed = {key: entry.parameters[key] for key in (contract.PARAM_SCORE_POSITION, contract.PARAM_SCORE_PAD_ID)
+                  if key in entry.parameters}
+        packed[contract.PARAM_PACKED_LOAD] = entry.packed_load
     return (_header(contract.scoring_model_name(entry.name), scorer_signature(entry), s.micro_batch_rows,
                     'backend: "python"')
             + _instances("KIND_CPU", s.scorer_instances)
-            + _params(s.to_parameters("scorer")))
+            + _params({**s.to_parameters("scorer"), **packed}))
 
 
 def read_parameters(config_path: str | os.PathLike) -> dict[str, str]:
@@ -292,11 +308,12 @@ class StagedModel:
         if entry.tensorrt_plan:
             shutil.copyfile(entry.tensorrt_plan, scorer / "model.plan")
         main.mkdir(parents=True, exist_ok=True)
-        if entry.torch_model_dir is not None and Path(entry.torch_model_dir).resolve() != \
-                self.torch_model_dir.resolve():
-            shutil.copytree(entry.torch_model_dir, self.torch_model_dir)
+        for folder in (entry.torch_model_dir, entry.packed_model_dir):
+            if folder is not None and Path(folder).resolve() != self.torch_model_dir.resolve():
+                shutil.copytree(folder, self.torch_model_dir)
         scorer.mkdir(parents=True, exist_ok=True)
-        scoring = "torch_scorer" if entry.torch_model_dir is not None else "onnx_scorer"
+        scoring = "torch_scorer" if entry.torch_model_dir is not None else \
+            "packed_scorer" if entry.packed_model_dir is not None else "onnx_scorer"
         for folder, module in ((pre, "preprocess"), (scorer, scoring), (main, "reward_entry")):
             write_model_py(folder / "model.py", f"templar.serving.{module}", self.final(folder / "model.py"))
         self.write_configs(entry, self.staging)
@@ -308,9 +325,11 @@ class StagedModel:
         embedded = scorer_config_embedded(entry)
         if entry.torch_model_dir is not None:  # its own forward, in torch, wherever it is served
             gpu_config, embedded = scorer_config_torch(entry, "KIND_GPU"), scorer_config_torch(entry, "KIND_CPU")
+        (main / "configs").mkdir(parents=True, exist_ok=True)
         for path, text in ((pre / "config.pbtxt", preprocess_config(entry)), (scorer / "config.pbtxt", gpu_config),
                            (scorer / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt", embedded),
-                           (main / "config.pbtxt", entry_config(entry))):
+                           (main / "config.pbtxt", entry_config(entry)),
+                           (main / "configs" / f"{EMBEDDED_CONFIG_NAME}.pbtxt", entry_config(entry, embedded=True))):
             write_if_changed(path, text)
 
     def finish_checked(self, entry: RewardModelEntry, max_diff: float) -> None:

@@ -93,12 +93,21 @@ class RewardScorer(nn.Module):
         self.register_buffer("mean", torch.tensor([mean or 0.0]), persistent=False)
         self.register_buffer("std", torch.tensor([std or 1.0]), persistent=False)
 
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return next(self.head.parameters()).dtype
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         last = score_indices(input_ids, attention_mask, self.pad_id)
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-        score = self.head(hidden.gather(1, index).squeeze(1)).float()
+        return self.read(hidden.gather(1, index).squeeze(1))
+
+    def read(self, hidden: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[B, hidden] the backbone's last hidden state at each row's score position -> [B, 1] scores (a
+        multi-objective RM: the pair (SCORE, [B, K] objectives)); the packed scorer reads through this too."""
+        score = self.head(hidden.to(self.head_dtype)).float()
         if self.combine:
             return (score @ self.weights).unsqueeze(-1), score
         if self.normalize:

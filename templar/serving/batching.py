@@ -3,7 +3,9 @@ version loads are in templar.serving.settings, padding in templar.padding).
 
 `preprocess_rows`: wire rows -> right-padded token ids plus per-row status (a bad row never fails its neighbours).
 `plan_micro_batches`: group rows of similar length so the scoring model sees little padding.
-`score_in_micro_batches`: score the good rows of a batch micro-batch by micro-batch (the entry model, the benchmark).
+`score_in_micro_batches`: score the good rows of a batch micro-batch by micro-batch (the entry model, the benchmark);
+for the packed CPU scorer, micro-batches of rows in token order by tokens computed
+(templar.serving.prefix_packing).
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ from templar import contract
 from templar.chat_format import ChatFormat
 from templar.conversation import DEFAULT_LIMITS, ConversationError, RowLimits, parse_conversation
 from templar.padding import right_pad
+from templar.serving.prefix_packing import computed_tokens, plan_packed_micro_batches
 from templar.steps import StepReader
 from templar.steps import aggregate as aggregate_steps
 
 # Counters the entry model exports on Triton's metrics endpoint (per model): padding waste = 1 - tokens / slots.
 METRIC_TOKENS = "templar_scored_tokens_total"  # real tokens scored
 METRIC_SLOTS = "templar_computed_token_slots_total"  # rows * longest row, summed over micro-batches
+# the packed scorer: tokens of the rows it did not compute because a row beside them had laid out the same prefix;
+# its slots are the tokens it computed, so padding waste = 1 - (tokens - shared) / slots
+METRIC_SHARED = "templar_prefix_shared_tokens_total"
+PACKINGS = ("padded", "prefix")  # how the scoring model takes a micro-batch (contract.PARAM_SCORER_PACKING)
 
 
 @dataclass
@@ -139,27 +146,41 @@ class ScoredBatch:
     step_scores: list[np.ndarray] | None  # a process RM's: per row its steps' scores (empty where not scored)
     objectives: np.ndarray | None  # a multi-objective RM's: [N, K] one value per objective, NaN where not scored
     tokens: int  # real tokens scored
-    slots: int  # token slots computed: rows * longest row, summed over micro-batches
+    slots: int  # token slots computed: rows * longest row (packed: the tokens computed), summed over micro-batches
     calls: int  # micro-batches scored
+    shared: int = 0  # packed: tokens not computed, their prefix computed once for the rows that share it
+
+
+def _plan(batch: PreprocessedBatch, good: np.ndarray, packing: str, share: bool, **limits) -> list[np.ndarray]:
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
+    if packing == "prefix":
+        rows = [batch.input_ids[i, : batch.num_tokens[i]] for i in good]
+        return [good[part] for part in plan_packed_micro_batches(rows, max_rows=limits["max_rows"],
+                                                                 max_tokens=limits["max_tokens"], share=share)]
+    return [good[part] for part in plan_micro_batches(batch.num_tokens[good], **limits)]
 
 
 def score_in_micro_batches(batch: PreprocessedBatch, score: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
                            max_rows: int, max_tokens: int, max_padding: float | None = None,
-                           aggregate: str = "min") -> ScoredBatch:
+                           aggregate: str = "min", packing: str = "padded", share_prefixes: bool = True
+                           ) -> ScoredBatch:
     """Score the rows whose status is ok with `score(ids, mask) -> [B] or [B, 1]`, in length-sorted micro-batches
-    cut to their longest row. A micro-batch whose `score` raises is scored again row by row, and a row that still
-    raises gets the error as its status (in place in `batch.status`): one row a model's own code refuses never costs
-    its neighbours. For a process RM's batch, `score` answers [B, L] (the step score at every position): each row's
-    steps are read at its tags, its score is their `aggregate`. A multi-objective RM's `score` answers a pair:
-    ([B] scores, [B, K] objectives)."""
+    cut to their longest row (`packing="prefix"`, the packed scorer's: rows in token order, up to `max_tokens`
+    computed with each shared prefix once). A micro-batch whose `score` raises is scored again row by row, and a row
+    that still raises gets the error as its status (in place in `batch.status`): one row a model's own code refuses
+    never costs its neighbours. For a process RM's batch, `score` answers [B, L] (the step score at every position):
+    each row's steps are read at its tags, its score is their `aggregate`. A multi-objective RM's `score` answers a
+    pair: ([B] scores, [B, K] objectives)."""
     scores = np.full(len(batch.status), np.nan, dtype=np.float32)
     process = batch.step_positions is not None
     step_scores = [np.zeros(0, np.float32) for _ in batch.status] if process else None
     objectives = None
     good = np.flatnonzero([contract.is_ok(s) for s in batch.status])
-    tokens = slots = calls = 0
-    parts = [good[part] for part in plan_micro_batches(batch.num_tokens[good], max_rows=max_rows,
-                                                       max_tokens=max_tokens, max_padding=max_padding)]
+    tokens = slots = calls = shared = 0
+    limits = {"max_rows": max_rows, "max_tokens": max_tokens}
+    parts = _plan(batch, good, packing, share_prefixes, **limits, **({} if packing == "prefix" else
+                                                                     {"max_padding": max_padding}))
     while parts:
         index = parts.pop(0)
         width = int(batch.num_tokens[index].max())
@@ -185,7 +206,10 @@ def score_in_micro_batches(batch: PreprocessedBatch, score: Callable[[np.ndarray
                 scores[i] = aggregate_steps(step_scores[i], aggregate)
         else:
             scores[index] = np.asarray(result, dtype=np.float32).reshape(-1)
-        tokens += int(batch.num_tokens[index].sum())
-        slots += width * len(index)
-        calls += 1
-    return ScoredBatch(scores, step_scores, objectives, tokens, slots, calls)
+        real = int(batch.num_tokens[index].sum())
+        computed = computed_tokens([batch.input_ids[i, : batch.num_tokens[i]] for i in index],
+                                   share=share_prefixes) if packing == "prefix" else width * len(index)
+        tokens, calls = tokens + real, calls + 1
+        slots += computed
+        shared += max(0, real - computed) if packing == "prefix" else 0
+    return ScoredBatch(scores, step_scores, objectives, tokens, slots, calls, shared)

@@ -1,17 +1,23 @@
-"""Which precision and runtime the CPU scorer uses: bf16 (OpenVINO) where the CPU computes bf16 in hardware, fp32
-(ONNX Runtime) elsewhere. One place, used by the served scoring model, the export's agreement check and the
-benchmark, so that what is checked is what is served.
+"""Which runtime and precision the CPU scorer uses. One place, used by the served scoring models, the export's
+agreement checks and the benchmark, so that what is checked is what is served.
 
-Why two runtimes: ONNX Runtime's CPU provider has no bf16 matmuls; OpenVINO (the runtime of Triton's own CPU
-`openvino` backend) reads the same `model.onnx` and runs it in bf16 on AMX / AVX-512 BF16 (measured 2.0x ONNX Runtime
-fp32 on an AVX-512 BF16 EPYC, docs/benchmarks.md). fp32 stays on ONNX Runtime: its scores are bit-identical whatever
-batch a row arrives in; OpenVINO's are not (even in fp32), so the bf16 path states and tests its bound instead
-(BF16_BATCH_BOUND).
+Runtimes (`cpu_runtime`, chosen at export): `torch`, the default for outcome RMs: the RM's own modules on packed rows
+(templar.serving.packed_scorer); `onnxruntime`: the exported ONNX graph (process RMs, int8, and RMs the packed
+scorer cannot run); `openvino`: the same graph in OpenVINO (Triton's own CPU backend runtime).
+
+Precision (`cpu_precision`, decided where the model is served): bf16 only where it is faster. A CPU flag says the
+instructions exist, not that they pay: on an Intel Xeon with AVX-512 BF16 but no AMX (or AMX hidden by a
+hypervisor) bf16 matrix products run at 0.6x fp32, on AMD Zen 4 (AVX-512 BF16) at about 2x, with AMX at several
+times fp32 (docs/benchmarks.md). So `auto` measures: a [512, h] x [h, 4h] product in both precisions, bf16 where it
+is at least BF16_MIN_SPEEDUP times faster, fp32 otherwise; the figure is in the log line. fp32 on ONNX Runtime keeps
+its scores bit-identical whatever batch a row arrives in; the other paths state and test their bounds
+(BF16_TOLERANCE, BF16_BATCH_BOUND; the packed scorer's: templar.serving.packed_scorer).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,40 +59,79 @@ def openvino_available() -> bool:
     return True
 
 
+CPU_RUNTIMES = ("torch", "onnxruntime", "openvino")
+BF16_MIN_SPEEDUP = 1.3  # auto picks bf16 where a bf16 matrix product is at least this much faster than fp32
+
+
 @dataclass(frozen=True)
 class CpuPrecision:
     precision: str  # "fp32" | "bf16"
-    runtime: str  # "onnxruntime" | "openvino"
+    runtime: str  # "torch" | "onnxruntime" | "openvino"
     reason: str  # one line for the server log
 
 
-def resolve(setting: str, *, flags: set[str] | None = None, environ: dict[str, str] | None = None) -> CpuPrecision:
-    """What a scorer configured with `setting` ("auto", "fp32", "bf16") runs here, and why."""
-    environ = os.environ if environ is None else environ
+def bf16_speedup(hidden: int = 1024, rows: int = 512, repeats: int = 4) -> float:
+    """fp32 time / bf16 time of a [rows, hidden] x [hidden, 4 hidden] product in torch on this CPU (best of
+    `repeats` each, after a warm-up): the instructions the CPU runtimes' bf16 kernels use."""
+    import time
+
+    import torch
+
+    def best(dtype) -> float:
+        x, w = torch.randn(rows, hidden).to(dtype), torch.randn(4 * hidden, hidden).to(dtype)
+        torch.nn.functional.linear(x, w)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    with torch.inference_mode():
+        return best(torch.float32) / best(torch.bfloat16)
+
+
+def _setting(setting: str, environ: dict[str, str]) -> tuple[str, str]:
+    """(the setting after $TEMPLAR_CPU_PRECISION's override of auto, why)."""
     if setting not in CPU_PRECISIONS:
         raise ValueError(f"cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, got {setting!r}")
     override = environ.get(ENV_OVERRIDE, "").strip().lower()
     if setting == "auto" and override:
         if override not in ("fp32", "bf16"):
             raise ValueError(f"${ENV_OVERRIDE} must be fp32 or bf16, got {override!r}")
-        setting, why = override, f"${ENV_OVERRIDE}={override}"
-    else:
-        why = f"cpu_precision {setting}"
+        return override, f"${ENV_OVERRIDE}={override}"
+    return setting, f"cpu_precision {setting}"
+
+
+def resolve(setting: str, *, runtime: str = "onnxruntime", flags: set[str] | None = None,
+            environ: dict[str, str] | None = None, measure: Callable[[], float] | None = None) -> CpuPrecision:
+    """What a scorer of `runtime` configured with `setting` ("auto", "fp32", "bf16") runs here, and why. `measure`
+    answers bf16_speedup() (asked only by auto on a CPU with bf16 in hardware)."""
+    if runtime not in CPU_RUNTIMES:
+        raise ValueError(f"cpu_runtime must be one of {', '.join(CPU_RUNTIMES)}, got {runtime!r}")
+    setting, why = _setting(setting, os.environ if environ is None else environ)
     hardware = bf16_in_hardware(flags)
-    if setting == "auto":
-        if not hardware:
-            return CpuPrecision("fp32", "onnxruntime", "auto: this CPU has no bf16 in hardware (no AMX, no AVX-512 "
-                                "BF16), so fp32 on ONNX Runtime")
-        if not openvino_available():
-            return CpuPrecision("fp32", "onnxruntime", f"auto: the CPU has {hardware} but OpenVINO is not installed, "
-                                "so fp32 on ONNX Runtime")
-        return CpuPrecision("bf16", "openvino", f"auto: the CPU has {hardware}, so bf16 on OpenVINO")
+    graph = "onnxruntime" if runtime == "onnxruntime" else runtime  # fp32 of the ONNX graph: ONNX Runtime
+    bf16_runtime = "torch" if runtime == "torch" else "openvino"
     if setting == "fp32":
-        return CpuPrecision("fp32", "onnxruntime", f"{why}: fp32 on ONNX Runtime")
-    if not openvino_available():
-        raise ValueError(f"{why} needs OpenVINO (pip install openvino), which is not installed")
-    note = f"the CPU has {hardware}" if hardware else "this CPU has no bf16 in hardware: OpenVINO computes in fp32 here"
-    return CpuPrecision("bf16", "openvino", f"{why}: bf16 on OpenVINO ({note})")
+        return CpuPrecision("fp32", graph, f"{why}: fp32 on {graph}")
+    if setting == "bf16":
+        if bf16_runtime == "openvino" and not openvino_available():
+            raise ValueError(f"{why} needs OpenVINO (pip install openvino), which is not installed")
+        note = f"the CPU has {hardware}" if hardware else "this CPU has no bf16 in hardware: it is emulated, slowly"
+        return CpuPrecision("bf16", bf16_runtime, f"{why}: bf16 on {bf16_runtime} ({note})")
+    if not hardware:
+        return CpuPrecision("fp32", graph, f"auto: this CPU has no bf16 in hardware (no AMX, no AVX-512 BF16), so "
+                            f"fp32 on {graph}")
+    if bf16_runtime == "openvino" and not openvino_available():
+        return CpuPrecision("fp32", graph, f"auto: the CPU has {hardware} but OpenVINO is not installed, so fp32 on "
+                            f"{graph}")
+    speedup = (measure or bf16_speedup)()
+    if speedup < BF16_MIN_SPEEDUP:
+        return CpuPrecision("fp32", graph, f"auto: the CPU has {hardware}, but a bf16 matrix product measured "
+                            f"x{speedup:.2f} fp32's speed here (bf16 needs x{BF16_MIN_SPEEDUP}), so fp32 on {graph}")
+    return CpuPrecision("bf16", bf16_runtime, f"auto: the CPU has {hardware} and a bf16 matrix product measured "
+                        f"x{speedup:.2f} fp32's speed here, so bf16 on {bf16_runtime}")
 
 
 def create_scorer(path: str | os.PathLike, choice: CpuPrecision, *, threads: int = 0, spinning: bool = False,

@@ -8,9 +8,14 @@ Rows that failed preprocessing skip the scoring model and keep their error statu
 this model's own version (the three models of one export share it), so during a hot swap (`templar reload`) a row is
 never tokenized by one export and scored by another.
 
-Two counters on Triton's metrics endpoint show what batching achieved: `templar_scored_tokens_total` (real tokens
-scored) and `templar_computed_token_slots_total` (rows * longest row of every micro-batch), per model; padding waste
-is 1 - tokens / slots.
+Where the scoring model is the packed CPU scorer (templar.serving.packed_scorer; the embedded config's
+`scorer_packing: prefix`), micro-batches are rows in token order, so rows that share a prefix (the template's
+preamble, a GRPO group's prompt) go to the scorer together and their prefix is computed once.
+
+Counters on Triton's metrics endpoint show what batching achieved: `templar_scored_tokens_total` (real tokens
+scored), `templar_computed_token_slots_total` (rows * longest row of every micro-batch; packed: the tokens computed)
+and `templar_prefix_shared_tokens_total` (packed: tokens whose prefix was computed once for several rows), per model;
+padding waste is 1 - (tokens - shared) / slots.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from templar import contract
-from templar.serving.batching import METRIC_SLOTS, METRIC_TOKENS, PreprocessedBatch, score_in_micro_batches
+from templar.serving.batching import (METRIC_SHARED, METRIC_SLOTS, METRIC_TOKENS, PreprocessedBatch,
+                                     score_in_micro_batches)
 from templar.padding import padded_rows
 from templar.serving.settings import EntrySettings, load_step_format, rm_kind
 from templar.serving.triton_utils import model_parameters, output_dtypes
@@ -42,8 +48,13 @@ class TritonPythonModel:
                                   kind=pb_utils.MetricFamily.COUNTER),
             pb_utils.MetricFamily(name=METRIC_SLOTS, kind=pb_utils.MetricFamily.COUNTER,
                                   description="token slots computed (rows * longest row per micro-batch)"),
+            pb_utils.MetricFamily(name=METRIC_SHARED, kind=pb_utils.MetricFamily.COUNTER,
+                                  description="tokens not computed: their prefix was computed once for several rows"),
         ]
-        self.tokens_metric, self.slots_metric = (family.Metric(labels=labels) for family in self._metric_families)
+        self.tokens_metric, self.slots_metric, self.shared_metric = (family.Metric(labels=labels)
+                                                                     for family in self._metric_families)
+        # "prefix": the scoring model is the packed CPU scorer (the embedded config says so); "padded" otherwise
+        self.packing = params.get(contract.PARAM_SCORER_PACKING) or "padded"
         # int64 for ONNX graphs; a TensorRT engine in the GPU container takes int32 ids
         self.scoring_ids_dtype = np.dtype(params.get(contract.PARAM_SCORING_IDS_DTYPE, "int64"))
         # a process RM (templar.steps): its scoring model answers the step score at every position, read at the tags
@@ -78,11 +89,14 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
             return responses
         s = self.settings
+        packed = self.packing == "prefix"
         scored = score_in_micro_batches(batch, self._score, max_rows=s.micro_batch_rows,
-                                        max_tokens=s.micro_batch_tokens, max_padding=s.micro_batch_max_padding,
-                                        aggregate=self.aggregate)
+                                        max_tokens=s.packed_tokens if packed else s.micro_batch_tokens,
+                                        max_padding=s.micro_batch_max_padding, aggregate=self.aggregate,
+                                        packing=self.packing, share_prefixes=s.prefix_sharing)
         self.tokens_metric.increment(float(scored.tokens))
         self.slots_metric.increment(float(scored.slots))
+        self.shared_metric.increment(float(scored.shared))
 
         start = 0
         for i, count in accepted:
@@ -152,7 +166,7 @@ class TritonPythonModel:
         return values if len(values) > 1 else values[0]
 
     def finalize(self):
-        self.tokens_metric = self.slots_metric = None  # metrics before their families (see initialize)
+        self.tokens_metric = self.slots_metric = self.shared_metric = None  # metrics before their families
         self._metric_families = []
 
 

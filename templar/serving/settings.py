@@ -5,7 +5,7 @@ theirs in templar.contract). Also what a preprocessing version loads: its `servi
 Here, beside the Python models that read them, so that a model never imports the export tool (and its ONNX and
 protobuf dependencies, which the GPU image does not install).
 
-Each field says in its metadata which model's config records it (`entry`, `preprocess` — also in the version's
+Each field says in its metadata which models' configs record it (`entry`, `preprocess` — also in the version's
 serving.json — or `scorer`, the embedded CPU scorer), and under which parameter key when that is not the field's name.
 Fields without a model shape the config itself (instances, dynamic batching) and are not parameters.
 """
@@ -29,8 +29,9 @@ MODELS = ("entry", "preprocess", "scorer")
 SERVING_FILE = "serving.json"
 
 
-def _knob(default: Any, model: str | None = None, key: str | None = None):
-    return field(default=default, metadata={"model": model, "key": key})
+def _knob(default: Any, model: str | tuple[str, ...] | None = None, key: str | None = None):
+    models = (model,) if isinstance(model, str) else tuple(model or ())
+    return field(default=default, metadata={"models": models, "key": key})
 
 
 @dataclass
@@ -50,7 +51,21 @@ class EntrySettings:
     entry_instances: int = 2  # one preprocesses while the other waits on the scoring model
     preprocess_instances: int = 1
     scorer_instances: int = 1
-    intra_op_threads: int = _knob(0, "scorer")  # ONNX Runtime threads in the CPU scorer; 0 = one per physical core
+    # What the embedded CPU scorer runs (templar.serving.cpu_precision): "torch", the RM's own modules on packed rows
+    # (no padding, shared prefixes once, the last layer only where scores are read; templar.serving.packed_scorer),
+    # "onnxruntime" (the exported graph; bit-identical scores whatever the batch), or "openvino". Process RMs, int8
+    # and models the packed scorer cannot run use onnxruntime whatever this says (the export logs why).
+    cpu_runtime: str = _knob("torch", "scorer")
+    # The packed scorer's micro-batches: at most this many tokens computed per scoring call (each shared prefix
+    # counted once); 2048 measured fastest on a 2-core CPU (docs/benchmarks.md)
+    packed_tokens: int = _knob(2048, "entry")
+    # Rows sharing a prefix (the template's preamble, a GRPO group's prompt) compute it once (packed scorer); off:
+    # each row computes its own, the baseline the benchmark compares with
+    prefix_sharing: bool = _knob(True, ("entry", "scorer"))
+    # The packed scorer compiles its decoder layers with torch.compile (fused element-wise work, +30% measured; needs
+    # a C++ compiler, falls back to uncompiled layers without one; a few seconds per model shape, cached on disk)
+    packed_compile: bool = _knob(True, "scorer")
+    intra_op_threads: int = _knob(0, "scorer")  # CPU scorer threads (torch / ONNX Runtime); 0 = one per physical core
     intra_op_spinning: bool = _knob(False, "scorer")  # busy-waiting burns CPU a trainer on the same cores could use
     # What the CPU scorer computes in: "fp32" (ONNX Runtime), "bf16" (OpenVINO), or "auto": bf16 where the CPU has it
     # in hardware (AMX or AVX-512 BF16; 2x fp32 there, docs/benchmarks.md), fp32 elsewhere. `templar export
@@ -71,7 +86,8 @@ class EntrySettings:
         """parameter key -> field, for the parameters `model`'s config records."""
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-        return {f.metadata.get("key") or f.name: f for f in dataclasses.fields(cls) if f.metadata.get("model") == model}
+        return {f.metadata.get("key") or f.name: f for f in dataclasses.fields(cls)
+                if model in f.metadata.get("models", ())}
 
     def to_parameters(self, model: str) -> dict[str, str]:
         """The parameters of `model`'s config (strings, as Triton stores them)."""

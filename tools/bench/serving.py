@@ -52,7 +52,7 @@ from templar.tools.workload import conversations_from
 
 BACKENDS = ("templar", "onnxruntime", "torch", "http")
 # on request: torch on Templar's micro-batches (where does the gain come from?); the int8-quantized graph in-process
-EXTRA_BACKENDS = ("torch-sorted", "onnxruntime-int8", "vllm", "openvino", "openvino-bf16")
+EXTRA_BACKENDS = ("torch-sorted", "onnxruntime-int8", "vllm", "openvino", "openvino-bf16", "packed")
 RM_NAME = "rm_bench"
 # "base": a CPU-sized RM (31M non-embedding parameters on a Llama backbone); "tiny": the test suite's size.
 SIZES = {
@@ -72,8 +72,8 @@ TARGETS = {  # name -> (ratio or share key, threshold, "min" | "max")
 # backends whose scores may differ from the float32 reference by more than rounding (not in the 1e-4 target)
 LOW_PRECISION = ("onnxruntime-int8", "vllm", "openvino-bf16")
 # the order of the report's tables and plot
-ORDER = ("templar", "onnxruntime_bare", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8", "vllm",
-         "torch-sorted", "torch", "http")
+ORDER = ("templar", "packed", "onnxruntime_bare", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8",
+         "vllm", "torch-sorted", "torch", "http")
 
 
 @dataclass
@@ -250,12 +250,20 @@ class Context:
         return self.cache["texts"]
 
 
+def served_runtime(ctx: Context) -> str:
+    """The CPU runtime the export chose for the served scorer (its embedded config)."""
+    from templar.export.repository import read_parameters
+
+    config = ctx.repo / contract.scoring_model_name(RM_NAME) / "configs" / f"{contract.EMBEDDED_CONFIG_NAME}.pbtxt"
+    return read_parameters(config).get("cpu_runtime", "onnxruntime")
+
+
 def run_templar(ctx: Context) -> BackendResult:
     from templar.server.embedded import EmbeddedTriton
     from templar.server.ports import free_server_ports
 
     opts = ctx.opts
-    choice = resolve_cpu_precision(CPU_PRECISION[opts.precision])
+    choice = resolve_cpu_precision(CPU_PRECISION[opts.precision], runtime=served_runtime(ctx))
     server = EmbeddedTriton(ctx.repo, **free_server_ports(), log_file=ctx.repo.parent / "tritonserver.log")
     ctx.log(f"  starting the embedded Triton server (scoring in {choice.precision} on {choice.runtime}: "
             f"{choice.reason})")
@@ -291,10 +299,12 @@ def run_templar(ctx: Context) -> BackendResult:
 
 
 def _in_process(ctx: Context, name: str, description: str,
-                run: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> BackendResult:
+                run: Callable[[np.ndarray, np.ndarray], np.ndarray], packing: str = "padded") -> BackendResult:
     """The served path's steps in this process: chunks of the entry's batch size, the RM's template and tokenizer
-    (`preprocess_rows`), length-sorted micro-batches (`score_in_micro_batches`) scored by `run`."""
+    (`preprocess_rows`), micro-batches (`score_in_micro_batches`: length-sorted, or `packing="prefix"`, the packed
+    scorer's) scored by `run`."""
     s = ctx.opts.settings
+    packed = packing == "prefix"
     chat_format, pad_id = ctx.chat_format()
     inside = {"run_s": 0.0}
 
@@ -314,8 +324,10 @@ def _in_process(ctx: Context, name: str, description: str,
             if not all(contract.is_ok(status) for status in batch.status):
                 bad = next(status for status in batch.status if not contract.is_ok(status))
                 raise BenchError(f"a conversation failed preprocessing: {bad}")
-            scored = score_in_micro_batches(batch, score, max_rows=s.micro_batch_rows, max_tokens=s.micro_batch_tokens,
-                                            max_padding=s.micro_batch_max_padding)
+            scored = score_in_micro_batches(batch, score, max_rows=s.micro_batch_rows,
+                                            max_tokens=s.packed_tokens if packed else s.micro_batch_tokens,
+                                            max_padding=s.micro_batch_max_padding, packing=packing,
+                                            share_prefixes=s.prefix_sharing)
             scores.append(scored.scores)
             tokens, slots = tokens + scored.tokens, slots + scored.slots
         return np.concatenate(scores), tokens, slots, preprocess_s
@@ -338,6 +350,23 @@ def run_onnxruntime(ctx: Context) -> BackendResult:
     session = create_session(ctx.scoring_onnx, intra_op_threads=s.intra_op_threads, spinning=s.intra_op_spinning)
     return _in_process(ctx, "onnxruntime", "ONNX Runtime in-process, same micro-batches",
                        lambda ids, mask: run_scores(session, ids, mask))
+
+
+def run_packed(ctx: Context) -> BackendResult:
+    """The packed CPU scorer (templar.serving.packed_scorer) in this process, on the micro-batches the entry plans for
+    it, in the precision it resolves to here."""
+    from templar.serving.packed_scorer import create_packed_scorer
+
+    from templar.export.repository import read_parameters
+
+    folder = ctx.repo / contract.scoring_model_name(RM_NAME)
+    if not (folder / "1" / "hf").is_dir():
+        raise BenchError("the export serves this RM with ONNX Runtime (no packed scorer files): see its log")
+    params = read_parameters(folder / "configs" / f"{contract.EMBEDDED_CONFIG_NAME}.pbtxt")  # as Triton loads it
+    scorer = create_packed_scorer(folder / "1", params, EntrySettings.from_parameters(params, "scorer"),
+                                  log=lambda m: ctx.log("  " + m))
+    return _in_process(ctx, "packed", f"the packed torch scorer in-process, {scorer.precision}, same micro-batches",
+                       scorer, packing="prefix")
 
 
 def run_onnxruntime_int8(ctx: Context) -> BackendResult:
@@ -496,7 +525,8 @@ def run_vllm(ctx: Context) -> BackendResult | None:
 RUNNERS: dict[str, Callable[[Context], BackendResult | None]] = {
     "templar": run_templar, "onnxruntime": run_onnxruntime, "torch": run_torch, "http": run_http,
     "torch-sorted": run_torch_sorted, "onnxruntime-int8": run_onnxruntime_int8, "vllm": run_vllm,
-    "openvino": lambda ctx: run_openvino(ctx, "fp32"), "openvino-bf16": lambda ctx: run_openvino(ctx, "bf16")}
+    "openvino": lambda ctx: run_openvino(ctx, "fp32"), "openvino-bf16": lambda ctx: run_openvino(ctx, "bf16"),
+    "packed": run_packed}
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -555,7 +585,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     labels = {"templar": "Templar\n(gRPC)", "onnxruntime": "ONNX Runtime\nin-process", "onnxruntime_bare":
               "ONNX Runtime\n(bare run time)", "torch": "HF torch\nin-process", "http": "OpenRLHF-style\nHTTP",
               "torch-sorted": "HF torch on\nsorted batches", "onnxruntime-int8": "ONNX Runtime\nint8",
-              "vllm": "vLLM CPU\n/classify", "openvino": "OpenVINO\nfp32", "openvino-bf16": "OpenVINO\nbf16"}
+              "vllm": "vLLM CPU\n/classify", "openvino": "OpenVINO\nfp32", "openvino-bf16": "OpenVINO\nbf16",
+              "packed": "packed torch\nin-process"}
     values = [throughput[n] for n in names]
     fig, ax = plt.subplots(figsize=(9.0, 4.2))
     bars = ax.bar([labels[n] for n in names], values,
