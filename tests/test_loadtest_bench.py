@@ -135,10 +135,13 @@ def test_loadtest_command_line(server, tmp_path, capsys):
 
 
 def test_bench_runs_all_four_backends_with_the_same_scores(assets, tmp_path):
+    """Two interleaved rounds on GRPO-shaped conversations (6 prompts x 4 answers): every backend scores each round's
+    conversations alike; the served packed scorer shares each prompt, its unshared twin does not."""
     opts = BenchOptions(out=tmp_path / "bench", size="tiny", conversations=24, batch=4, concurrency=4, torch_batch=4,
-                        max_length=1024, warmup=2,
-                        settings=EntrySettings(entry_instances=1, intra_op_threads=1, micro_batch_tokens=2048),
-                        backends=["templar", "onnxruntime", "torch", "http", "vllm"],
+                        max_length=2048, warmup=2, rounds=2, workload="grpo", group=4,
+                        settings=EntrySettings(entry_instances=1, intra_op_threads=1, micro_batch_tokens=2048,
+                                               packed_compile=False),
+                        backends=["templar", "templar-unshared", "packed", "onnxruntime", "torch", "http", "vllm"],
                         vllm_python=tmp_path / "no-vllm" / "bin" / "python")
     lines: list[str] = []
     report = run_bench(opts, log=lines.append)
@@ -148,22 +151,29 @@ def test_bench_runs_all_four_backends_with_the_same_scores(assets, tmp_path):
     assert any("skipping vllm: no vLLM environment at" in line and "make vllm-env" in line for line in lines), lines
     assert saved["summary"] == json.loads(json.dumps(report["summary"]))
     assert (tmp_path / "bench" / "bench.png").read_bytes()[:8] == PNG_MAGIC
-    assert set(saved["backends"]) == {"templar", "onnxruntime", "torch", "http"}
+    backends = {"templar", "templar-unshared", "packed", "onnxruntime", "torch", "http"}
+    assert set(saved["backends"]) == backends
     for name, backend in saved["backends"].items():
         assert backend["conversations"] == 24 and backend["conversations_per_s"] > 0, name
     summary = saved["summary"]
+    assert {name: len(r) for name, r in summary["rounds_conversations_per_s"].items()} == dict.fromkeys(backends, 2)
+    assert sum(f"round {n}/2" in line for line in lines for n in (1, 2)) == 2 * len(backends)
     assert summary["reference"] == "torch"
     assert max(summary["max_abs_diff_vs_reference"].values()) <= 1e-4
     assert set(summary["ratios"]) == {"templar_vs_torch", "templar_vs_http", "templar_vs_onnxruntime",
-                                      "templar_vs_bare_onnxruntime"}
+                                      "templar_vs_bare_onnxruntime", "templar_vs_packed",
+                                      "templar_vs_templar-unshared"}
     assert summary["targets"]["scores within 1e-4 of torch"]["met"]
     served = saved["backends"]["templar"]["server"]
-    assert 0 < served["preprocess_share_of_wall"] < 1 and 0 <= served["padding_waste"] < 1
+    assert 0 < served["preprocess_share_of_wall"] < 1 and served["padding_waste"] == 0
+    assert served["prefix_shared_tokens"] > 0 and saved["backends"]["templar-unshared"]["server"][
+        "prefix_shared_tokens"] == 0
     # identical micro-batching logic in-process and served: arrival-order batches waste more than sorted ones
     assert saved["backends"]["torch"]["padding_waste"] > saved["backends"]["onnxruntime"]["padding_waste"]
     assert saved["model"]["non_embedding_parameters"] < saved["model"]["parameters"]
     assert saved["workload"]["conversations"] == 24 and saved["workload"]["max_tokens"] > saved["workload"][
         "median_tokens"]
+    assert saved["workload"]["round_seeds"] == [0, 1]
 
 
 def test_bench_rejects_bad_options(tmp_path):

@@ -48,12 +48,14 @@ from templar.serving.onnx_runtime import create_session, run_scores
 from templar.tools.stats import spearman
 from templar.tiny_models import FAMILY_BACKBONE, TinySize, build_tiny_model
 from templar.tools.loadtest import drive, grpc_client, machine_info, make_payloads, server_figures, snapshot
-from templar.tools.workload import conversations_from
+from templar.tools.workload import conversations_from, grpo_mix
 
 BACKENDS = ("templar", "onnxruntime", "torch", "http")
 # on request: torch on Templar's micro-batches (where does the gain come from?); the int8-quantized graph in-process
-EXTRA_BACKENDS = ("torch-sorted", "onnxruntime-int8", "vllm", "openvino", "openvino-bf16", "packed")
+EXTRA_BACKENDS = ("torch-sorted", "onnxruntime-int8", "vllm", "openvino", "openvino-bf16", "packed",
+                  "templar-unshared")
 RM_NAME = "rm_bench"
+RM_UNSHARED = "rm_bench_unshared"  # the same RM with prefix sharing off (backend templar-unshared)
 # "base": a CPU-sized RM (31M non-embedding parameters on a Llama backbone); "tiny": the test suite's size.
 SIZES = {
     "base": TinySize(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -68,11 +70,13 @@ TARGETS = {  # name -> (ratio or share key, threshold, "min" | "max")
     "padding waste <= 15% of tokens": ("padding_waste", 0.15, "max"),
     "scores within 1e-4 of torch": ("max_abs_diff_vs_torch", 1e-4, "max"),
     "served >= 1.25x vLLM CPU": ("templar_vs_vllm", 1.25, "min"),
+    "prefix sharing on >= 1.3x off (GRPO-shaped)": ("templar_vs_templar-unshared", 1.3, "min"),
 }
 # backends whose scores may differ from the float32 reference by more than rounding (not in the 1e-4 target)
 LOW_PRECISION = ("onnxruntime-int8", "vllm", "openvino-bf16")
 # the order of the report's tables and plot
-ORDER = ("templar", "packed", "onnxruntime_bare", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8",
+ORDER = ("templar", "templar-unshared", "packed", "onnxruntime_bare", "onnxruntime", "openvino", "openvino-bf16",
+         "onnxruntime-int8",
          "vllm", "torch-sorted", "torch", "http")
 
 
@@ -98,6 +102,12 @@ class BenchOptions:
     precision: str = "auto"  # `templar export --precision` of the served RM (auto: bf16 where the CPU has it)
     vllm_python: Path | None = None  # the vLLM environment's python; default $TEMPLAR_VLLM_PYTHON or the cache's
     vllm_dtype: str = "float32"  # what vLLM computes in: float32 (Templar's precision) or bfloat16
+    # Timed passes per backend, interleaved (round 1: every backend, round 2: every backend, ...), each round on a
+    # conversation set of its own (seed, seed + 1, ...): a shared machine's speed drifts by tens of percent over
+    # minutes, so figures are the median over rounds and ratios the median of each round's ratio
+    rounds: int = 3
+    workload: str = "mix"  # "mix": the built-in mix; "grpo": GRPO-shaped, `group` answers to each ~300-token prompt
+    group: int = 8
 
 
 @dataclass
@@ -178,10 +188,10 @@ def prepare_model(opts: BenchOptions, work: Path, log: Callable[[str], None]) ->
     return folder
 
 
-def export(model_dir: Path, repo: Path, opts: BenchOptions, log: Callable[[str], None]):
+def export(model_dir: Path, repo: Path, opts: BenchOptions, log: Callable[[str], None], name: str = RM_NAME):
     from templar.export.exporter import ExportOptions, export_reward_model
 
-    return export_reward_model(ExportOptions(model=model_dir, name=RM_NAME, repo=repo, max_length=opts.max_length,
+    return export_reward_model(ExportOptions(model=model_dir, name=name, repo=repo, max_length=opts.max_length,
                                              settings=opts.settings, precision=opts.precision),
                                log=lambda m: log("  " + m))
 
@@ -217,9 +227,10 @@ class Context:
     opts: BenchOptions
     model_dir: Path
     repo: Path
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # the first round's conversations
     parameters: dict[str, str]  # the export's model-config parameters (max_length, template_kwargs, ...)
     log: Callable[[str], None]
+    warmup_rows: list[dict[str, Any]] = field(default_factory=list)  # scored before each timed pass, never timed
     cache: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -243,11 +254,12 @@ class Context:
                                                    template_kwargs=self.template_kwargs)
         return self.cache["torch"]
 
-    def texts(self) -> list[str]:
+    def texts(self, rows: list[dict[str, Any]]) -> list[str]:
         """The RM-templated text of every conversation (what a client of the HTTP server sends)."""
-        if "texts" not in self.cache:
-            self.cache["texts"] = self.torch_model().render(self.rows)
-        return self.cache["texts"]
+        key = ("texts", id(rows))
+        if key not in self.cache:
+            self.cache[key] = self.torch_model().render(rows)
+        return self.cache[key]
 
 
 def served_runtime(ctx: Context) -> str:
@@ -258,7 +270,8 @@ def served_runtime(ctx: Context) -> str:
     return read_parameters(config).get("cpu_runtime", "onnxruntime")
 
 
-def run_templar(ctx: Context) -> BackendResult:
+def run_templar(ctx: Context, name: str = RM_NAME, label: str = "templar"):
+    """Templar over gRPC (a generator: started by next(), then each send(rows) answers one timed pass)."""
     from templar.server.embedded import EmbeddedTriton
     from templar.server.ports import free_server_ports
 
@@ -268,38 +281,41 @@ def run_templar(ctx: Context) -> BackendResult:
     ctx.log(f"  starting the embedded Triton server (scoring in {choice.precision} on {choice.runtime}: "
             f"{choice.reason})")
     with server:
-        payloads = make_payloads(ctx.rows, opts.batch)
-        warmup = make_payloads(ctx.rows[: opts.warmup], opts.batch)
+        rows = yield
+        while True:
+            outcomes, wall, cpu, figures = asyncio.run(_drive_templar(ctx, server, name, rows))
+            failed = [o for o in outcomes if o.code != "OK"]
+            if failed:
+                raise BenchError(f"{len(failed)} gRPC requests failed, e.g. {failed[0].code}: {failed[0].message}")
+            scores = np.concatenate([o.scores for o in outcomes])
+            latencies = np.array([o.latency_s for o in outcomes])
+            rows = yield BackendResult(
+                label, f"Templar over gRPC, {choice.precision} on {choice.runtime} ({opts.concurrency} x {opts.batch}"
+                "-conversation requests in flight)" + ("" if name == RM_NAME else ", prefix sharing off"), wall,
+                len(scores), scores, {"server": figures, "foreign_cpu_share": cpu.foreign_share,
+                                      "precision": choice.precision, "runtime": choice.runtime,
+                                      "request_latency_s": {"p50": float(np.percentile(latencies, 50)),
+                                                            "p99": float(np.percentile(latencies, 99))}})
 
-        async def go():
-            target = RewardClientConfig(RM_NAME, [server.grpc_url], request_timeout_s=opts.timeout_s)
-            client = grpc_client(target)
-            try:
-                await drive(client, target, warmup, 1, cycle=False)
-                before = await snapshot(client, target, server.metrics_url)
-                with CpuMonitor() as cpu:
-                    outcomes, wall = await drive(client, target, payloads, opts.concurrency, cycle=False)
-                after = await snapshot(client, target, server.metrics_url)
-            finally:
-                await client.close()
-            return outcomes, wall, cpu, server_figures(RM_NAME, before, after, wall)
 
-        outcomes, wall, cpu, figures = asyncio.run(go())
-    failed = [o for o in outcomes if o.code != "OK"]
-    if failed:
-        raise BenchError(f"{len(failed)} gRPC requests failed, e.g. {failed[0].code}: {failed[0].message}")
-    scores = np.concatenate([o.scores for o in outcomes])
-    latencies = np.array([o.latency_s for o in outcomes])
-    return BackendResult("templar", f"Templar over gRPC, {choice.precision} on {choice.runtime} ({opts.concurrency} x "
-                         f"{opts.batch}-conversation requests in flight)", wall, len(scores), scores,
-                         {"server": figures, "foreign_cpu_share": cpu.foreign_share, "precision": choice.precision,
-                          "runtime": choice.runtime,
-                          "request_latency_s": {"p50": float(np.percentile(latencies, 50)),
-                                                "p99": float(np.percentile(latencies, 99))}})
+async def _drive_templar(ctx: Context, server, name: str, rows):
+    opts = ctx.opts
+    target = RewardClientConfig(name, [server.grpc_url], request_timeout_s=opts.timeout_s)
+    client = grpc_client(target)
+    try:
+        await drive(client, target, make_payloads(ctx.warmup_rows, opts.batch), 1, cycle=False)
+        before = await snapshot(client, target, server.metrics_url)
+        with CpuMonitor() as cpu:
+            outcomes, wall = await drive(client, target, make_payloads(rows, opts.batch), opts.concurrency,
+                                         cycle=False)
+        after = await snapshot(client, target, server.metrics_url)
+    finally:
+        await client.close()
+    return outcomes, wall, cpu, server_figures(name, before, after, wall)
 
 
 def _in_process(ctx: Context, name: str, description: str,
-                run: Callable[[np.ndarray, np.ndarray], np.ndarray], packing: str = "padded") -> BackendResult:
+                run: Callable[[np.ndarray, np.ndarray], np.ndarray], packing: str = "padded"):
     """The served path's steps in this process: chunks of the entry's batch size, the RM's template and tokenizer
     (`preprocess_rows`), micro-batches (`score_in_micro_batches`: length-sorted, or `packing="prefix"`, the packed
     scorer's) scored by `run`."""
@@ -332,27 +348,28 @@ def _in_process(ctx: Context, name: str, description: str,
             tokens, slots = tokens + scored.tokens, slots + scored.slots
         return np.concatenate(scores), tokens, slots, preprocess_s
 
-    rows = conversation_rows(ctx.rows)
-    score_all(rows[: ctx.opts.warmup])
-    inside["run_s"] = 0.0
-    with CpuMonitor() as cpu:
-        started = time.perf_counter()
-        scores, tokens, slots, preprocess_s = score_all(rows)
-        wall = time.perf_counter() - started
-    return BackendResult(name, description, wall, len(scores), scores,
-                         {"model_run_s": inside["run_s"], "preprocess_s": preprocess_s,
-                          "padding_waste": 1.0 - tokens / slots if slots else 0.0,
-                          "foreign_cpu_share": cpu.foreign_share})
+    rows = yield
+    while True:
+        score_all(conversation_rows(ctx.warmup_rows))
+        inside["run_s"] = 0.0
+        with CpuMonitor() as cpu:
+            started = time.perf_counter()
+            scores, tokens, slots, preprocess_s = score_all(conversation_rows(rows))
+            wall = time.perf_counter() - started
+        rows = yield BackendResult(name, description, wall, len(scores), scores,
+                                   {"model_run_s": inside["run_s"], "preprocess_s": preprocess_s,
+                                    "padding_waste": 1.0 - tokens / slots if slots else 0.0,
+                                    "foreign_cpu_share": cpu.foreign_share})
 
 
-def run_onnxruntime(ctx: Context) -> BackendResult:
+def run_onnxruntime(ctx: Context):
     s = ctx.opts.settings
     session = create_session(ctx.scoring_onnx, intra_op_threads=s.intra_op_threads, spinning=s.intra_op_spinning)
-    return _in_process(ctx, "onnxruntime", "ONNX Runtime in-process, same micro-batches",
-                       lambda ids, mask: run_scores(session, ids, mask))
+    yield from _in_process(ctx, "onnxruntime", "ONNX Runtime in-process, same micro-batches",
+                           lambda ids, mask: run_scores(session, ids, mask))
 
 
-def run_packed(ctx: Context) -> BackendResult:
+def run_packed(ctx: Context):
     """The packed CPU scorer (templar.serving.packed_scorer) in this process, on the micro-batches the entry plans for
     it, in the precision it resolves to here."""
     from templar.serving.packed_scorer import create_packed_scorer
@@ -361,15 +378,16 @@ def run_packed(ctx: Context) -> BackendResult:
 
     folder = ctx.repo / contract.scoring_model_name(RM_NAME)
     if not (folder / "1" / "hf").is_dir():
-        raise BenchError("the export serves this RM with ONNX Runtime (no packed scorer files): see its log")
+        ctx.log("  skipping packed: the export serves this RM with ONNX Runtime (see its log)")
+        return
     params = read_parameters(folder / "configs" / f"{contract.EMBEDDED_CONFIG_NAME}.pbtxt")  # as Triton loads it
     scorer = create_packed_scorer(folder / "1", params, EntrySettings.from_parameters(params, "scorer"),
                                   log=lambda m: ctx.log("  " + m))
-    return _in_process(ctx, "packed", f"the packed torch scorer in-process, {scorer.precision}, same micro-batches",
-                       scorer, packing="prefix")
+    yield from _in_process(ctx, "packed", f"the packed torch scorer in-process, {scorer.precision}, same "
+                           "micro-batches", scorer, packing="prefix")
 
 
-def run_onnxruntime_int8(ctx: Context) -> BackendResult:
+def run_onnxruntime_int8(ctx: Context):
     """The exported graph after ONNX Runtime's dynamic quantization (`templar export --precision int8`)."""
     from templar.export.exporter import quantize_int8
     from templar.export.onnx_files import model_files
@@ -381,11 +399,11 @@ def run_onnxruntime_int8(ctx: Context) -> BackendResult:
     quantize_int8(folder / "model.onnx")
     s = ctx.opts.settings
     session = create_session(folder / "model.onnx", intra_op_threads=s.intra_op_threads, spinning=s.intra_op_spinning)
-    return _in_process(ctx, "onnxruntime-int8", "ONNX Runtime in-process, int8 dynamic quantization, same "
-                       "micro-batches", lambda ids, mask: run_scores(session, ids, mask))
+    yield from _in_process(ctx, "onnxruntime-int8", "ONNX Runtime in-process, int8 dynamic quantization, same "
+                           "micro-batches", lambda ids, mask: run_scores(session, ids, mask))
 
 
-def run_openvino(ctx: Context, precision: str) -> BackendResult:
+def run_openvino(ctx: Context, precision: str):
     """The exported graph in OpenVINO (the runtime of Triton's CPU `openvino` backend) in-process, on the same
     micro-batches; `precision` is its inference precision hint (bf16 runs on AMX / AVX-512 BF16 in hardware)."""
     from templar.serving.cpu_precision import CpuPrecision, create_scorer
@@ -393,7 +411,7 @@ def run_openvino(ctx: Context, precision: str) -> BackendResult:
     score = create_scorer(ctx.scoring_onnx, CpuPrecision(precision, "openvino", "templar bench"),
                           threads=ctx.opts.settings.intra_op_threads)
     name = "openvino" if precision == "fp32" else f"openvino-{precision}"
-    return _in_process(ctx, name, f"OpenVINO in-process, {precision}, same micro-batches", score)
+    yield from _in_process(ctx, name, f"OpenVINO in-process, {precision}, same micro-batches", score)
 
 
 def agreement(fp32: BackendResult, int8: BackendResult) -> dict[str, float]:
@@ -404,7 +422,7 @@ def agreement(fp32: BackendResult, int8: BackendResult) -> dict[str, float]:
             "spearman_vs_fp32": spearman(a, b), "fp32_score_std": float(a.std())}
 
 
-def run_torch_sorted(ctx: Context) -> BackendResult:
+def run_torch_sorted(ctx: Context):
     """Not one of the four: torch on Templar's micro-batches, to split the gain into batching and runtime."""
     import torch
 
@@ -414,71 +432,76 @@ def run_torch_sorted(ctx: Context) -> BackendResult:
         with torch.inference_mode():
             return scorer(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
-    return _in_process(ctx, "torch-sorted", "HF torch in-process on Templar's length-sorted micro-batches", run)
+    yield from _in_process(ctx, "torch-sorted", "HF torch in-process on Templar's length-sorted micro-batches", run)
 
 
-def run_torch(ctx: Context) -> BackendResult:
+def run_torch(ctx: Context):
     model = ctx.torch_model()
     size = ctx.opts.torch_batch
-    model.score(ctx.rows[: ctx.opts.warmup], size)
-    with CpuMonitor() as cpu:
-        started = time.perf_counter()
-        scores = model.score(ctx.rows, size)  # template + tokenize + forward, as an in-process RM does
-        wall = time.perf_counter() - started
-    lengths = [len(ids) for ids in model.tokenizer(ctx.texts(), add_special_tokens=False)["input_ids"]]
-    batches = [np.arange(i, min(i + size, len(lengths))) for i in range(0, len(lengths), size)]
-    return BackendResult("torch", f"HF torch in-process ({size} conversations per padded forward, arrival order)",
-                         wall, len(scores), scores,
-                         {"padding_waste": padding_fraction(lengths, batches), "foreign_cpu_share": cpu.foreign_share})
+    rows = yield
+    while True:
+        model.score(ctx.warmup_rows, size)
+        with CpuMonitor() as cpu:
+            started = time.perf_counter()
+            scores = model.score(rows, size)  # template + tokenize + forward, as an in-process RM does
+            wall = time.perf_counter() - started
+        lengths = [len(ids) for ids in model.tokenizer(ctx.texts(rows), add_special_tokens=False)["input_ids"]]
+        batches = [np.arange(i, min(i + size, len(lengths))) for i in range(0, len(lengths), size)]
+        rows = yield BackendResult("torch", f"HF torch in-process ({size} conversations per padded forward, arrival "
+                                   "order)", wall, len(scores), scores,
+                                   {"padding_waste": padding_fraction(lengths, batches),
+                                    "foreign_cpu_share": cpu.foreign_share})
 
 
-def run_http(ctx: Context) -> BackendResult:
-    import aiohttp
-
+def run_http(ctx: Context):
     from templar.tools.bench.http_rm_server import HttpRewardServer
 
     opts = ctx.opts
-    texts = ctx.texts()  # templated before timing: the trainer of such a setup already holds the text
-    chunks = [texts[i : i + opts.batch] for i in range(0, len(texts), opts.batch)]
-
-    async def post_all(parts: list[list[str]], concurrency: int, url: str) -> list[list[float]]:
-        results: list[list[float] | None] = [None] * len(parts)
-        next_index = 0
-        timeout = aiohttp.ClientTimeout(total=opts.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async def worker() -> None:
-                nonlocal next_index
-                while next_index < len(parts):
-                    index = next_index
-                    next_index += 1
-                    async with session.post(url + "/get_reward", json={"query": parts[index]}) as response:
-                        body = await response.json()
-                        if response.status != 200:
-                            raise BenchError(f"the HTTP server answered {response.status}: {body}")
-                        results[index] = body["rewards"]
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return results
-
     ctx.log("  starting the OpenRLHF-style HTTP server")
     with HttpRewardServer(ctx.model_dir, max_length=opts.max_length, template_kwargs=ctx.template_kwargs,
                           log_file=ctx.repo.parent / "http_server.log") as server:
-        asyncio.run(post_all([texts[: opts.warmup]], 1, server.url))
-        with CpuMonitor() as cpu:
-            started = time.perf_counter()
-            rewards = asyncio.run(post_all(chunks, opts.concurrency, server.url))
-            wall = time.perf_counter() - started
-    scores = np.array([r for part in rewards for r in part], dtype=np.float32)
-    lengths = [len(ids) for ids in ctx.torch_model().tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    batches = [np.arange(i, min(i + opts.batch, len(lengths))) for i in range(0, len(lengths), opts.batch)]
-    return BackendResult("http", f"OpenRLHF-style HTTP server ({opts.concurrency} x {opts.batch}-text requests, "
-                         "torch forward per request)", wall, len(scores), scores,
-                         {"padding_waste": padding_fraction(lengths, batches), "foreign_cpu_share": cpu.foreign_share})
+        rows = yield
+        while True:
+            texts = ctx.texts(rows)  # templated before timing: the trainer of such a setup already holds the text
+            chunks = [texts[i : i + opts.batch] for i in range(0, len(texts), opts.batch)]
+            asyncio.run(_post_texts(opts, [ctx.texts(ctx.warmup_rows)], 1, server.url))
+            with CpuMonitor() as cpu:
+                started = time.perf_counter()
+                rewards = asyncio.run(_post_texts(opts, chunks, opts.concurrency, server.url))
+                wall = time.perf_counter() - started
+            scores = np.array([r for part in rewards for r in part], dtype=np.float32)
+            lengths = [len(ids) for ids in ctx.torch_model().tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            batches = [np.arange(i, min(i + opts.batch, len(lengths))) for i in range(0, len(lengths), opts.batch)]
+            rows = yield BackendResult("http", f"OpenRLHF-style HTTP server ({opts.concurrency} x {opts.batch}-text "
+                                       "requests, torch forward per request)", wall, len(scores), scores,
+                                       {"padding_waste": padding_fraction(lengths, batches),
+                                        "foreign_cpu_share": cpu.foreign_share})
 
 
-def run_vllm(ctx: Context) -> BackendResult | None:
-    """vLLM's CPU build on the same RM folder and conversations; None (after saying why) when it is not installed."""
+async def _post_texts(opts: BenchOptions, parts: list[list[str]], concurrency: int, url: str) -> list[list[float]]:
     import aiohttp
 
+    results: list[list[float] | None] = [None] * len(parts)
+    next_index = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=opts.timeout_s)) as session:
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < len(parts):
+                index = next_index
+                next_index += 1
+                async with session.post(url + "/get_reward", json={"query": parts[index]}) as response:
+                    body = await response.json()
+                    if response.status != 200:
+                        raise BenchError(f"the HTTP server answered {response.status}: {body}")
+                    results[index] = body["rewards"]
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def run_vllm(ctx: Context):
+    """vLLM's CPU build on the same RM folder and conversations, as its users run it (prefix caching on, its default:
+    the warm-up and every round score conversations of their own, so the cache never holds a timed one). Nothing is
+    timed (after saying why) when it is not installed."""
     from templar.tools.bench.vllm_server import (VllmRewardServer, default_vllm_python, model_unsupported,
                                                  vllm_missing)
 
@@ -487,68 +510,97 @@ def run_vllm(ctx: Context) -> BackendResult | None:
     missing = vllm_missing(python) or model_unsupported(ctx.model_dir)
     if missing:
         ctx.log(f"  skipping vllm: {missing}")
-        return None
+        return
     in_flight = min(len(ctx.rows), opts.concurrency * opts.batch)  # the conversations Templar has in flight
-    extra = {"chat_template_kwargs": ctx.template_kwargs} if ctx.template_kwargs else {}
-
-    async def classify_all(rows: list[dict], url: str) -> list[float]:
-        scores: list[float | None] = [None] * len(rows)
-        next_index = 0
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=opts.timeout_s)) as session:
-            async def worker() -> None:
-                nonlocal next_index
-                while next_index < len(rows):
-                    index = next_index
-                    next_index += 1
-                    body = {"model": RM_NAME, "messages": rows[index]["messages"], "use_activation": False, **extra}
-                    async with session.post(url + "/classify", json=body) as response:
-                        answer = await response.json()
-                        if response.status != 200:
-                            raise BenchError(f"vLLM answered {response.status}: {str(answer)[:300]}")
-                        scores[index] = float(answer["data"][0]["probs"][0])
-            await asyncio.gather(*(worker() for _ in range(min(in_flight, len(rows)))))
-        return scores
-
     ctx.log(f"  starting vLLM ({python}, {opts.vllm_dtype}; about a minute)")
     with VllmRewardServer(python, ctx.model_dir, name=RM_NAME, dtype=opts.vllm_dtype, max_length=opts.max_length,
                           log_file=ctx.repo.parent / "vllm_server.log") as server:
-        asyncio.run(classify_all(ctx.rows[: opts.warmup], server.url))
-        with CpuMonitor() as cpu:
-            started = time.perf_counter()
-            scores = asyncio.run(classify_all(ctx.rows, server.url))
-            wall = time.perf_counter() - started
-    return BackendResult("vllm", f"vLLM CPU /classify, {opts.vllm_dtype} (messages, {in_flight} one-conversation "
-                         "requests in flight)", wall, len(scores), np.array(scores, dtype=np.float32),
-                         {"dtype": opts.vllm_dtype, "in_flight": in_flight, "foreign_cpu_share": cpu.foreign_share})
+        rows = yield
+        while True:
+            asyncio.run(_classify_all(ctx, ctx.warmup_rows, server.url, in_flight))
+            with CpuMonitor() as cpu:
+                started = time.perf_counter()
+                scores = asyncio.run(_classify_all(ctx, rows, server.url, in_flight))
+                wall = time.perf_counter() - started
+            rows = yield BackendResult(
+                "vllm", f"vLLM CPU /classify, {opts.vllm_dtype} (messages, {in_flight} one-conversation requests in "
+                "flight, prefix caching on)", wall, len(scores), np.array(scores, dtype=np.float32),
+                {"dtype": opts.vllm_dtype, "in_flight": in_flight, "foreign_cpu_share": cpu.foreign_share})
 
 
-RUNNERS: dict[str, Callable[[Context], BackendResult | None]] = {
-    "templar": run_templar, "onnxruntime": run_onnxruntime, "torch": run_torch, "http": run_http,
+async def _classify_all(ctx: Context, rows: list[dict], url: str, in_flight: int) -> list[float]:
+    import aiohttp
+
+    extra = {"chat_template_kwargs": ctx.template_kwargs} if ctx.template_kwargs else {}
+    scores: list[float | None] = [None] * len(rows)
+    next_index = 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ctx.opts.timeout_s)) as session:
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < len(rows):
+                index = next_index
+                next_index += 1
+                body = {"model": RM_NAME, "messages": rows[index]["messages"], "use_activation": False, **extra}
+                async with session.post(url + "/classify", json=body) as response:
+                    answer = await response.json()
+                    if response.status != 200:
+                        raise BenchError(f"vLLM answered {response.status}: {str(answer)[:300]}")
+                    scores[index] = float(answer["data"][0]["probs"][0])
+        await asyncio.gather(*(worker() for _ in range(min(in_flight, len(rows)))))
+    return scores
+
+
+# name -> a generator function: next() starts the backend (returns at once where it is not installed here), each
+# send(rows) answers a timed pass over those rows (a BackendResult), close() stops it
+RUNNERS: dict[str, Callable[[Context], Any]] = {
+    "templar": run_templar, "templar-unshared": lambda ctx: run_templar(ctx, RM_UNSHARED, "templar-unshared"),
+    "onnxruntime": run_onnxruntime, "torch": run_torch, "http": run_http,
     "torch-sorted": run_torch_sorted, "onnxruntime-int8": run_onnxruntime_int8, "vllm": run_vllm,
     "openvino": lambda ctx: run_openvino(ctx, "fp32"), "openvino-bf16": lambda ctx: run_openvino(ctx, "bf16"),
     "packed": run_packed}
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
-def summarise(results: dict[str, BackendResult]) -> dict[str, Any]:
-    throughput = {name: r.conversations_per_s for name, r in results.items()}
+def median_result(rounds: list[BackendResult]) -> BackendResult:
+    """The round with the median throughput (the lower middle one of an even count)."""
+    ordered = sorted(rounds, key=lambda r: r.conversations_per_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _round_ratios(rounds: dict[str, list[BackendResult]]) -> dict[str, float]:
+    """Templar over each other backend: the median over rounds of the ratio measured within each round."""
+    served = rounds.get("templar")
     ratios: dict[str, float] = {}
-    served = throughput.get("templar")
-    if served:
-        for other in ("torch", "http", "onnxruntime", "torch-sorted", "vllm"):
-            if throughput.get(other):
-                ratios[f"templar_vs_{other}"] = served / throughput[other]
-        if "onnxruntime" in results:
-            bare = results["onnxruntime"].conversations / results["onnxruntime"].details["model_run_s"]
-            ratios["templar_vs_bare_onnxruntime"] = served / bare
-            throughput["onnxruntime_bare"] = bare
+    if not served:
+        return ratios
+    for other in ("torch", "http", "onnxruntime", "torch-sorted", "vllm", "packed", "templar-unshared"):
+        if rounds.get(other):
+            ratios[f"templar_vs_{other}"] = float(np.median([a.conversations_per_s / b.conversations_per_s
+                                                             for a, b in zip(served, rounds[other])]))
+    if rounds.get("onnxruntime"):
+        ratios["templar_vs_bare_onnxruntime"] = float(np.median([
+            a.conversations_per_s / (b.conversations / b.details["model_run_s"])
+            for a, b in zip(served, rounds["onnxruntime"])]))
+    return ratios
+
+
+def summarise(rounds: dict[str, list[BackendResult]]) -> dict[str, Any]:
+    """Figures of the median round per backend, ratios as medians of each round's ratio, score differences and
+    agreement on the first round's conversations (the same for every backend)."""
+    results = {name: median_result(r) for name, r in rounds.items()}
+    first = {name: r[0] for name, r in rounds.items()}
+    throughput = {name: r.conversations_per_s for name, r in results.items()}
+    ratios = _round_ratios(rounds)
+    if "onnxruntime" in results:
+        throughput["onnxruntime_bare"] = float(np.median([r.conversations / r.details["model_run_s"]
+                                                          for r in rounds["onnxruntime"]]))
     throughput = {name: throughput[name] for name in ORDER if name in throughput}
     reference_name = "torch" if "torch" in results else next(iter(results))
-    reference = results[reference_name].scores
-    diffs = {name: float(np.max(np.abs(r.scores.astype(np.float64) - reference))) for name, r in results.items()}
+    reference = first[reference_name].scores
+    diffs = {name: float(np.max(np.abs(r.scores.astype(np.float64) - reference))) for name, r in first.items()}
     figures: dict[str, float] = dict(ratios)
-    low = [*LOW_PRECISION, *(["templar"] if results.get("templar") and
-                              results["templar"].details.get("precision") == "bf16" else [])]
+    low = [*LOW_PRECISION, *[name for name in ("templar", "templar-unshared", "packed") if results.get(name) and
+                             results[name].details.get("precision", "fp32") == "bf16"]]
     figures[f"max_abs_diff_vs_{reference_name}"] = max([d for name, d in diffs.items() if name not in low],
                                                        default=0.0)
     server = results["templar"].details.get("server", {}) if "templar" in results else {}
@@ -562,14 +614,15 @@ def summarise(results: dict[str, BackendResult]) -> dict[str, Any]:
             value = figures[key]
             targets[name] = {"value": value, "threshold": threshold,
                              "met": bool(value >= threshold if kind == "min" else value <= threshold)}
-    disturbed = {name: r.details.get("foreign_cpu_share", 0.0) for name, r in results.items()}
+    disturbed = {name: max(x.details.get("foreign_cpu_share", 0.0) for x in r) for name, r in rounds.items()}
     summary = {"throughput_conversations_per_s": throughput, "ratios": ratios,
+               "rounds_conversations_per_s": {name: [x.conversations_per_s for x in r] for name, r in rounds.items()},
                "max_abs_diff_vs_reference": diffs, "reference": reference_name, "targets": targets,
                "foreign_cpu_share": disturbed}
-    fp32 = results.get("onnxruntime") or results.get("torch")
+    fp32 = first.get("onnxruntime") or first.get("torch")
     if fp32 is not None:  # each lower precision against the fp32 graph (or torch): speed, |d|, rank agreement
-        summary["agreement_vs_fp32"] = {name: agreement(fp32, results[name]) for name in low if name in results}
-    if "onnxruntime-int8" in results and "onnxruntime" in results:
+        summary["agreement_vs_fp32"] = {name: agreement(fp32, first[name]) for name in low if name in first}
+    if "onnxruntime-int8" in first and "onnxruntime" in first:
         summary["int8"] = summary["agreement_vs_fp32"]["onnxruntime-int8"]
     return summary
 
@@ -586,7 +639,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
               "ONNX Runtime\n(bare run time)", "torch": "HF torch\nin-process", "http": "OpenRLHF-style\nHTTP",
               "torch-sorted": "HF torch on\nsorted batches", "onnxruntime-int8": "ONNX Runtime\nint8",
               "vllm": "vLLM CPU\n/classify", "openvino": "OpenVINO\nfp32", "openvino-bf16": "OpenVINO\nbf16",
-              "packed": "packed torch\nin-process"}
+              "packed": "packed torch\nin-process", "templar-unshared": "Templar\nprefix sharing off"}
     values = [throughput[n] for n in names]
     fig, ax = plt.subplots(figsize=(9.0, 4.2))
     bars = ax.bar([labels[n] for n in names], values,
@@ -612,26 +665,59 @@ def check_options(opts: BenchOptions) -> None:
     if unknown or not opts.backends:
         raise BenchError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS + EXTRA_BACKENDS)}")
     for name, value in (("--batch", opts.batch), ("--concurrency", opts.concurrency),
-                        ("--torch-batch", opts.torch_batch), ("--conversations", opts.conversations)):
+                        ("--torch-batch", opts.torch_batch), ("--conversations", opts.conversations),
+                        ("--rounds", opts.rounds), ("--group", opts.group)):
         if value < 1:
             raise BenchError(f"{name} must be at least 1, got {value}")
 
 
-def run_backends(ctx: Context) -> tuple[dict[str, BackendResult], list[str]]:
-    """Each backend in turn on the same conversations; the names of those not installed here come back apart."""
-    results: dict[str, BackendResult] = {}
+def run_backends(ctx: Context, round_rows: list[list[dict[str, Any]]]) -> tuple[dict[str, list[BackendResult]],
+                                                                               list[str]]:
+    """Rounds of timed passes, interleaved: in each round every backend scores that round's conversations, one after
+    the other (a backend is started on its first pass and kept until the end). The names of those not installed
+    here come back apart."""
+    started: dict[str, Any] = {}
     skipped: list[str] = []
-    for name in ctx.opts.backends:
-        ctx.log(f"[{name}] scoring {len(ctx.rows)} conversations ...")
-        r = RUNNERS[name](ctx)
-        if r is None:  # not installed here (the runner said why)
-            skipped.append(name)
-            continue
-        results[name] = r
-        ctx.log(f"[{name}] {r.conversations_per_s:.2f} conversations/s ({r.seconds:.1f}s)")
+    results: dict[str, list[BackendResult]] = {}
+    try:
+        for number, rows in enumerate(round_rows, 1):
+            for name in ctx.opts.backends:
+                if name in skipped:
+                    continue
+                if name not in started:
+                    runner = RUNNERS[name](ctx)
+                    try:
+                        next(runner)  # starts it
+                    except StopIteration:  # not installed here (the runner said why)
+                        skipped.append(name)
+                        continue
+                    started[name] = runner
+                ctx.log(f"[{name}] round {number}/{len(round_rows)}: scoring {len(rows)} conversations ...")
+                r = started[name].send(rows)
+                results.setdefault(name, []).append(r)
+                ctx.log(f"[{name}] round {number}: {r.conversations_per_s:.2f} conversations/s ({r.seconds:.1f}s)")
+    finally:
+        for runner in started.values():
+            runner.close()  # servers stop
     if not results:
         raise BenchError(f"no backend ran (skipped: {', '.join(skipped)})")
     return results, skipped
+
+
+def round_conversations(opts: BenchOptions) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Each round's conversations (seed, seed + 1, ...; a --data file's rows every round) and the warm-up's (a seed
+    no round uses)."""
+    if opts.data:  # the file's rows in every round (a server with a prefix cache may remember them)
+        rows = conversations_from(opts.data)
+        return [rows] * opts.rounds, rows[: opts.warmup]
+
+    def rows_of(seed: int, count: int) -> list[dict[str, Any]]:
+        if opts.workload == "grpo":
+            return grpo_mix(max(1, count // opts.group), group=opts.group, seed=seed)
+        return conversations_from(None, count, seed=seed)
+
+    return [rows_of(opts.seed + r, opts.conversations) for r in range(opts.rounds)], \
+        rows_of(opts.seed + 10_000, max(opts.warmup, opts.group if opts.workload == "grpo" else 1))
 
 
 def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -640,12 +726,17 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
     work.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     log(f"machine: {machine['cpu_model']}, {machine['cpus']} cores, features {' '.join(machine['cpu_features'])}")
-    rows = conversations_from(opts.data, None if opts.data else opts.conversations, seed=opts.seed)
+    round_rows, warmup_rows = round_conversations(opts)
+    rows = round_rows[0]
     model_dir = prepare_model(opts, work, log)
     total, non_embedding = non_embedding_parameters(model_dir)
     log(f"exporting {model_dir} ({total / 1e6:.1f}M parameters, {non_embedding / 1e6:.1f}M outside the embedding)")
     report_export = export(model_dir, work / "model_repository", opts, log)
-    ctx = Context(opts, model_dir, work / "model_repository", rows, report_export.parameters, log)
+    if "templar-unshared" in opts.backends:  # the same RM beside it, prefix sharing off
+        export(model_dir, work / "model_repository", dataclasses.replace(
+            opts, settings=dataclasses.replace(opts.settings, prefix_sharing=False)), log, name=RM_UNSHARED)
+    ctx = Context(opts, model_dir, work / "model_repository", rows, report_export.parameters, log,
+                  warmup_rows=warmup_rows)
     fusions = None
     if opts.fusions:
         fusions = apply_transformer_fusions(ctx.scoring_onnx, model_dir, conversation_rows(rows[:16]),
@@ -656,8 +747,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
     log(f"{len(rows)} conversations, {int(lengths.sum())} tokens (mean {lengths.mean():.0f}, median "
         f"{np.median(lengths):.0f}, max {lengths.max()})")
 
-    results, skipped = run_backends(ctx)
-    summary = summarise(results)
+    rounds, skipped = run_backends(ctx, round_rows)
+    summary = summarise(rounds)
+    results = {name: median_result(r) for name, r in rounds.items()}
     report = {
         "tool": "templar bench",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -666,11 +758,14 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
                   "parameters": total, "non_embedding_parameters": non_embedding,
                   "export_parity_max_abs_diff": report_export.max_abs_diff, "max_length": opts.max_length,
                   "transformer_fusions": fusions},
-        "workload": {"source": str(opts.data) if opts.data else "built-in mix (tools/workload.py)",
+        "workload": {"source": str(opts.data) if opts.data else
+                     (f"GRPO-shaped: {opts.group} answers per prompt (tools/workload.py grpo_mix)"
+                      if opts.workload == "grpo" else "built-in mix (tools/workload.py)"),
                      "conversations": len(rows), "tokens": int(lengths.sum()), "mean_tokens": float(lengths.mean()),
-                     "median_tokens": float(np.median(lengths)), "max_tokens": int(lengths.max()), "seed": opts.seed},
+                     "median_tokens": float(np.median(lengths)), "max_tokens": int(lengths.max()), "seed": opts.seed,
+                     "rounds": opts.rounds, "round_seeds": [opts.seed + r for r in range(opts.rounds)]},
         "options": {"batch": opts.batch, "concurrency": opts.concurrency, "torch_batch": opts.torch_batch,
-                    "warmup": opts.warmup, "settings": dataclasses.asdict(opts.settings)},
+                    "warmup": opts.warmup, "rounds": opts.rounds, "settings": dataclasses.asdict(opts.settings)},
         "backends": {name: {"description": r.description, "seconds": r.seconds, "conversations": r.conversations,
                             "conversations_per_s": r.conversations_per_s, **r.details}
                      for name, r in results.items()},
@@ -764,7 +859,14 @@ def add_arguments(parser) -> None:
                         help="override a serving knob (EntrySettings), e.g. queue_delay_us=0; repeatable")
     parser.add_argument("--fusions", action="store_true", help="apply onnxruntime.transformers' graph fusions "
                         "to the exported model first (checked for score parity)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="the first round's conversations; round r uses "
+                        "seed + r (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help="timed passes per backend, interleaved across "
+                        "backends; figures are medians (default: %(default)s)")
+    parser.add_argument("--workload", default=d.workload, choices=("mix", "grpo"), help="mix: the built-in mix; "
+                        "grpo: GRPO-shaped, --group answers to each ~300-token prompt (default: %(default)s)")
+    parser.add_argument("--group", type=int, default=d.group, help="answers per prompt with --workload grpo "
+                        "(default: %(default)s)")
     parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"),
                         help="what Templar's CPU scorer computes in (templar export --precision; default: "
                         "%(default)s: bf16 where the CPU has it in hardware)")
@@ -780,7 +882,8 @@ def main(args) -> int:
                         concurrency=args.concurrency, torch_batch=args.torch_batch, max_length=args.max_length,
                         backends=[b.strip() for b in args.backends.split(",") if b.strip()], warmup=args.warmup,
                         settings=EntrySettings(**dict(args.setting)), fusions=args.fusions,
-                        vllm_python=args.vllm_python, vllm_dtype=args.vllm_dtype, precision=args.precision)
+                        vllm_python=args.vllm_python, vllm_dtype=args.vllm_dtype, precision=args.precision,
+                        rounds=args.rounds, workload=args.workload, group=args.group)
     report = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({"throughput_conversations_per_s": report["summary"]["throughput_conversations_per_s"],
                       "ratios": report["summary"]["ratios"]}))

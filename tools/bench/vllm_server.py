@@ -75,7 +75,7 @@ class VllmRewardServer(ChildHttpServer):
         self.python, self.model_dir, self.name = python, model_dir, name
         self.args = [str(model_dir), "--runner", "pooling", "--convert", "classify", "--dtype", dtype,
                      "--max-model-len", str(max_length), "--served-model-name", name, "--host", host,
-                     "--port", str(self.port), "--no-enable-prefix-caching"]
+                     "--port", str(self.port)]  # prefix caching on, vLLM's default (templar bench: run_vllm)
 
     def command(self) -> list[str]:
         return [str(self.python), "-c", _LAUNCH, *self.args]
