@@ -56,6 +56,9 @@ SCORES = "SCORES"
 # The scoring model's config for the embedded CPU server (`configs/embedded.pbtxt`, beside the GPU container's
 # config.pbtxt): `templar serve` starts Triton with --model-config-name=embedded
 EMBEDDED_CONFIG_NAME = "embedded"
+# the RM's own folder inside a scoring model's version folder, for the CPU's torch scorers (the packed scorer, an RM
+# served by its own forward)
+MODEL_FOLDER = "hf"
 
 STATUS_OK = "ok"
 ERROR_PREFIX = "error: "

@@ -278,9 +278,7 @@ class StagedModel:
 
     @property
     def torch_model_dir(self) -> Path:
-        from templar.serving.torch_scorer import MODEL_FOLDER
-
-        return self.staging / self.names[1] / self.version / MODEL_FOLDER
+        return self.staging / self.names[1] / self.version / contract.MODEL_FOLDER
 
     @property
     def onnx_path(self) -> Path:

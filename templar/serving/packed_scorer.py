@@ -35,7 +35,7 @@ from templar import contract
 from templar.errors import PackedScorerUnsupported
 from templar.serving.prefix_packing import PackedLayout, pack_rows
 
-MODEL_FOLDER = "hf"  # the RM's folder inside the version folder (config.json, weights, any code it ships)
+MODEL_FOLDER = contract.MODEL_FOLDER  # the RM's folder inside the version folder (config.json, weights, its code)
 ATTENTION = "templar_packed"  # the name this module's attention function is registered under
 _LAYOUT: contextvars.ContextVar[PackedLayout] = contextvars.ContextVar("templar_packed_layout")
 

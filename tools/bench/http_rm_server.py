@@ -3,7 +3,8 @@
 As there: FastAPI + uvicorn, `POST /get_reward` with `{"query": [text, ...]}` answers `{"rewards": [...]}`, the
 texts are tokenized with padding and scored by one torch forward per request (in chunks of `--batch-size` when
 given), inside the async handler, so requests are served one at a time. Differences, both so that scores can be
-compared with the other backends to 1e-4: the model runs in float32 (OpenRLHF's default is bf16), and the text is
+compared with the other backends to 1e-4: the model runs in float32 unless `--dtype bfloat16` (OpenRLHF's default is
+bf16; `templar bench --http-dtype`), and the text is
 used exactly as the RM's own chat template rendered it (serve_rm strips and re-appends the EOS string and lets the
 tokenizer add a BOS, which changes the tokens of templated text).
 
@@ -33,10 +34,10 @@ from templar.environment import use_offline_defaults
 
 
 def create_app(model_dir: str | Path, *, max_length: int, batch_size: int | None,
-               template_kwargs: dict | None) -> FastAPI:
+               template_kwargs: dict | None, dtype: str = "float32") -> FastAPI:
     from templar.tools.bench.torch_rm import TorchRewardModel
 
-    model = TorchRewardModel(model_dir, max_length=max_length, template_kwargs=template_kwargs)
+    model = TorchRewardModel(model_dir, max_length=max_length, template_kwargs=template_kwargs, dtype=dtype)
     app = FastAPI()
 
     @app.get("/health")
@@ -132,12 +133,13 @@ class HttpRewardServer(ChildHttpServer):
 
     def __init__(self, model_dir: str | Path, *, max_length: int = 4096, batch_size: int | None = None,
                  template_kwargs: dict | None = None, host: str = DEFAULT_HOST, port: int | None = None,
-                 startup_timeout_s: float = 300.0, log_file: str | Path | None = None) -> None:
+                 startup_timeout_s: float = 300.0, log_file: str | Path | None = None, dtype: str = "float32") -> None:
         super().__init__(host=host, port=port, startup_timeout_s=startup_timeout_s,
                          log_file=Path(log_file) if log_file else None)
         self.model_dir = Path(model_dir)
         self.args = ["--model", str(self.model_dir), "--host", host, "--port", str(self.port),
-                     "--max-len", str(max_length), "--template-kwargs", json.dumps(template_kwargs or {})]
+                     "--max-len", str(max_length), "--template-kwargs", json.dumps(template_kwargs or {}),
+                     "--dtype", dtype]
         if batch_size:
             self.args += ["--batch-size", str(batch_size)]
 
@@ -164,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=None, help="texts per forward (default: the request)")
     parser.add_argument("--template-kwargs", type=json.loads, default={})
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="what the model computes in (OpenRLHF serve_rm's default: bfloat16)")
     args = parser.parse_args(argv)
     use_offline_defaults()
     import uvicorn
 
     app = create_app(args.model, max_length=args.max_len, batch_size=args.batch_size,
-                     template_kwargs=args.template_kwargs)
+                     template_kwargs=args.template_kwargs, dtype=args.dtype)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

@@ -102,6 +102,7 @@ class BenchOptions:
     precision: str = "auto"  # `templar export --precision` of the served RM (auto: bf16 where the CPU has it)
     vllm_python: Path | None = None  # the vLLM environment's python; default $TEMPLAR_VLLM_PYTHON or the cache's
     vllm_dtype: str = "float32"  # what vLLM computes in: float32 (Templar's precision) or bfloat16
+    http_dtype: str = "float32"  # what the OpenRLHF-style server computes in (serve_rm's default: bfloat16)
     # Timed passes per backend, interleaved (round 1: every backend, round 2: every backend, ...), each round on a
     # conversation set of its own (seed, seed + 1, ...): a shared machine's speed drifts by tens of percent over
     # minutes, so figures are the median over rounds and ratios the median of each round's ratio
@@ -315,7 +316,7 @@ async def _drive_templar(ctx: Context, server, name: str, rows):
 
 
 def _in_process(ctx: Context, name: str, description: str,
-                run: Callable[[np.ndarray, np.ndarray], np.ndarray], packing: str = "padded"):
+                run: Callable[[np.ndarray, np.ndarray], np.ndarray], packing: str = "padded", precision: str = "fp32"):
     """The served path's steps in this process: chunks of the entry's batch size, the RM's template and tokenizer
     (`preprocess_rows`), micro-batches (`score_in_micro_batches`: length-sorted, or `packing="prefix"`, the packed
     scorer's) scored by `run`."""
@@ -359,7 +360,7 @@ def _in_process(ctx: Context, name: str, description: str,
         rows = yield BackendResult(name, description, wall, len(scores), scores,
                                    {"model_run_s": inside["run_s"], "preprocess_s": preprocess_s,
                                     "padding_waste": 1.0 - tokens / slots if slots else 0.0,
-                                    "foreign_cpu_share": cpu.foreign_share})
+                                    "foreign_cpu_share": cpu.foreign_share, "precision": precision})
 
 
 def run_onnxruntime(ctx: Context):
@@ -384,7 +385,7 @@ def run_packed(ctx: Context):
     scorer = create_packed_scorer(folder / "1", params, EntrySettings.from_parameters(params, "scorer"),
                                   log=lambda m: ctx.log("  " + m))
     yield from _in_process(ctx, "packed", f"the packed torch scorer in-process, {scorer.precision}, same "
-                           "micro-batches", scorer, packing="prefix")
+                           "micro-batches", scorer, packing="prefix", precision=scorer.precision)
 
 
 def run_onnxruntime_int8(ctx: Context):
@@ -459,7 +460,7 @@ def run_http(ctx: Context):
     opts = ctx.opts
     ctx.log("  starting the OpenRLHF-style HTTP server")
     with HttpRewardServer(ctx.model_dir, max_length=opts.max_length, template_kwargs=ctx.template_kwargs,
-                          log_file=ctx.repo.parent / "http_server.log") as server:
+                          log_file=ctx.repo.parent / "http_server.log", dtype=opts.http_dtype) as server:
         rows = yield
         while True:
             texts = ctx.texts(rows)  # templated before timing: the trainer of such a setup already holds the text
@@ -473,9 +474,9 @@ def run_http(ctx: Context):
             lengths = [len(ids) for ids in ctx.torch_model().tokenizer(texts, add_special_tokens=False)["input_ids"]]
             batches = [np.arange(i, min(i + opts.batch, len(lengths))) for i in range(0, len(lengths), opts.batch)]
             rows = yield BackendResult("http", f"OpenRLHF-style HTTP server ({opts.concurrency} x {opts.batch}-text "
-                                       "requests, torch forward per request)", wall, len(scores), scores,
-                                       {"padding_waste": padding_fraction(lengths, batches),
-                                        "foreign_cpu_share": cpu.foreign_share})
+                                       f"requests, torch forward per request, {opts.http_dtype})", wall, len(scores),
+                                       scores, {"padding_waste": padding_fraction(lengths, batches),
+                                                "foreign_cpu_share": cpu.foreign_share, "dtype": opts.http_dtype})
 
 
 async def _post_texts(opts: BenchOptions, parts: list[list[str]], concurrency: int, url: str) -> list[list[float]]:
@@ -600,7 +601,8 @@ def summarise(rounds: dict[str, list[BackendResult]]) -> dict[str, Any]:
     diffs = {name: float(np.max(np.abs(r.scores.astype(np.float64) - reference))) for name, r in first.items()}
     figures: dict[str, float] = dict(ratios)
     low = [*LOW_PRECISION, *[name for name in ("templar", "templar-unshared", "packed") if results.get(name) and
-                             results[name].details.get("precision", "fp32") == "bf16"]]
+                             results[name].details.get("precision", "fp32") == "bf16"],
+           *(["http"] if results.get("http") and results["http"].details.get("dtype") == "bfloat16" else [])]
     figures[f"max_abs_diff_vs_{reference_name}"] = max([d for name, d in diffs.items() if name not in low],
                                                        default=0.0)
     server = results["templar"].details.get("server", {}) if "templar" in results else {}
@@ -872,6 +874,9 @@ def add_arguments(parser) -> None:
                         "%(default)s: bf16 where the CPU has it in hardware)")
     parser.add_argument("--vllm-python", type=Path, help="the python of the vLLM environment for the vllm backend "
                         "(default: $TEMPLAR_VLLM_PYTHON, else $TEMPLAR_HOME/vllm-venv, made by `make vllm-env`)")
+    parser.add_argument("--http-dtype", default=d.http_dtype, choices=("float32", "bfloat16"),
+                        help="what the OpenRLHF-style server computes in (default: %(default)s; serve_rm's own "
+                        "default is bfloat16)")
     parser.add_argument("--vllm-dtype", default=d.vllm_dtype, choices=("float32", "bfloat16"),
                         help="what vLLM computes in (default: %(default)s, Templar's precision)")
 
@@ -883,7 +888,7 @@ def main(args) -> int:
                         backends=[b.strip() for b in args.backends.split(",") if b.strip()], warmup=args.warmup,
                         settings=EntrySettings(**dict(args.setting)), fusions=args.fusions,
                         vllm_python=args.vllm_python, vllm_dtype=args.vllm_dtype, precision=args.precision,
-                        rounds=args.rounds, workload=args.workload, group=args.group)
+                        rounds=args.rounds, workload=args.workload, group=args.group, http_dtype=args.http_dtype)
     report = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({"throughput_conversations_per_s": report["summary"]["throughput_conversations_per_s"],
                       "ratios": report["summary"]["ratios"]}))

@@ -25,8 +25,10 @@ from templar.padding import position_ids
 
 class TorchRewardModel:
     def __init__(self, model_dir: str | Path, *, max_length: int = 4096, template_kwargs: dict | None = None,
-) -> None:
+                 dtype: str = "float32") -> None:
         loaded = load_reward_model(model_dir)
+        if dtype != "float32":  # e.g. bfloat16, OpenRLHF serve_rm's default: every weight in it, as it loads them
+            loaded.scorer.to(getattr(torch, dtype))
         self.scorer, self.config, self.kind = loaded.scorer, loaded.config, loaded.kind
         self.classifier = loaded.classifier  # None for a value-head RM
         self.scorer.backbone.set_attn_implementation("sdpa")  # the export traces "eager"; frameworks run sdpa
