@@ -13,6 +13,10 @@ import os  # noqa: E402
 # scores bit for bit to fp32 references, so "auto" means fp32 here (servers and CLIs the tests start inherit it);
 # tests/test_cpu_precision.py tests the bf16 path and what "auto" picks on which CPU.
 os.environ["TEMPLAR_CPU_PRECISION"] = "fp32"
+# The packed CPU scorer compiles its layers (torch.compile) when a server loads it: seconds per model at every server
+# start, many of which the suite makes. Its layers run uncompiled here; tests/test_packed_scorer.py serves them
+# compiled, as deployed.
+os.environ["TEMPLAR_NO_COMPILE"] = "1"
 # Two test workers share two cores, each running torch (here and in the trainings, exports and servers they start):
 # OpenMP threads that spin-wait after every parallel region take the core from the other worker's. Measured with two
 # PPO runs of configs/demo_prm.yaml side by side on 2 cores: 30 s a step each by default, 11 s with threads that

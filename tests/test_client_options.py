@@ -33,7 +33,7 @@ from templar.errors import ConfigError
 from templar.field_docs import field_docs
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations
-from templar.server.embedded import ADMIN_KEY_ENV
+from templar.server.embedded import ADMIN_KEY_ENV, die_with_parent
 from templar.server.ports import free_port
 from templar.template_parser import TemplateParser
 from templar.trainer.config import load_config
@@ -277,7 +277,8 @@ def test_gateway(tls_server, expected):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "templar.cli", "gateway", "--actor-template", "qwen2_5",
                                 "--model", "rm_small", "--port", str(port), *tls_server.flags],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=die_with_parent)
     parser = TemplateParser.from_source("qwen2_5")
     prompt = parser.tokenizer.apply_chat_template(CONVERSATIONS[0][:-1], tokenize=False, add_generation_prompt=True)
     body = {"query": [openrlhf_query(parser.tokenizer, prompt, CONVERSATIONS[0][-1]["content"])], "prompts": [prompt],

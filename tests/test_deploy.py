@@ -22,6 +22,7 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from templar.server.embedded import die_with_parent
 from templar import contract
 from templar.export.repository import EntrySettings, RewardModelEntry, scorer_config_tensorrt
 from templar.server.ports import free_ports
@@ -143,7 +144,7 @@ def test_cpu_profile_commands_export_serve_pass_the_healthcheck_and_train(tmp_pa
     for flag, port in (("--http-port", http), ("--grpc-port", grpc), ("--metrics-port", metrics)):
         serve_command[serve_command.index(flag) + 1] = str(port)
     server = subprocess.Popen(cli + serve_command[1:], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+                              text=True, preexec_fn=die_with_parent)
     try:
         healthcheck = services["triton-cpu"]["healthcheck"]["test"][1:]  # ["CMD", "python3", "-c", ...]
         healthcheck = [a.replace("localhost:8000", f"127.0.0.1:{http}") for a in healthcheck]
@@ -220,6 +221,11 @@ def _third_party_imports(module: str, seen: set[str] | None = None) -> set[str]:
     for block in ast.walk(tree):  # imports under `if TYPE_CHECKING:` never run
         if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
             block.body = []
+        # `try: import x / except ImportError:` is an optional dependency, handled where it is absent
+        if isinstance(block, ast.Try) and any(ast.unparse(h.type or ast.Name("")) in ("ImportError",
+                                                                                     "ModuleNotFoundError")
+                                              for h in block.handlers):
+            block.body = [node for node in block.body if not isinstance(node, (ast.Import, ast.ImportFrom))]
     found: set[str] = set()
     for node in ast.walk(tree):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import) else

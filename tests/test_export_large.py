@@ -17,6 +17,7 @@ import psutil
 import pytest
 import torch
 
+from templar.server.embedded import die_with_parent
 from templar.errors import ExportError
 from templar.export.onnx_files import model_files
 from templar.export.repository import read_parameters
@@ -33,7 +34,7 @@ def templar_export(*args: str) -> tuple[subprocess.CompletedProcess, float, int]
     """`templar export` in its own process: (result, wall seconds, peak resident bytes, sampled every 50 ms)."""
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, "-m", "templar.cli", "export", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
     peak = [0]
 
     def watch() -> None:

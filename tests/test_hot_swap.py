@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from templar import contract, wire
 from templar.cli import main as cli
 from templar.conversation import conversation_rows
-from templar.server.embedded import ADMIN_KEY_ENV
+from templar.server.embedded import ADMIN_KEY_ENV, die_with_parent
 from templar.errors import ExportError
 from templar.export.repository import check_version, read_parameters
 from templar.server.hot_swap import ModelControl, ReloadOptions, reload_model, with_versions
@@ -281,7 +281,7 @@ def test_a_training_run_records_the_step_its_rewards_came_from_the_new_version(t
              "steps=1000", "save_every=1000", f"reward.url={server.grpc_url}", "reward.models=[{name: rm}]",
              "generation.max_new_tokens=8", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
              "ppo.micro_batch_size=2", "ppo.ppo_epochs=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
+            text=True, preexec_fn=die_with_parent)
         wait_for(2)
         report = reload_model(ReloadOptions(model="rm", url=server.grpc_url, repo=repo, admin_key=ADMIN_KEY),
                               log=lambda _: None)

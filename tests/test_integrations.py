@@ -15,6 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from templar.server.embedded import die_with_parent
 from templar.server.ports import free_port
 from templar.samples import sample_conversations
 from templar.template_parser import TemplateParser
@@ -54,7 +55,7 @@ class Gateway:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "templar.cli", "gateway", "--actor-template", actor, "--url", url,
              "--port", str(self.port), *[a for m in MODELS.split(",") for a in ("--model", m)], *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
         while asyncio.run(self.get("/health"))[0] is None:

@@ -19,7 +19,7 @@ from templar.export.scorer import parity_error
 from templar.padding import right_pad
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.serving.batching import METRIC_SHARED, METRIC_SLOTS, METRIC_TOKENS
-from templar.serving.packed_scorer import PackedScorer
+from templar.serving.packed_scorer import NO_COMPILE_ENV, PackedScorer
 from templar.serving.prefix_packing import computed_tokens, pack_rows, plan_packed_micro_batches
 from templar.tiny_models import build_tiny_model
 from templar.tools.workload import grpo_mix
@@ -137,9 +137,10 @@ def counters(metrics_url: str, model: str) -> dict[str, float]:
 
 
 @pytest.mark.integration
-def test_served_packed_scores_are_the_models_own_forward_and_share_each_prompt(packed_repo, grpo_rows):
+def test_served_packed_scores_are_the_models_own_forward_and_share_each_prompt(packed_repo, grpo_rows, monkeypatch):
     """GRPO-shaped rows over real gRPC: the compiled packed scorer gives the model's own forward within the fp32
     bound, in one request, row by row, and with prefix sharing off; the entry counts what sharing saved."""
+    monkeypatch.delenv(NO_COMPILE_ENV)  # served as deployed: compiled (the rest of the suite runs uncompiled)
     repo, reports, _, models = packed_repo
     assert float(reports["rm_packed"].parameters["packed_max_abs_diff"]) <= FP32_BOUND  # the export's own check
     embedded = read_parameters(repo / contract.scoring_model_name("rm_packed") / "configs" / "embedded.pbtxt")

@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from templar import contract, wire
 from templar.conversation import conversation_rows
-from templar.server.embedded import EmbeddedTriton, ServerError
+from templar.server.embedded import EmbeddedTriton, ServerError, die_with_parent
 from templar.server.ports import free_ports, free_server_ports
 from templar.samples import sample_conversations
 
@@ -34,7 +34,7 @@ class ServeProcess:
         args = [sys.executable, "-m", "templar.cli", "serve", "--repo", str(repo)]
         args += [a for kind, port in self.ports.items() for a in (f"--{kind}-port", str(port))] + list(extra)
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **(env or {})})
+                                        env={**os.environ, **(env or {})}, preexec_fn=die_with_parent)
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()

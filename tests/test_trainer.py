@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from templar.server.embedded import die_with_parent
 from templar.fingerprints import sha256_text
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.tiny_models import build_tiny_model
@@ -44,7 +45,7 @@ def templar_train(*args: str, timeout: float = 900) -> subprocess.CompletedProce
 
 def start_train(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "templar.cli", "train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
 
 
 def wait_until(predicate, timeout: float = 600, what: str = "condition") -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from templar.server.embedded import die_with_parent
 from templar.server.ports import free_server_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def test_the_wheel_alone_exports_serves_and_scores(installed, tmp_path):
     server = subprocess.Popen([templar, "serve", "--repo", str(tmp_path / "repo"), "--grpc-port",
                                str(ports["grpc_port"]), "--http-port", str(ports["http_port"]), "--metrics-port",
                                str(ports["metrics_port"])], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)
     try:
         for line in server.stdout:  # `templar serve` prints its endpoints once every model is ready, then this
             if "Ctrl-C stops it" in line:

@@ -70,13 +70,17 @@ class CpuPrecision:
     reason: str  # one line for the server log
 
 
-def bf16_speedup(hidden: int = 1024, rows: int = 512, repeats: int = 8) -> float:
+def bf16_speedup(hidden: int = 1024, rows: int = 512, repeats: int = 8) -> float | None:
     """fp32 time / bf16 time of a [rows, hidden] x [hidden, 4 hidden] product in torch on this CPU: the instructions
     the CPU runtimes' bf16 kernels use. The two are timed in alternation (`repeats` each, the fastest of each kept), so
-    that another process busy for a moment (the server's other models starting) slows both, not one."""
+    that another process busy for a moment (the server's other models starting) slows both, not one. None where torch
+    is not installed (an image that serves the ONNX graph only)."""
     import time
 
-    import torch
+    try:
+        import torch
+    except ImportError:
+        return None
 
     operands = {dtype: (torch.randn(rows, hidden).to(dtype), torch.randn(4 * hidden, hidden).to(dtype))
                 for dtype in (torch.float32, torch.bfloat16)}
@@ -105,7 +109,7 @@ def _setting(setting: str, environ: dict[str, str]) -> tuple[str, str]:
 
 
 def resolve(setting: str, *, runtime: str = "onnxruntime", flags: set[str] | None = None,
-            environ: dict[str, str] | None = None, measure: Callable[[], float] | None = None) -> CpuPrecision:
+            environ: dict[str, str] | None = None, measure: Callable[[], float | None] | None = None) -> CpuPrecision:
     """What a scorer of `runtime` configured with `setting` ("auto", "fp32", "bf16") runs here, and why. `measure`
     answers bf16_speedup() (asked only by auto on a CPU with bf16 in hardware)."""
     if runtime not in CPU_RUNTIMES:
@@ -128,6 +132,9 @@ def resolve(setting: str, *, runtime: str = "onnxruntime", flags: set[str] | Non
         return CpuPrecision("fp32", graph, f"auto: the CPU has {hardware} but OpenVINO is not installed, so fp32 on "
                             f"{graph}")
     speedup = (measure or bf16_speedup)()
+    if speedup is None:  # only OpenVINO serves without torch: the hardware's word, unmeasured
+        return CpuPrecision("bf16", bf16_runtime, f"auto: the CPU has {hardware} (no torch here to measure a bf16 "
+                            f"product), so bf16 on {bf16_runtime}")
     if speedup < BF16_MIN_SPEEDUP:
         return CpuPrecision("fp32", graph, f"auto: the CPU has {hardware}, but a bf16 matrix product measured "
                             f"x{speedup:.2f} fp32's speed here (bf16 needs x{BF16_MIN_SPEEDUP}), so fp32 on {graph}")

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from templar import contract
 from templar.serving.cpu_precision import create_scorer, resolve
 from templar.serving.settings import EntrySettings
-from templar.serving.triton_utils import model_parameters, output_dtypes
+from templar.serving.triton_utils import model_parameters, output_dtypes, scoring_responses
 
 
 class TritonPythonModel:
@@ -36,16 +35,4 @@ class TritonPythonModel:
                                  f"({self.choice.reason})")
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            ids = pb_utils.get_input_tensor_by_name(request, contract.INPUT_IDS).as_numpy()
-            mask = pb_utils.get_input_tensor_by_name(request, contract.ATTENTION_MASK).as_numpy()
-            try:
-                values = self.score(ids, mask)
-                responses.append(pb_utils.InferenceResponse([
-                    pb_utils.Tensor(name, value.astype(self.dtypes[name], copy=False))
-                    for name, value in zip(self.outputs, values)]))
-            except Exception as exc:  # e.g. an id outside the vocabulary: fail this request, keep serving
-                error = pb_utils.TritonError(f"{self.choice.runtime}: {exc}")
-                responses.append(pb_utils.InferenceResponse(error=error))
-        return responses
+        return scoring_responses(requests, self.score, self.dtypes, self.choice.runtime)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from templar.serving.prefix_packing import PackedLayout, pack_rows
 
 MODEL_FOLDER = contract.MODEL_FOLDER  # the RM's folder inside the version folder (config.json, weights, its code)
 ATTENTION = "templar_packed"  # the name this module's attention function is registered under
+# "1": this machine's packed scorers run their layers uncompiled, whatever the export said (the test suite: every
+# server start would trace them again)
+NO_COMPILE_ENV = "TEMPLAR_NO_COMPILE"
 _LAYOUT: contextvars.ContextVar[PackedLayout] = contextvars.ContextVar("templar_packed_layout")
 
 
@@ -213,6 +217,9 @@ class PackedScorer:
         self.wrapped = skip_unread_positions_in_the_last_layer(backbone)
         if precision == "bf16":
             backbone.to(torch.bfloat16)  # the head stays float32: the read hidden states are cast to it
+        if compile and os.environ.get(NO_COMPILE_ENV, "") == "1":
+            log(f"${NO_COMPILE_ENV}=1: the layers run uncompiled on this machine")
+            compile = False
         self.compiled = compile and self._compile(log)
 
     def _compile(self, log) -> bool:
@@ -286,13 +293,12 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         from templar.serving.settings import EntrySettings
-        from templar.serving.triton_utils import model_parameters, output_dtypes
+        from templar.serving.triton_utils import model_parameters, output_dtypes, scoring_responses
 
-        self.pb = pb_utils
+        self.responses = scoring_responses
         params = model_parameters(args)
         settings = EntrySettings.from_parameters(params, "scorer")
         self.dtypes = output_dtypes(args)  # SCORE; a multi-objective RM's SCORE and SCORES
-        self.outputs = tuple(self.dtypes)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.scorer = create_packed_scorer(version_dir, params, settings,
                                            log=lambda m: pb_utils.Logger.log_info(f"{args['model_name']}: {m}"))
@@ -306,17 +312,4 @@ class TritonPythonModel:
                                  f"at read positions: {', '.join(self.scorer.wrapped)})")
 
     def execute(self, requests):
-        pb = self.pb
-        responses = []
-        for request in requests:
-            ids = pb.get_input_tensor_by_name(request, contract.INPUT_IDS).as_numpy()
-            mask = pb.get_input_tensor_by_name(request, contract.ATTENTION_MASK).as_numpy()
-            try:
-                values = self.scorer(ids, mask)
-                values = values if isinstance(values, tuple) else (values,)
-                responses.append(pb.InferenceResponse([
-                    pb.Tensor(name, value.astype(self.dtypes[name], copy=False))
-                    for name, value in zip(self.outputs, values)]))
-            except Exception as exc:  # e.g. an id outside the vocabulary: fail this request, keep serving
-                responses.append(pb.InferenceResponse(error=pb.TritonError(f"torch: {type(exc).__name__}: {exc}")))
-        return responses
+        return self.responses(requests, self.scorer, self.dtypes, "torch")

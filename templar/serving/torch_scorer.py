@@ -57,9 +57,9 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         from templar.serving.settings import EntrySettings
-        from templar.serving.triton_utils import model_parameters, output_dtypes
+        from templar.serving.triton_utils import model_parameters, output_dtypes, scoring_responses
 
-        self.pb = pb_utils
+        self.responses = scoring_responses
         settings = EntrySettings.from_parameters(model_parameters(args), "scorer")
         self.dtypes = output_dtypes(args)  # SCORE and SCORES (templar.contract's multi-objective scorer signature)
         folder = Path(args["model_repository"]) / args["model_version"] / MODEL_FOLDER
@@ -69,15 +69,5 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"{args['model_name']}: its own forward in torch, float32, on {device}")
 
     def execute(self, requests):
-        pb = self.pb
-        responses = []
-        for request in requests:
-            ids = pb.get_input_tensor_by_name(request, contract.INPUT_IDS).as_numpy()
-            mask = pb.get_input_tensor_by_name(request, contract.ATTENTION_MASK).as_numpy()
-            try:
-                values = dict(zip((contract.SCORE, contract.SCORES), self.scorer(ids, mask)))
-                responses.append(pb.InferenceResponse([
-                    pb.Tensor(name, values[name].astype(dtype, copy=False)) for name, dtype in self.dtypes.items()]))
-            except Exception as exc:  # its code refused this batch (e.g. ArmoRM's gating pattern missing): this request
-                responses.append(pb.InferenceResponse(error=pb.TritonError(f"torch: {type(exc).__name__}: {exc}")))
-        return responses
+        # its code may refuse a batch (e.g. ArmoRM's gating pattern missing): that request's error
+        return self.responses(requests, self.scorer, self.dtypes, "torch")
