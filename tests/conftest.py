@@ -17,6 +17,9 @@ os.environ["TEMPLAR_CPU_PRECISION"] = "fp32"
 # start, many of which the suite makes. Its layers run uncompiled here; tests/test_packed_scorer.py serves them
 # compiled, as deployed.
 os.environ["TEMPLAR_NO_COMPILE"] = "1"
+# ... and where a test compiles, inductor compiles in the process itself: no pool of compile workers (a torch import
+# each) on a machine whose memory the suite's servers already fill
+os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
 # Two test workers share two cores, each running torch (here and in the trainings, exports and servers they start):
 # OpenMP threads that spin-wait after every parallel region take the core from the other worker's. Measured with two
 # PPO runs of configs/demo_prm.yaml side by side on 2 cores: 30 s a step each by default, 11 s with threads that
@@ -130,6 +133,19 @@ def export(model: Path, name: str, repo: Path, **kwargs) -> object:
     return export_reward_model(ExportOptions(model=model, name=name, repo=repo, **kwargs), log=lambda _: None)
 
 
+# The session server of each test worker serves 11 RMs (33 Python-backend processes). On the packed torch scorer a
+# scoring process holds ~360 MB (torch), on ONNX Runtime ~75 MB: with both workers' servers, the trainings and the
+# real-size export, all-packed repositories ran a 24 GiB machine out of memory. The default runtime serves the three
+# architectures the families bring (qwen2, llama, gemma3_text); the other families and variants, whose point is their
+# template, run the ONNX graph. The conformance matrix (tests/test_fidelity.py) runs every architecture on both.
+PACKED_FAMILIES = ("qwen2_5", "llama3_1", "gemma3")
+ORT_SETTINGS = dataclasses.replace(TEST_SETTINGS, cpu_runtime="onnxruntime")
+
+
+def served_repo_settings(family: str) -> EntrySettings:
+    return TEST_SETTINGS if family in PACKED_FAMILIES else ORT_SETTINGS
+
+
 @pytest.fixture(scope="session")
 def served_repo(tiny_rms, tmp_path_factory) -> ServedRepo:
     """One repository with an RM per family, plus variants: special_tokens=reject, and a Gemma-1 template (which
@@ -137,18 +153,17 @@ def served_repo(tiny_rms, tmp_path_factory) -> ServedRepo:
     repo = ServedRepo(tmp_path_factory.mktemp("repo") / "model_repository")
     for family, model in tiny_rms.items():
         name = f"rm_{family}"
-        repo.reports[name] = export(model, name, repo.path, template_kwargs=TEMPLATE_KWARGS.get(family, {}))
+        repo.reports[name] = export(model, name, repo.path, template_kwargs=TEMPLATE_KWARGS.get(family, {}),
+                                    settings=served_repo_settings(family))
         repo.models[name] = model
     repo.reports["rm_llama3_reject"] = export(tiny_rms["llama3_1"], "rm_llama3_reject", repo.path,
-                                              special_tokens="reject")
+                                              special_tokens="reject", settings=ORT_SETTINGS)
     repo.models["rm_llama3_reject"] = tiny_rms["llama3_1"]
     repo.reports["rm_gemma1"] = export(tiny_rms["gemma3"], "rm_gemma1", repo.path,
-                                       chat_template=template_path("gemma"))
+                                       chat_template=template_path("gemma"), settings=ORT_SETTINGS)
     repo.models["rm_gemma1"] = tiny_rms["gemma3"]
-    # the ONNX graph on ONNX Runtime (cpu_runtime onnxruntime): the CPU path whose scores are bit-identical whatever
-    # the batch; every other RM here runs the default packed torch scorer
-    repo.reports["rm_qwen2_5_ort"] = export(tiny_rms["qwen2_5"], "rm_qwen2_5_ort", repo.path,
-                                            settings=dataclasses.replace(TEST_SETTINGS, cpu_runtime="onnxruntime"))
+    # the same RM as rm_qwen2_5 on ONNX Runtime: the CPU path whose scores are bit-identical whatever the batch
+    repo.reports["rm_qwen2_5_ort"] = export(tiny_rms["qwen2_5"], "rm_qwen2_5_ort", repo.path, settings=ORT_SETTINGS)
     repo.models["rm_qwen2_5_ort"] = tiny_rms["qwen2_5"]
     return repo
 

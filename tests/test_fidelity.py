@@ -167,10 +167,11 @@ class Graph:
 @pytest.fixture(scope="module")
 def graphs(assets, tmp_path_factory):
     """(tokenizer family, architecture) -> a tiny RM of that architecture on that real tokenizer, traced to ONNX
-    as the export traces it. Built once per pair, on first use."""
+    as the export traces it. Built on first use; the pairs of the last two families are kept (all 36 pairs held
+    ~3 GB in the test process, an ONNX session and a torch copy each, when the suite's memory peaks)."""
     root = tmp_path_factory.mktemp("fidelity")
 
-    @functools.cache
+    @functools.lru_cache(maxsize=2 * len(ARCHITECTURES))
     def build(family: str, arch: str) -> Graph:
         tok = tokenizer(family)
         kind, backbone = ("value-head-reward", "llama") if arch == "value-head" else ("reward", arch)
