@@ -51,9 +51,10 @@ from templar.steps import StepFormat
 
 DEFAULT_MAX_LENGTH_CAP = 4096
 FORMATS = ("onnx", "tensorrt")
-# auto: fp32 everywhere, except the embedded CPU scorer on a CPU with bf16 in hardware (AMX, AVX-512 BF16), which runs
-# bf16 on OpenVINO (templar.serving.cpu_precision, decided where it is served); fp32: fp32 everywhere; bf16: the CPU
-# scorer in bf16 (OpenVINO) and, with --format tensorrt, a BF16 engine; int8: ONNX Runtime's dynamic quantization,
+# auto: fp32 everywhere, except the embedded CPU scorer where a bf16 matrix product measures at least 1.3x fp32's speed
+# on the serving CPU (templar.serving.cpu_precision, decided where it is served: AMX, Zen 4; not an AVX-512 BF16 Xeon
+# without AMX): the packed torch scorer in bf16, or OpenVINO for the ONNX graph; fp32: fp32 everywhere; bf16: the CPU
+# scorer in bf16 and, with --format tensorrt, a BF16 engine; int8: ONNX Runtime's dynamic quantization of the graph,
 # for the CPU (docs/benchmarks.md: faster where the CPU has int8 instructions, scores agree less); fp16: the GPU
 # paths (TensorRT execution accelerator or engine). The ONNX graph is float32 in every case but int8.
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
