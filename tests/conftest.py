@@ -30,11 +30,15 @@ import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
+import pickle  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import TypeVar  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 from templar.assets import fetch_all, template_path, tokenizer_dir  # noqa: E402
 from templar.server.embedded import EmbeddedTriton  # noqa: E402
@@ -121,18 +125,36 @@ def assets() -> dict[str, Path]:
     return {family: tokenizer_dir(family) for family in FAMILIES}
 
 
+Built = TypeVar("Built")
+
+
+def built_once_per_run(tmp_path_factory, name: str, build: Callable[[Path], Built]) -> Built:
+    """What `build(folder)` returns, built by whichever test worker asks first and read back by the others (the
+    workers of one run share the parent of their base temp folders): the session repository's 12 exports were made
+    by both workers, ~130 s of a 2-core machine. What is built this way is read-only to the tests."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    done = root / f"{name}.pickle"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            built = build(root / name)
+            done.write_bytes(pickle.dumps(built))
+        return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_rms(assets, tmp_path_factory) -> dict[str, Path]:
     """family -> folder of a small random *ForSequenceClassification RM on that family's real tokenizer."""
-    root = tmp_path_factory.mktemp("rms")
-    return {family: build_tiny_model(family, root / family, kind="reward", seed=i)
-            for i, family in enumerate(FAMILIES)}
+    return built_once_per_run(tmp_path_factory, "rms", lambda root: {
+        family: build_tiny_model(family, root / family, kind="reward", seed=i) for i, family in enumerate(FAMILIES)})
 
 
 @pytest.fixture(scope="session")
 def tiny_actor(assets, tmp_path_factory) -> Path:
     """A small random causal LM on the real Qwen2.5 tokenizer and template (the trainer tests' actor)."""
-    return build_tiny_model("qwen2_5", tmp_path_factory.mktemp("actor") / "actor", kind="causal-lm", seed=0)
+    return built_once_per_run(tmp_path_factory, "actor", lambda root: build_tiny_model(
+        "qwen2_5", root / "actor", kind="causal-lm", seed=0))
 
 
 @dataclass
@@ -164,8 +186,12 @@ def served_repo_settings(family: str) -> EntrySettings:
 @pytest.fixture(scope="session")
 def served_repo(tiny_rms, tmp_path_factory) -> ServedRepo:
     """One repository with an RM per family, plus variants: special_tokens=reject, and a Gemma-1 template (which
-    rejects a system role) supplied with --chat-template."""
-    repo = ServedRepo(tmp_path_factory.mktemp("repo") / "model_repository")
+    rejects a system role) supplied with --chat-template. Built once per run (both test workers serve it)."""
+    return built_once_per_run(tmp_path_factory, "repo", lambda root: _build_served_repo(tiny_rms, root))
+
+
+def _build_served_repo(tiny_rms: dict[str, Path], root: Path) -> ServedRepo:
+    repo = ServedRepo(root / "model_repository")
     for family, model in tiny_rms.items():
         name = f"rm_{family}"
         repo.reports[name] = export(model, name, repo.path, template_kwargs=TEMPLATE_KWARGS.get(family, {}),
