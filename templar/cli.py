@@ -38,6 +38,8 @@ COMMANDS = {
                     "GRPOTrainer on the same models, one run"),
     "bench-gateway": ("templar.tools.bench.gateway", "the OpenRLHF gateway (one row per request) vs the direct gRPC "
                       "client on one RM"),
+    "bench-precision": ("templar.tools.bench.precision", "pairwise accuracy of an RM served in bf16 / int8 against "
+                        "fp32: the preference pairs whose winner changes"),
     "bench": ("templar.tools.bench.serving", "Templar vs in-process ONNX Runtime, in-process torch and an "
               "OpenRLHF-style HTTP server on one RM"),
 }

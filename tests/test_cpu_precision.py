@@ -9,6 +9,7 @@ the served scores bit for bit to fp32 references on every CPU the suite runs on.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from templar.serving.cpu_precision import (BF16_BATCH_BOUND, BF16_TOLERANCE, ENV
 from templar.tools.stats import spearman
 from templar.tools.workload import conversation_mix
 
-from conftest import TEST_SETTINGS, export, running
+from conftest import TEST_SETTINGS, TorchReference, export, running
 
 
 SLOWER, FASTER = (lambda: 0.6), (lambda: 2.0)  # bf16_speedup() on an AVX-512 BF16 Xeon without AMX / on Zen 4
@@ -139,3 +140,36 @@ def test_the_suite_pins_auto_to_fp32():
     """The other tests compare served scores with fp32 references bit for bit: they must not run bf16 on a CPU that
     has it (conftest sets the override; this fails if that line goes)."""
     assert resolve(TEST_SETTINGS.cpu_precision).precision == "fp32"
+
+
+@pytest.mark.integration
+def test_bench_precision_counts_the_pairs_whose_winner_bf16_changes(tmp_path):
+    """`templar bench-precision` on the demo's Llama-3 RM (trained, cached) and 60 of its held-out pairs: fp32 orders
+    them as the RM's own forward does, bf16 changes no more winners than the bound, and the report's counts follow
+    from its own scores."""
+    from templar.tools.bench.precision import PrecisionBenchOptions, model_folder, run
+    from templar.trainer.preferences import read_pairs, write_pairs
+
+    folder = model_folder("tiny-rm:llama3_1", 0, tmp_path)  # configs/demo.yaml's rm_llama3 (built once, cached)
+    pairs = read_pairs(folder / "eval_pairs.jsonl")[:60]
+    write_pairs(tmp_path / "pairs.jsonl", pairs)
+    lines = []
+    report = run(PrecisionBenchOptions(out=tmp_path / "bench.json", models=["tiny-rm:llama3_1"],
+                                       pairs=tmp_path / "pairs.jsonl", precisions=["fp32", "bf16"]), log=lines.append)
+    assert json.loads((tmp_path / "bench.json").read_text())["models"] == json.loads(json.dumps(report["models"]))
+    model = report["models"]["tiny-rm:llama3_1"]
+    assert model["pairs"] == 60 and report["all_within_bound"]
+    assert report["served"]["rm0_bf16_model"].startswith("bf16 on torch")
+    assert report["served"]["rm0_fp32_model"].startswith("fp32 on torch")
+    reference = TorchReference(folder)
+    own = np.array([reference.score(p.chosen) - reference.score(p.rejected) for p in pairs])
+    scores = {p: np.array(s) for p, s in model["scores"].items()}
+    for precision, result in model["precisions"].items():
+        margin = scores[precision][:60] - scores[precision][60:]
+        assert result["flipped"] == int(np.sum((margin > 0) != (scores["fp32"][:60] - scores["fp32"][60:] > 0)))
+        assert result["accuracy"] == pytest.approx(float(np.mean(margin > 0)))
+        assert result["flipped_share"] <= 0.01
+    assert model["precisions"]["fp32"]["accuracy"] == pytest.approx(float(np.mean(own > 0)))
+    assert model["precisions"]["fp32"]["max_abs_diff"] == 0.0
+    assert 0 < model["precisions"]["bf16"]["max_abs_diff"] <= BF16_TOLERANCE * max(1.0, np.abs(scores["fp32"]).max())
+    assert any("bf16: accuracy" in line and "pairs change winner vs fp32" in line for line in lines), lines

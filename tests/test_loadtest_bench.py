@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 
 from templar.cli import main as cli
-from templar.tools.bench.serving import BenchError, BenchOptions, parse_setting, run_bench
+from templar.tools.bench.serving import BenchError, BenchOptions, CpuMonitor, parse_setting, run_bench
 from templar.tools.bench.http_rm_server import HttpRewardServer
 from templar.reward_client import RewardClientConfig
 from templar.tools.loadtest import LoadTestOptions, run
@@ -142,7 +145,8 @@ def test_bench_runs_all_four_backends_with_the_same_scores(assets, tmp_path):
                         settings=EntrySettings(entry_instances=1, intra_op_threads=1, micro_batch_tokens=2048,
                                                packed_compile=False),
                         backends=["templar", "templar-unshared", "packed", "onnxruntime", "torch", "http", "vllm"],
-                        vllm_python=tmp_path / "no-vllm" / "bin" / "python")
+                        vllm_python=tmp_path / "no-vllm" / "bin" / "python",
+                        quiet_wait_s=0)  # the suite's other worker keeps the machine busy: no wait for quiet
     lines: list[str] = []
     report = run_bench(opts, log=lines.append)
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
@@ -211,3 +215,21 @@ def test_openrlhf_style_http_server_scores_like_the_rms_own_reference(tiny_rms, 
         np.testing.assert_allclose(body["rewards"], expected, atol=1e-4)
         status, body = asyncio.run(post(server.url, {"queries": texts}))
         assert status == 400 and "query" in body["error"]
+
+
+def test_a_timed_pass_waits_for_a_quiet_machine_and_says_when_it_is_not():
+    """A process spinning on each core: the wait gives up after its timeout and says how busy
+    the machine was; once they are gone it returns within seconds, without a word (unless a neighbour is busy)."""
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        lines: list[str] = []
+        started = time.monotonic()
+        CpuMonitor().wait_until_quiet(lines.append, timeout_s=2.0)
+        assert 2.0 <= time.monotonic() - started < 6.0
+        assert len(lines) == 1 and "the machine stayed busy" in lines[0] and "timing anyway" in lines[0], lines
+        busy = int(lines[0].split("(")[1].split("%")[0])
+        assert busy >= 50, lines
+    finally:
+        for process in spin:
+            process.kill()
+            process.wait()

@@ -107,6 +107,8 @@ class BenchOptions:
     # conversation set of its own (seed, seed + 1, ...): a shared machine's speed drifts by tens of percent over
     # minutes, so figures are the median over rounds and ratios the median of each round's ratio
     rounds: int = 3
+    # before each timed pass, wait up to this long for the machine to be quiet (CpuMonitor.wait_until_quiet); 0: no wait
+    quiet_wait_s: float = 20.0
     workload: str = "mix"  # "mix": the built-in mix; "grpo": GRPO-shaped, `group` answers to each ~300-token prompt
     group: int = 8
 
@@ -156,6 +158,20 @@ class CpuMonitor:
         wall = time.perf_counter() - self.started
         self.foreign_s = max(0.0, (self._all() - self.all0) - (self._ours() - self.ours0))
         self.foreign_share = self.foreign_s / max(1e-9, wall * (self.psutil.cpu_count() or 1))
+
+    def wait_until_quiet(self, log: Callable[[str], None], busy_share: float = 0.05, timeout_s: float = 20.0) -> None:
+        """Before a timed pass: wait (at most timeout_s) until the whole machine's CPU, this benchmark's servers
+        included, is busy less than `busy_share` over a second. A backend started just before (loading, compiling,
+        a server's background warm-up) or a neighbour's burst otherwise lands in the next backend's figures: Templar's
+        first round once ran with 22% of the CPU taken by others."""
+        deadline, share = time.monotonic() + timeout_s, 1.0
+        while time.monotonic() < deadline:
+            before, started = self._all(), time.perf_counter()
+            time.sleep(1.0)
+            share = (self._all() - before) / ((time.perf_counter() - started) * (self.psutil.cpu_count() or 1))
+            if share < busy_share:
+                return
+        log(f"  the machine stayed busy ({share:.0%} of its CPU) for {timeout_s:.0f}s before this pass; timing anyway")
 
 
 # -- the model ------------------------------------------------------------------------------------------------------
@@ -695,6 +711,8 @@ def run_backends(ctx: Context, round_rows: list[list[dict[str, Any]]]) -> tuple[
                         continue
                     started[name] = runner
                 ctx.log(f"[{name}] round {number}/{len(round_rows)}: scoring {len(rows)} conversations ...")
+                if ctx.opts.quiet_wait_s > 0:
+                    CpuMonitor().wait_until_quiet(ctx.log, timeout_s=ctx.opts.quiet_wait_s)
                 r = started[name].send(rows)
                 results.setdefault(name, []).append(r)
                 ctx.log(f"[{name}] round {number}: {r.conversations_per_s:.2f} conversations/s ({r.seconds:.1f}s)")
@@ -865,6 +883,8 @@ def add_arguments(parser) -> None:
                         "seed + r (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=d.rounds, help="timed passes per backend, interleaved across "
                         "backends; figures are medians (default: %(default)s)")
+    parser.add_argument("--quiet-wait-s", type=float, default=d.quiet_wait_s, help="before each timed pass, wait up "
+                        "to this long for the machine's CPU to be under 5%% busy; 0: no wait (default: %(default)s)")
     parser.add_argument("--workload", default=d.workload, choices=("mix", "grpo"), help="mix: the built-in mix; "
                         "grpo: GRPO-shaped, --group answers to each ~300-token prompt (default: %(default)s)")
     parser.add_argument("--group", type=int, default=d.group, help="answers per prompt with --workload grpo "
@@ -888,7 +908,8 @@ def main(args) -> int:
                         backends=[b.strip() for b in args.backends.split(",") if b.strip()], warmup=args.warmup,
                         settings=EntrySettings(**dict(args.setting)), fusions=args.fusions,
                         vllm_python=args.vllm_python, vllm_dtype=args.vllm_dtype, precision=args.precision,
-                        rounds=args.rounds, workload=args.workload, group=args.group, http_dtype=args.http_dtype)
+                        rounds=args.rounds, workload=args.workload, group=args.group, http_dtype=args.http_dtype,
+                        quiet_wait_s=args.quiet_wait_s)
     report = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({"throughput_conversations_per_s": report["summary"]["throughput_conversations_per_s"],
                       "ratios": report["summary"]["ratios"]}))
