@@ -63,20 +63,28 @@ INTEGRATION_FIXTURES = {"served_repo", "triton", "small_repo"}
 
 
 # `make test` runs the suite on two workers (pytest-xdist, --dist loadscope --no-loadscope-reorder): a file is one unit
-# of work, so its module fixtures are built once, and each demo run is a unit of its own. Units start in this order
-# (the longest first, measured, so that no worker is left alone with a long one at the end); the GRPO demo waits for
-# the tiny models the first demo builds on a cold cache, so it starts once they are likely built.
-START_ORDER = ("test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo.yaml]", "test_trainer.py",
-               "test_export_large.py", "test_estimators_training.py", "test_beyond_one_score.py", "test_hot_swap.py",
-               "test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo_grpo.yaml]",
+# of work, so its module fixtures are built once, and each demo run is a unit of its own. The files whose tests use
+# the session server (`triton`, 11 RMs, 33 Python-backend processes) are one unit together: one worker starts that
+# server instead of both (a minute of a busy 2-core machine and ~3 GB); a test elsewhere that asks for it is refused
+# at collection. Units start in this order (the longest first, measured, so that no worker is left alone with a long
+# one at the end); a worker takes its next unit as it nears the end of the one before.
+SESSION_SERVER_FILES = ("test_deploy.py", "test_estimators_training.py", "test_fidelity.py", "test_gpu.py",
+                        "test_integrations.py", "test_kubernetes.py", "test_reward_client.py", "test_serving.py",
+                        "test_trainer.py", "test_trainer_faults.py")
+SESSION_SERVER_UNIT = "the session server's files"
+START_ORDER = (SESSION_SERVER_UNIT, "test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo.yaml]",
+               "test_export_large.py", "test_beyond_one_score.py", "test_hot_swap.py",
                "test_demo.py::test_prm_demo_learns_each_step_and_credits_the_token_that_ends_it",
-               "test_trainer_faults.py", "test_deploy.py", "test_bench_train.py", "test_integrations.py",
-               "test_faults_serving.py")
+               "test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo_grpo.yaml]",
+               "test_faults_serving.py", "test_bench_train.py", "test_export.py", "test_loadtest_bench.py")
 OWN_UNITS = ("tests/test_demo.py::",)
 
 
 def _unit(nodeid: str) -> str:
-    return nodeid if nodeid.startswith(OWN_UNITS) else nodeid.split("::", 1)[0]
+    if nodeid.startswith(OWN_UNITS):
+        return nodeid
+    file = nodeid.split("::", 1)[0]
+    return SESSION_SERVER_UNIT if file.removeprefix("tests/") in SESSION_SERVER_FILES else file
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -100,6 +108,9 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=_start_rank)  # stable: a file's tests keep their order
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine)")
     for item in items:
+        if "triton" in getattr(item, "fixturenames", ()) and _unit(item.nodeid) != SESSION_SERVER_UNIT:
+            raise pytest.UsageError(f"{item.nodeid} uses the session server (`triton`): add its file to "
+                                    "SESSION_SERVER_FILES in tests/conftest.py, so that one test worker starts it")
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
         if "gpu" in item.keywords and not torch.cuda.is_available():
