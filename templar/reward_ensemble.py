@@ -82,8 +82,11 @@ class RewardEnsemble:
         self.clients = {m.name: RewardClient(dataclasses.replace(options, model=m.name)) for m in models}
 
     def connect(self) -> dict[str, dict[str, str]]:
-        """Each RM's fingerprints (raises when an RM is not served)."""
-        return {name: client.connect() for name, client in self.clients.items()}
+        """Each RM's fingerprints (raises when an RM is not served). The RMs are waited for together: a server still
+        starting (or down) costs one connect_timeout_s, not one per RM."""
+        with concurrent.futures.ThreadPoolExecutor(len(self.clients)) as pool:
+            waits = {name: pool.submit(client.connect) for name, client in self.clients.items()}
+            return {name: wait.result() for name, wait in waits.items()}
 
     def submit(self, conversations: Sequence[Any]) -> dict[str, concurrent.futures.Future]:
         return {name: client.submit(conversations) for name, client in self.clients.items()}

@@ -68,9 +68,11 @@ INTEGRATION_FIXTURES = {"served_repo", "triton", "small_repo"}
 # server instead of both (a minute of a busy 2-core machine and ~3 GB); a test elsewhere that asks for it is refused
 # at collection. Units start in this order (the longest first, measured, so that no worker is left alone with a long
 # one at the end); a worker takes its next unit as it nears the end of the one before.
-SESSION_SERVER_FILES = ("test_deploy.py", "test_estimators_training.py", "test_fidelity.py", "test_gpu.py",
-                        "test_integrations.py", "test_kubernetes.py", "test_reward_client.py", "test_serving.py",
-                        "test_trainer.py", "test_trainer_faults.py")
+# In this order within their unit: test_deploy.py last, since it trains on the demo's models, which the first demo run
+# builds on an empty cache meanwhile (on the other worker) instead of one worker waiting for the other's build.
+SESSION_SERVER_FILES = ("test_trainer.py", "test_estimators_training.py", "test_trainer_faults.py", "test_serving.py",
+                        "test_fidelity.py", "test_reward_client.py", "test_integrations.py", "test_kubernetes.py",
+                        "test_gpu.py", "test_deploy.py")
 SESSION_SERVER_UNIT = "the session server's files"
 START_ORDER = (SESSION_SERVER_UNIT, "test_demo.py::test_demo_config_learns_the_rule_with_a_small_kl[demo.yaml]",
                "test_export_large.py", "test_beyond_one_score.py", "test_hot_swap.py",
@@ -99,9 +101,11 @@ def pytest_xdist_make_scheduler(config, log):
     return FileUnits(config, log)
 
 
-def _start_rank(item) -> int:
+def _start_rank(item) -> tuple[int, int]:
     unit = _unit(item.nodeid).removeprefix("tests/")
-    return START_ORDER.index(unit) if unit in START_ORDER else len(START_ORDER)
+    file = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+    return (START_ORDER.index(unit) if unit in START_ORDER else len(START_ORDER),
+            SESSION_SERVER_FILES.index(file) if file in SESSION_SERVER_FILES else 0)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -144,7 +144,8 @@ def test_rows_that_cannot_be_read_or_scored_are_never_a_silent_zero(triton, gate
     expected = expected_reward(references, [{"role": "user", "content": "Hi"},
                                             {"role": "assistant", "content": "Hello!"}])
     assert body["rewards"][0] == pytest.approx(expected, abs=1e-4)
-    dead = Gateway(f"127.0.0.1:{free_port()}")  # no reward server: worth retrying, so 503
+    # no reward server: worth retrying, so 503 (the gateway starts after one short wait for its RMs, not the default)
+    dead = Gateway(f"127.0.0.1:{free_port()}", "--connect-timeout-s", "2")
     try:
         ((status, body),) = dead.post_rows([good])
     finally:

@@ -270,3 +270,20 @@ def request_count(server: EmbeddedTriton, model: str) -> int:
     """Requests the model answered (not rows): Triton's success count."""
     stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(model, as_json=True)
     return int(stats["model_stats"][0]["inference_stats"].get("success", {}).get("count", 0))
+
+
+def test_an_ensemble_waits_for_its_rms_together():
+    """No server at the endpoint: three RMs cost one connect timeout, not three (the gateway and the trainer wait
+    for their RMs this way at start), and the error names the endpoint."""
+    from templar.errors import TemplarError
+    from templar.reward_ensemble import RewardEnsemble, WeightedModel
+
+    options = RewardClientConfig(endpoints=[f"127.0.0.1:{free_port()}"], connect_timeout_s=2.0)
+    ensemble = RewardEnsemble([WeightedModel(name, 1.0) for name in ("rm_a", "rm_b", "rm_c")], options)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TemplarError, match=options.endpoints[0]):
+            ensemble.connect()
+    finally:
+        ensemble.close()
+    assert 2.0 <= time.monotonic() - started < 4.0
