@@ -201,7 +201,7 @@ def served_repo_settings(family: str) -> EntrySettings:
 @pytest.fixture(scope="session")
 def served_repo(tiny_rms, tmp_path_factory) -> ServedRepo:
     """One repository with an RM per family, plus variants: special_tokens=reject, and a Gemma-1 template (which
-    rejects a system role) supplied with --chat-template. Built once per run (both test workers serve it)."""
+    rejects a system role) supplied with --chat-template. Built once per run, whichever worker asks first."""
     return built_once_per_run(tmp_path_factory, "repo", lambda root: _build_served_repo(tiny_rms, root))
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from templar.cli import main as cli
+from templar.server.embedded import die_with_parent
 from templar.tools.bench.serving import BenchError, BenchOptions, CpuMonitor, parse_setting, run_bench
 from templar.tools.bench.http_rm_server import HttpRewardServer
 from templar.reward_client import RewardClientConfig
@@ -220,7 +221,8 @@ def test_openrlhf_style_http_server_scores_like_the_rms_own_reference(tiny_rms, 
 def test_a_timed_pass_waits_for_a_quiet_machine_and_says_when_it_is_not():
     """A process spinning on each core: the wait gives up after its timeout and says how busy
     the machine was; once they are gone it returns within seconds, without a word (unless a neighbour is busy)."""
-    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=die_with_parent)
+            for _ in range(os.cpu_count() or 1)]
     try:
         lines: list[str] = []
         started = time.monotonic()
