@@ -40,6 +40,8 @@ CASES = {
                                  "conversation file {missing} does not exist"),
     "bench with a bad file": (["bench", "--data", "{bad_jsonl}", "--out", "{empty_dir}/b"], "bad.jsonl line 2"),
     "score-demo with a missing config": (["score-demo", "--config", "{missing}"], "cannot read config {missing}"),
+    "bench-precision without fp32": (["bench-precision", "--precisions", "bf16", "--out", "{empty_dir}/p.json"],
+                                     "--precisions must include fp32"),
 }
 
 

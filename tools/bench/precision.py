@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from templar.errors import ConfigError
 from templar.reward_client import RewardClient, RewardClientConfig
 from templar.server.embedded import EmbeddedTriton
 from templar.server.ports import free_server_ports
@@ -66,7 +67,7 @@ def run(opts: PrecisionBenchOptions, log: Callable[[str], None] = print) -> dict
     from templar.export.exporter import ExportOptions, export_reward_model
 
     if "fp32" not in opts.precisions:
-        raise ValueError("--precisions must include fp32, the reference the others are compared with")
+        raise ConfigError("--precisions must include fp32, the reference the others are compared with")
     work = opts.work or opts.out.parent / "bench-precision-work"
     repo = work / "model_repository"
     models: dict[str, tuple[Path, list[PreferencePair]]] = {}
