@@ -4,6 +4,7 @@ other architectures (phi3, olmo2, the folder's own code); what an export refuses
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import subprocess
@@ -25,7 +26,7 @@ from templar.reward_client import RewardClient, RewardClientConfig
 from templar.samples import sample_conversations, without_system
 from templar.tiny_models import build_tiny_model
 
-from conftest import TorchReference, export, running
+from conftest import TEST_SETTINGS, TorchReference, export, running
 
 pytestmark = pytest.mark.integration
 
@@ -227,11 +228,13 @@ def test_a_failed_check_keeps_the_model_that_was_served(tiny_rms, tmp_path):
     np.testing.assert_allclose(served_scores(repo, "rm_keep", conversations), expected, atol=1e-4)
 
 
-def test_int8_for_the_cpu(tiny_rms, tmp_path):
-    """ONNX Runtime's dynamic quantization: int8 weights, checked against torch with int8's tolerance."""
+def test_int8_for_the_cpu_where_the_onnx_graph_serves(tiny_rms, tmp_path):
+    """cpu_runtime onnxruntime: ONNX Runtime's dynamic quantization of the graph, int8 weights, checked against torch
+    with int8's tolerance (the packed scorer's int8 products: tests/test_cpu_precision.py)."""
     repo = tmp_path / "repo"
     fp32 = export(tiny_rms["llama3_1"], "rm_fp32", repo)
-    int8 = export(tiny_rms["llama3_1"], "rm_int8", repo, precision="int8")
+    int8 = export(tiny_rms["llama3_1"], "rm_int8", repo, precision="int8",
+                  settings=dataclasses.replace(TEST_SETTINGS, cpu_runtime="onnxruntime"))
     assert int8.parameters["precision"] == "int8" and 1e-6 < int8.max_abs_diff <= 0.5
     size = lambda name: sum(f.stat().st_size for f in model_files(repo / name / "1" / "model.onnx"))  # noqa: E731
     assert size("rm_int8_model") < 0.5 * size("rm_fp32_model")

@@ -107,6 +107,34 @@ def test_a_model_without_decoder_layers_is_refused_by_name(assets, tmp_path):
         PackedScorer(folder, pad_id=None)
 
 
+def test_compiled_layers_that_disagree_with_the_uncompiled_ones_are_not_used(tiny_rms, grpo_rows, monkeypatch):
+    """The real case: torch's on-disk kernel cache written under ATEN_CPU_CAPABILITY=avx512 and read back under avx2
+    scored NaN (docs/benchmarks.md). It needs a CPU with AVX-512 to cause, so here torch.compile hands back layers
+    that answer NaN; the scorer notices on its warm-up batch, keeps the uncompiled layers and says why."""
+    import torch
+
+    class Broken(torch.nn.Module):
+        def __init__(self, layer, **_):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, *args, **kwargs):
+            return self.layer(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    monkeypatch.delenv(NO_COMPILE_ENV)  # the suite's pin to uncompiled layers: this test asks for compiled ones
+    folder = tiny_rms["llama3_1"]
+    reference = TorchReference(folder)
+    rows = [reference.ids(m) for m in grpo_rows[:4]]
+    lines = []
+    scorer = PackedScorer(folder, pad_id=reference.model.config.pad_token_id, compile=True, log=lines.append)
+    assert not scorer.compiled
+    assert any("the compiled layers score nan (relative) away from the uncompiled ones" in line
+               and line.endswith("the layers run uncompiled") for line in lines), lines
+    scores = scorer(*right_pad(rows, 0)).reshape(-1).astype(np.float64)
+    assert parity_error(scores, np.array([reference.score_ids(r) for r in rows])).max() <= FP32_BOUND
+
+
 # -- served over gRPC ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def packed_repo(tiny_rms, tmp_path_factory):

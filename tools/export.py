@@ -142,8 +142,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", default=ExportOptions.precision, choices=PRECISIONS,
                         help="what is served: auto (fp32, but bf16 in the CPU scorer where the serving CPU measures "
                         "a bf16 product at least 1.3x faster than fp32: AMX, Zen 4), fp32 (everywhere), bf16 (the CPU "
-                        "scorer in bf16; with --format tensorrt also a BF16 engine), int8 (ONNX Runtime dynamic "
-                        "quantization, for the CPU), fp16 (the GPU paths) (default: %(default)s)")
+                        "scorer in bf16; with --format tensorrt also a BF16 engine), int8 (for the CPU: the packed "
+                        "scorer's int8 products, or ONNX Runtime's dynamic quantization where the ONNX graph serves), "
+                        "fp16 (the GPU paths) (default: %(default)s)")
     parser.add_argument("--score-position", default=ExportOptions.score_position, choices=SCORE_POSITIONS,
                         help="where each score is read: auto (where the model's own forward reads it: for a "
                         "*ForSequenceClassification the last token that is not config.pad_token_id, for an OpenRLHF "

@@ -44,7 +44,7 @@ from templar.export.scorer import (PICKLE_PATTERNS, SCORE_POSITIONS, LoadedRewar
 from templar.samples import sample_conversations, without_system
 from templar.serving.settings import padding_id
 from templar.padding import right_pad
-from templar.serving.cpu_precision import BF16_TOLERANCE, CPU_PRECISION, create_scorer
+from templar.serving.cpu_precision import BF16_TOLERANCE, CPU_PRECISION, INT8_TOLERANCE, create_scorer
 from templar.serving.cpu_precision import resolve as resolve_cpu_precision
 from templar.serving.onnx_runtime import create_session, run_scores
 from templar.steps import StepFormat
@@ -54,14 +54,15 @@ FORMATS = ("onnx", "tensorrt")
 # auto: fp32 everywhere, except the embedded CPU scorer where a bf16 matrix product measures at least 1.3x fp32's speed
 # on the serving CPU (templar.serving.cpu_precision, decided where it is served: AMX, Zen 4; not an AVX-512 BF16 Xeon
 # without AMX): the packed torch scorer in bf16, or OpenVINO for the ONNX graph; fp32: fp32 everywhere; bf16: the CPU
-# scorer in bf16 and, with --format tensorrt, a BF16 engine; int8: ONNX Runtime's dynamic quantization of the graph,
-# for the CPU (docs/benchmarks.md: faster where the CPU has int8 instructions, scores agree less); fp16: the GPU
-# paths (TensorRT execution accelerator or engine). The ONNX graph is float32 in every case but int8.
+# scorer in bf16 and, with --format tensorrt, a BF16 engine; int8, for the CPU: the packed scorer with int8 matrix
+# products (templar.serving.int8_linear), and ONNX Runtime's dynamic quantization of the graph where the graph serves
+# (docs/benchmarks.md: faster where the CPU has int8 instructions, scores agree less); fp16: the GPU paths (TensorRT
+# execution accelerator or engine). The ONNX graph is float32 in every case but int8.
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
 KINDS = ("rm", "prm")
 # max |served - reference| / max(1, |reference|) of the ONNX graph the CPU runs (scorer.parity_error); the bf16
-# scorer is held to cpu_precision.BF16_TOLERANCE on top
-TOLERANCES = {"auto": 1e-4, "fp32": 1e-4, "int8": 0.5, "fp16": 1e-4, "bf16": 1e-4}
+# scorer is held to cpu_precision.BF16_TOLERANCE on top; int8's holds the int8 packed scorer too
+TOLERANCES = {"auto": 1e-4, "fp32": 1e-4, "int8": INT8_TOLERANCE, "fp16": 1e-4, "bf16": 1e-4}
 Log = Callable[[str], None]
 
 
@@ -335,11 +336,11 @@ def _tolerance(opts: ExportOptions) -> float:
 
 
 def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: Reference, rows: list[list[int]], pad_id: int,
-                log: Log) -> float:
+                log: Log, quantized: bool = False) -> float:
     """Largest relative difference between ONNX Runtime and the reference over the sample rows in one right-padded
     batch (padded with the pad id, so padding must not move where a score is read), on the files where they are
-    served; refuses a graph past the tolerance."""
-    tolerance = _tolerance(opts)
+    served; refuses a graph past the tolerance (int8's only where the graph was `quantized`)."""
+    tolerance = _tolerance(opts) if quantized or opts.precision != "int8" else TOLERANCES["fp32"]
     ids, mask = right_pad(rows, pad_id)
     session = create_session(onnx_path, prepacking=False)  # no packed copy of the weights: one copy in memory
     if reference.objectives is None:
@@ -411,8 +412,11 @@ def _packed_scorer(opts: ExportOptions, cpu_precision: str, position: ScorePosit
                    rows: list[list[int]], pad_id: int, staged: StagedModel, step: Progress, log: Log):
     """Does the packed CPU scorer serve this RM (checked against the reference)? Its files are staged if so."""
     step(f"checking the packed CPU scorer against {reference.name} (templar.serving.packed_scorer)")
+    int8 = opts.precision == "int8"  # --tolerance is then int8's: the packed scorer's fp32 is held to fp32's
     packed = choose_packed_runtime(opts, cpu_precision=cpu_precision, read_pad_id=position.pad_id,
-                                   reference=reference, rows=rows, pad_id=pad_id, tolerance=_tolerance(opts), log=log)
+                                   reference=reference, rows=rows, pad_id=pad_id,
+                                   tolerance=TOLERANCES["fp32"] if int8 else _tolerance(opts),
+                                   int8_tolerance=_tolerance(opts), log=log)
     log(f"      CPU runtime {packed.runtime}: {packed.reason}")
     if packed.runtime == "torch":
         copy_model_files(Path(opts.model), staged.torch_model_dir, opts.allow_pickle)
@@ -513,11 +517,16 @@ def _export_outcome_rm(opts: ExportOptions, log: Log) -> ExportReport:
                                        log) if tensorrt else {}
         loaded.release()  # before ONNX Runtime loads its copy: never two models in memory at once
         release_memory()
-        if opts.precision == "int8":
-            step("quantizing to int8 (ONNX Runtime dynamic quantization)")
-            quantize_int8(staged.onnx_path, log)
         cpu = CPU_PRECISION[opts.precision] if loaded.weights is None else "fp32"  # multi-objective: fp32 for now
         packed = _packed_scorer(opts, cpu, position, reference, rows, pad_id, staged, step, log)
+        # int8 where the ONNX graph serves the CPU: ONNX Runtime's quantized graph; where the packed scorer serves, its
+        # own int8 products (checked above), and the graph stays float32 for the GPU paths
+        quantized = opts.precision == "int8" and not (packed.runtime == "torch" and cpu == "int8")
+        if opts.precision == "int8":
+            step("quantizing to int8 (ONNX Runtime dynamic quantization)" if quantized else
+                 "int8: the packed scorer's int8 products serve the CPU; the ONNX graph stays float32")
+        if quantized:
+            quantize_int8(staged.onnx_path, log)
         parameters = {**export_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count, position),
                       **objective_parameters(loaded), **engine, **packed.parameters,
                       contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}
@@ -532,7 +541,7 @@ def _export_outcome_rm(opts: ExportOptions, log: Log) -> ExportReport:
         staged.write(entry)
         folders = staged.commit(lambda m: log("      " + m))
         step(f"checking ONNX Runtime against {reference.name} on the served files{estimate(opts, 'checking')}")
-        max_diff = _check_onnx(opts, staged.final(staged.onnx_path), reference, rows, pad_id, log)
+        max_diff = _check_onnx(opts, staged.final(staged.onnx_path), reference, rows, pad_id, log, quantized)
         if packed.runtime != "torch":
             _check_bf16(staged.final(staged.onnx_path), settings, reference, rows, pad_id, entry.parameters, log)
         staged.finish_checked(entry, max_diff)

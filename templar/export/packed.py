@@ -1,7 +1,7 @@
 """The export phase of the packed CPU scorer (templar.serving.packed_scorer): can it serve this RM? It is loaded from
 the RM's folder as Triton will load it, scores the sample conversations in one packed call (their shared template
 preamble computed once) and must match the reference as the ONNX graph must. An RM it cannot run (its code does not
-go through transformers' attention interface, a process RM, int8) or that misses the reference is served by ONNX
+go through transformers' attention interface, a process RM) or that misses the reference is served by ONNX
 Runtime on the CPU instead, and the export says why; it never fails an export that ONNX Runtime can serve.
 """
 
@@ -53,16 +53,15 @@ def _score(folder: Path, load, pad_id_read: int | None, precision: str, rows: li
 
 
 def choose_packed_runtime(opts, *, cpu_precision: str, read_pad_id: int | None, reference, rows: list[list[int]],
-                          pad_id: int, tolerance: float, log: Log) -> PackedChoice:
+                          pad_id: int, tolerance: float, int8_tolerance: float, log: Log) -> PackedChoice:
     """The packed scorer checked against `reference` on `rows` (right-padded with `pad_id`, one packed call), in
-    fp32, and in bf16 where this machine's scorer would run bf16; "onnxruntime" with the reason where it cannot."""
+    fp32 (within `tolerance`), in bf16 where this machine's scorer would run bf16, in int8 (within `int8_tolerance`)
+    where the export asks for it; "onnxruntime" with the reason where it cannot."""
     from templar.export.scorer import parity_error
     from templar.serving.packed_scorer import LoadOptions, hidden_size
 
     if opts.settings.cpu_runtime != "torch":
         return PackedChoice(opts.settings.cpu_runtime, f"cpu_runtime {opts.settings.cpu_runtime}")
-    if opts.precision == "int8":
-        return PackedChoice("onnxruntime", "--precision int8 is ONNX Runtime's quantized graph")
     load = LoadOptions(opts.value_head_prefix, opts.trust_remote_code, opts.allow_pickle, opts.objective_weights)
     compiled = opts.settings.packed_compile  # checked as it will be served
     try:
@@ -77,6 +76,16 @@ def choose_packed_runtime(opts, *, cpu_precision: str, read_pad_id: int | None, 
                             f"{tolerance}")
     choice = PackedChoice("torch", "the packed scorer serves it (checked against the reference)", load.to_json(),
                           {"packed_max_abs_diff": f"{max_diff:.3e}"})
+    if cpu_precision == "int8":
+        int8 = _parity(_score(Path(opts.model), load, read_pad_id, "int8", rows, pad_id, compiled, log), reference,
+                       parity_error)
+        log(f"      int8 products: max |int8 - {reference.name}| / max(1, |score|) = {int8:.2e} (tolerance "
+            f"{int8_tolerance})")
+        if not np.isfinite(int8) or int8 > int8_tolerance:
+            return PackedChoice("onnxruntime", f"the int8 packed scorer differs from {reference.name} by {int8:.3e} > "
+                                f"{int8_tolerance}: ONNX Runtime's quantized graph is checked instead")
+        choice.parameters["int8_max_abs_diff"] = f"{int8:.3e}"
+        return choice
     precision = resolve(cpu_precision, runtime="torch",
                         measure=lambda: bf16_speedup(hidden_size(opts.model)))
     log(f"      here: {precision.reason}")

@@ -2,8 +2,12 @@
 agreement checks and the benchmark, so that what is checked is what is served.
 
 Runtimes (`cpu_runtime`, chosen at export): `torch`, the default for outcome RMs: the RM's own modules on packed rows
-(templar.serving.packed_scorer); `onnxruntime`: the exported ONNX graph (process RMs, int8, and RMs the packed
+(templar.serving.packed_scorer); `onnxruntime`: the exported ONNX graph (process RMs and RMs the packed
 scorer cannot run); `openvino`: the same graph in OpenVINO (Triton's own CPU backend runtime).
+
+int8 (`templar export --precision int8`) is asked for, never chosen by `auto`: the packed scorer with int8 matrix
+products (templar.serving.int8_linear), or, where the ONNX graph serves, ONNX Runtime's quantized graph. It moves scores
+more than bf16 does (docs/benchmarks.md); the export checks it against the model's own forward with int8's tolerance.
 
 Precision (`cpu_precision`, decided where the model is served): bf16 only where it is faster. A CPU flag says the
 instructions exist, not that they pay: on an Intel Xeon with AVX-512 BF16 but no AMX (or AMX hidden by a
@@ -23,16 +27,24 @@ from pathlib import Path
 
 from templar import contract
 
-CPU_PRECISIONS = ("auto", "fp32", "bf16")
-# what the CPU scorer is told to compute in (EntrySettings.cpu_precision) per `templar export --precision`: int8 is
-# ONNX Runtime's quantized graph, fp16 a GPU precision (the CPU stays fp32)
-CPU_PRECISION = {"auto": "auto", "fp32": "fp32", "bf16": "bf16", "int8": "fp32", "fp16": "fp32"}
+CPU_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# what the CPU scorer is told to compute in (EntrySettings.cpu_precision) per `templar export --precision`: fp16 is a
+# GPU precision (the CPU stays fp32)
+CPU_PRECISION = {"auto": "auto", "fp32": "fp32", "bf16": "bf16", "int8": "int8", "fp16": "fp32"}
+INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")  # int8 dot products in hardware
+# (an int8 product measured 3.9x fp32 with AVX-512 VNNI, 1.7x with AVX2 kernels only: docs/benchmarks.md)
 ENV_OVERRIDE = "TEMPLAR_CPU_PRECISION"  # fp32 | bf16: replaces "auto" on this machine (e.g. exact fp32 scores)
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of bf16 arithmetic in hardware
 # |score - fp32 score| / max(1, |fp32 score|) the bf16 path may show, and how far one row's bf16 score may move with
 # the batch it is scored in (measured: 3.7e-2 and 9e-3 on the benchmark RM; the tests hold the tiny RMs to these)
 BF16_TOLERANCE = 0.1
 BF16_BATCH_BOUND = 0.05
+# the same for int8 (the packed scorer's int8 products, or ONNX Runtime's quantized graph): its export tolerance, the
+# rank agreement the tests hold the tiny RMs to, and how far one row's score may move with its batch (measured on the
+# benchmark RM and the tiny RMs: docs/benchmarks.md)
+INT8_TOLERANCE = 0.5
+INT8_SPEARMAN = 0.98
+INT8_BATCH_BOUND = 1e-4
 
 
 def cpu_flags() -> set[str]:
@@ -65,7 +77,7 @@ BF16_MIN_SPEEDUP = 1.3  # auto picks bf16 where a bf16 matrix product is at leas
 
 @dataclass(frozen=True)
 class CpuPrecision:
-    precision: str  # "fp32" | "bf16"
+    precision: str  # "fp32" | "bf16" | "int8" (int8: the packed scorer's products)
     runtime: str  # "torch" | "onnxruntime" | "openvino"
     reason: str  # one line for the server log
 
@@ -120,6 +132,13 @@ def resolve(setting: str, *, runtime: str = "onnxruntime", flags: set[str] | Non
     bf16_runtime = "torch" if runtime == "torch" else "openvino"
     if setting == "fp32":
         return CpuPrecision("fp32", graph, f"{why}: fp32 on {graph}")
+    if setting == "int8":
+        if runtime != "torch":  # the graph itself is int8 (quantized at export): the runtime runs it as it is
+            return CpuPrecision("fp32", graph, f"{why}: ONNX Runtime's int8-quantized graph on {graph}")
+        int8 = next((flag for flag in INT8_FLAGS if flag in (cpu_flags() if flags is None else flags)), None)
+        note = f"the CPU has {int8}" if int8 else "this CPU has no int8 dot products in hardware: slower gains"
+        return CpuPrecision("int8", "torch", f"{why}: int8 products on torch, weights per channel, activations per "
+                            f"token ({note})")
     if setting == "bf16":
         if bf16_runtime == "openvino" and not openvino_available():
             raise ValueError(f"{why} needs OpenVINO (pip install openvino), which is not installed")

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from templar import contract
 from templar.errors import PackedScorerUnsupported
+from templar.serving.cpu_precision import BF16_TOLERANCE, INT8_TOLERANCE
+from templar.serving.int8_linear import quantize_linears
 from templar.serving.prefix_packing import PackedLayout, pack_rows
 
 MODEL_FOLDER = contract.MODEL_FOLDER  # the RM's folder inside the version folder (config.json, weights, its code)
@@ -160,6 +162,18 @@ def skip_unread_positions_in_the_last_layer(backbone: torch.nn.Module) -> list[s
     return wrapped
 
 
+# how far the compiled layers' scores may be from the uncompiled ones' on the warm-up batch, relative (max(1, |s|)):
+# fused kernels round differently (in int8, a fused division lands a few activations on the other side of a rounding
+# step: measured 1.6e-2 on the benchmark RM), a wrong kernel is off by far more (NaN, or whole units); each
+# precision's own export tolerance
+COMPILED_AGREEMENT = {"fp32": 1e-4, "bf16": BF16_TOLERANCE, "int8": INT8_TOLERANCE}
+
+
+def _largest_error(got, expected) -> float:
+    pairs = zip(got, expected) if isinstance(got, tuple) else [(got, expected)]
+    return max(float(np.max(np.abs(np.asarray(a, np.float64) - b) / np.maximum(1.0, np.abs(b)))) for a, b in pairs)
+
+
 # -- the scorer --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadOptions:
@@ -217,6 +231,10 @@ class PackedScorer:
         self.wrapped = skip_unread_positions_in_the_last_layer(backbone)
         if precision == "bf16":
             backbone.to(torch.bfloat16)  # the head stays float32: the read hidden states are cast to it
+        elif precision == "int8":  # the decoder layers' products; embeddings, norms and the head stay float32
+            self.int8_linears = sum(quantize_linears(layer) for layer in _decoder_layers(backbone))
+        elif precision != "fp32":
+            raise ValueError(f"the packed scorer computes in fp32, bf16 or int8, not {precision!r}")
         if compile and os.environ.get(NO_COMPILE_ENV, "") == "1":
             log(f"${NO_COMPILE_ENV}=1: the layers run uncompiled on this machine")
             compile = False
@@ -225,23 +243,37 @@ class PackedScorer:
     def _compile(self, log) -> bool:
         """torch.compile every decoder layer but the last (its read-position parts gather by the layout), then one
         warm-up call compiles them (a few seconds per model shape, cached on disk by torch): fused element-wise work
-        (norms, rotary embeddings, activations) measured +30% throughput here. Where compiling fails (no C++
-        compiler), the layers run as they are and the log says why."""
+        (norms, rotary embeddings, activations) measured +30% throughput here. The warm-up's scores are checked
+        against the uncompiled layers' (COMPILED_AGREEMENT): torch's on-disk cache of compiled kernels is not keyed
+        by everything that shapes them (one written with ATEN_CPU_CAPABILITY=avx512 scored NaN when read back under
+        avx2), and the export's check ran elsewhere. Where compiling fails (no C++ compiler) or disagrees, the layers
+        run as they are and the log says why."""
         layers = _decoder_layers(self.scorer.backbone)
         eager = list(layers)
         started = time.perf_counter()
         _utf8_files()
+        vocab = self.scorer.backbone.get_input_embeddings().num_embeddings
+        ids = (np.arange(48, dtype=np.int64).reshape(2, 24) * 7919 + 11) % vocab  # varied tokens, two rows
+        mask = np.ones_like(ids)
+        expected = self(ids, mask)
         try:
             for i in range(len(layers) - 1):
                 layers[i] = torch.compile(eager[i], dynamic=True)
-            self(np.ones((2, 24), dtype=np.int64), np.ones((2, 24), dtype=np.int64))
+            got = self(ids, mask)
+            bound = COMPILED_AGREEMENT[self.precision]
+            error = _largest_error(got, expected)
+            if not error <= bound:
+                raise PackedScorerUnsupported(f"the compiled layers score {error:.3g} (relative) away from the "
+                                              f"uncompiled ones on a warm-up batch, past {bound}")
         except Exception as exc:  # noqa: BLE001 - inductor's errors are many kinds; eager is always there
             for i, layer in enumerate(eager):
                 layers[i] = layer
-            log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the layers run "
-                "uncompiled")
+            why = str(exc) if isinstance(exc, PackedScorerUnsupported) else \
+                f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            log(f"{why}; the layers run uncompiled")
             return False
-        log(f"decoder layers compiled (torch.compile) in {time.perf_counter() - started:.1f}s")
+        log(f"decoder layers compiled (torch.compile) in {time.perf_counter() - started:.1f}s, checked against the "
+            f"uncompiled ones on a warm-up batch (max relative difference {error:.1e})")
         return True
 
     def layout(self, ids: np.ndarray, mask: np.ndarray) -> PackedLayout:

@@ -53,7 +53,7 @@ from templar.tools.workload import conversations_from, grpo_mix
 BACKENDS = ("templar", "onnxruntime", "torch", "http")
 # on request: torch on Templar's micro-batches (where does the gain come from?); the int8-quantized graph in-process
 EXTRA_BACKENDS = ("torch-sorted", "onnxruntime-int8", "vllm", "openvino", "openvino-bf16", "packed",
-                  "templar-unshared")
+                  "packed-fp32", "templar-unshared")
 RM_NAME = "rm_bench"
 RM_UNSHARED = "rm_bench_unshared"  # the same RM with prefix sharing off (backend templar-unshared)
 # "base": a CPU-sized RM (31M non-embedding parameters on a Llama backbone); "tiny": the test suite's size.
@@ -75,8 +75,8 @@ TARGETS = {  # name -> (ratio or share key, threshold, "min" | "max")
 # backends whose scores may differ from the float32 reference by more than rounding (not in the 1e-4 target)
 LOW_PRECISION = ("onnxruntime-int8", "vllm", "openvino-bf16")
 # the order of the report's tables and plot
-ORDER = ("templar", "templar-unshared", "packed", "onnxruntime_bare", "onnxruntime", "openvino", "openvino-bf16",
-         "onnxruntime-int8",
+ORDER = ("templar", "templar-unshared", "packed", "packed-fp32", "onnxruntime_bare", "onnxruntime", "openvino",
+         "openvino-bf16", "onnxruntime-int8",
          "vllm", "torch-sorted", "torch", "http")
 
 
@@ -386,9 +386,10 @@ def run_onnxruntime(ctx: Context):
                            lambda ids, mask: run_scores(session, ids, mask))
 
 
-def run_packed(ctx: Context):
+def run_packed(ctx: Context, precision: str | None = None):
     """The packed CPU scorer (templar.serving.packed_scorer) in this process, on the micro-batches the entry plans for
-    it, in the precision it resolves to here."""
+    it, in the precision it resolves to here, or in `precision` (packed-fp32: the comparator for a served bf16 or int8
+    scorer, in the same run)."""
     from templar.serving.packed_scorer import create_packed_scorer
 
     from templar.export.repository import read_parameters
@@ -398,9 +399,12 @@ def run_packed(ctx: Context):
         ctx.log("  skipping packed: the export serves this RM with ONNX Runtime (see its log)")
         return
     params = read_parameters(folder / "configs" / f"{contract.EMBEDDED_CONFIG_NAME}.pbtxt")  # as Triton loads it
-    scorer = create_packed_scorer(folder / "1", params, EntrySettings.from_parameters(params, "scorer"),
-                                  log=lambda m: ctx.log("  " + m))
-    yield from _in_process(ctx, "packed", f"the packed torch scorer in-process, {scorer.precision}, same "
+    settings = EntrySettings.from_parameters(params, "scorer")
+    if precision:
+        settings = dataclasses.replace(settings, cpu_precision=precision)
+    scorer = create_packed_scorer(folder / "1", params, settings, log=lambda m: ctx.log("  " + m))
+    name = f"packed-{precision}" if precision else "packed"
+    yield from _in_process(ctx, name, f"the packed torch scorer in-process, {scorer.precision}, same "
                            "micro-batches", scorer, packing="prefix", precision=scorer.precision)
 
 
@@ -574,7 +578,7 @@ RUNNERS: dict[str, Callable[[Context], Any]] = {
     "onnxruntime": run_onnxruntime, "torch": run_torch, "http": run_http,
     "torch-sorted": run_torch_sorted, "onnxruntime-int8": run_onnxruntime_int8, "vllm": run_vllm,
     "openvino": lambda ctx: run_openvino(ctx, "fp32"), "openvino-bf16": lambda ctx: run_openvino(ctx, "bf16"),
-    "packed": run_packed}
+    "packed": run_packed, "packed-fp32": lambda ctx: run_packed(ctx, "fp32")}
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
@@ -590,7 +594,8 @@ def _round_ratios(rounds: dict[str, list[BackendResult]]) -> dict[str, float]:
     ratios: dict[str, float] = {}
     if not served:
         return ratios
-    for other in ("torch", "http", "onnxruntime", "torch-sorted", "vllm", "packed", "templar-unshared"):
+    for other in ("torch", "http", "onnxruntime", "torch-sorted", "vllm", "packed", "packed-fp32",
+                  "templar-unshared"):
         if rounds.get(other):
             ratios[f"templar_vs_{other}"] = float(np.median([a.conversations_per_s / b.conversations_per_s
                                                              for a, b in zip(served, rounds[other])]))
@@ -617,7 +622,7 @@ def summarise(rounds: dict[str, list[BackendResult]]) -> dict[str, Any]:
     diffs = {name: float(np.max(np.abs(r.scores.astype(np.float64) - reference))) for name, r in first.items()}
     figures: dict[str, float] = dict(ratios)
     low = [*LOW_PRECISION, *[name for name in ("templar", "templar-unshared", "packed") if results.get(name) and
-                             results[name].details.get("precision", "fp32") == "bf16"],
+                             results[name].details.get("precision", "fp32") != "fp32"],
            *(["http"] if results.get("http") and results["http"].details.get("dtype") == "bfloat16" else [])]
     figures[f"max_abs_diff_vs_{reference_name}"] = max([d for name, d in diffs.items() if name not in low],
                                                        default=0.0)
@@ -637,7 +642,7 @@ def summarise(rounds: dict[str, list[BackendResult]]) -> dict[str, Any]:
                "rounds_conversations_per_s": {name: [x.conversations_per_s for x in r] for name, r in rounds.items()},
                "max_abs_diff_vs_reference": diffs, "reference": reference_name, "targets": targets,
                "foreign_cpu_share": disturbed}
-    fp32 = first.get("onnxruntime") or first.get("torch")
+    fp32 = first.get("onnxruntime") or first.get("packed-fp32") or first.get("torch")
     if fp32 is not None:  # each lower precision against the fp32 graph (or torch): speed, |d|, rank agreement
         summary["agreement_vs_fp32"] = {name: agreement(fp32, first[name]) for name in low if name in first}
     if "onnxruntime-int8" in first and "onnxruntime" in first:
@@ -657,7 +662,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
               "ONNX Runtime\n(bare run time)", "torch": "HF torch\nin-process", "http": "OpenRLHF-style\nHTTP",
               "torch-sorted": "HF torch on\nsorted batches", "onnxruntime-int8": "ONNX Runtime\nint8",
               "vllm": "vLLM CPU\n/classify", "openvino": "OpenVINO\nfp32", "openvino-bf16": "OpenVINO\nbf16",
-              "packed": "packed torch\nin-process", "templar-unshared": "Templar\nprefix sharing off"}
+              "packed": "packed torch\nin-process", "packed-fp32": "packed torch\nfp32 in-process",
+              "templar-unshared": "Templar\nprefix sharing off"}
     values = [throughput[n] for n in names]
     fig, ax = plt.subplots(figsize=(9.0, 4.2))
     bars = ax.bar([labels[n] for n in names], values,
@@ -889,9 +895,10 @@ def add_arguments(parser) -> None:
                         "grpo: GRPO-shaped, --group answers to each ~300-token prompt (default: %(default)s)")
     parser.add_argument("--group", type=int, default=d.group, help="answers per prompt with --workload grpo "
                         "(default: %(default)s)")
-    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16"),
+    parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16", "int8"),
                         help="what Templar's CPU scorer computes in (templar export --precision; default: "
-                        "%(default)s: bf16 where a bf16 product measures at least 1.3x faster than fp32 on this CPU)")
+                        "%(default)s: bf16 where a bf16 product measures at least 1.3x faster than fp32 on this CPU; "
+                        "int8: the packed scorer's int8 products)")
     parser.add_argument("--vllm-python", type=Path, help="the python of the vLLM environment for the vllm backend "
                         "(default: $TEMPLAR_VLLM_PYTHON, else $TEMPLAR_HOME/vllm-venv, made by `make vllm-env`)")
     parser.add_argument("--http-dtype", default=d.http_dtype, choices=("float32", "bfloat16"),
