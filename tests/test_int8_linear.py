@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from templar.serving.int8_linear import INT8_MAX, ROW_BLOCK, Int8Linear, quantize_linears, quantize_rows
+import os
+import subprocess
+import sys
+
+from templar.serving.int8_linear import (INT7_MAX, INT8_MAX, ROW_BLOCK, Int8Linear, int8_mm, quantize_linears,
+                                         quantize_rows, weight_max)
 
 
 def _linear(inputs: int, outputs: int, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
@@ -16,12 +21,15 @@ def _linear(inputs: int, outputs: int, bias: bool = True, seed: int = 0) -> torc
 
 
 def test_the_product_is_the_stated_scheme_computed_exactly():
-    """int8 weight per output channel, int8 activations per row, an exact integer product, then the two scales."""
+    """int8 weight per output channel (to +-weight_max(): 127, or 63 where full-range products saturate), int8
+    activations per row, an exact integer product, then the two scales."""
     linear = _linear(96, 40)
     x = torch.randn(7, 96) * torch.linspace(0.1, 30, 7)[:, None]  # rows of very different magnitudes
     int8 = Int8Linear(linear)
-    w_scale = linear.weight.abs().amax(dim=1) / INT8_MAX
-    w_q = torch.round(linear.weight / w_scale[:, None]).clamp(-INT8_MAX, INT8_MAX)
+    levels = weight_max()
+    assert int8.levels == levels
+    w_scale = linear.weight.abs().amax(dim=1) / levels
+    w_q = torch.round(linear.weight / w_scale[:, None]).clamp(-levels, levels)
     x_scale = x.abs().amax(dim=1, keepdim=True) / INT8_MAX
     x_q = torch.round(x / x_scale).clamp(-INT8_MAX, INT8_MAX)
     expected = (x_q.double() @ w_q.double().t()) * x_scale.double() * w_scale.double() + linear.bias.double()
@@ -33,6 +41,29 @@ def test_the_product_is_the_stated_scheme_computed_exactly():
         reference = linear(x)
         error = (int8(x) - reference).abs().amax(dim=1) / reference.abs().amax(dim=1)
         assert error.max() < 0.03, error
+
+
+def test_the_integer_product_is_exact_here_for_the_weights_range_chosen_here():
+    """Full-range activations against weights in the range this machine's products are exact for, blocked or not."""
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randint(-INT8_MAX, INT8_MAX + 1, (ROW_BLOCK + 9, 512), dtype=torch.int8, generator=generator)
+    levels = weight_max()
+    weight_t = torch.randint(-levels, levels + 1, (512, 64), dtype=torch.int8, generator=generator)
+    rows[0], weight_t[:, 0] = INT8_MAX, levels
+    assert torch.equal(int8_mm(rows, weight_t), rows.int() @ weight_t.int())
+
+
+def test_without_int8_dot_products_the_weights_take_7_bits_and_the_product_stays_exact():
+    """oneDNN capped to AVX2 (no VNNI), as on an AVX2-only CPU or a Skylake-SP Xeon: full-range products saturate
+    there, which `int8_products_exact` measures, so the weights take -63..63, where they are exact."""
+    code = ("import torch; from templar.serving.int8_linear import *; import json; "
+            "a = torch.full((4, 256), 127, dtype=torch.int8); w = torch.full((256, 8), 127, dtype=torch.int8); "
+            "s = torch.full((256, 8), 63, dtype=torch.int8); "
+            "print(json.dumps([int8_products_exact(), weight_max(), "
+            "torch.equal(torch._int_mm(a, w), a.int() @ w.int()), torch.equal(int8_mm(a, s), a.int() @ s.int())]))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == f"[false, {INT7_MAX}, false, true]", out.stderr[-2000:]
 
 
 def test_a_row_is_quantized_on_its_own_and_zero_rows_stay_zero():

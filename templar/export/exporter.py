@@ -423,6 +423,20 @@ def _packed_scorer(opts: ExportOptions, cpu_precision: str, position: ScorePosit
     return packed
 
 
+def _int8_graph(opts: ExportOptions, packed_int8: bool, onnx_path: Path, step: Progress, log: Log) -> bool:
+    """--precision int8 where the ONNX graph serves the CPU: ONNX Runtime's quantization of the graph (returns True);
+    where the packed scorer serves its own int8 products (`packed_int8`, checked already), the graph stays float32
+    for the GPU paths."""
+    if opts.precision != "int8":
+        return False
+    if packed_int8:
+        step("int8: the packed scorer's int8 products serve the CPU; the ONNX graph stays float32")
+        return False
+    step("quantizing to int8 (ONNX Runtime dynamic quantization)")
+    quantize_int8(onnx_path, log)
+    return True
+
+
 def _build_checked_engine(opts: ExportOptions, scorer: RewardScorer, rows: list[list[int]], reference: Reference,
                           max_length: int, pad_id: int, tmp: Path, step: Progress, log: Log) -> dict[str, str]:
     """Build `tmp/model.plan` and check it against the reference; returns the parameters to record."""
@@ -519,14 +533,7 @@ def _export_outcome_rm(opts: ExportOptions, log: Log) -> ExportReport:
         release_memory()
         cpu = CPU_PRECISION[opts.precision] if loaded.weights is None else "fp32"  # multi-objective: fp32 for now
         packed = _packed_scorer(opts, cpu, position, reference, rows, pad_id, staged, step, log)
-        # int8 where the ONNX graph serves the CPU: ONNX Runtime's quantized graph; where the packed scorer serves, its
-        # own int8 products (checked above), and the graph stays float32 for the GPU paths
-        quantized = opts.precision == "int8" and not (packed.runtime == "torch" and cpu == "int8")
-        if opts.precision == "int8":
-            step("quantizing to int8 (ONNX Runtime dynamic quantization)" if quantized else
-                 "int8: the packed scorer's int8 products serve the CPU; the ONNX graph stays float32")
-        if quantized:
-            quantize_int8(staged.onnx_path, log)
+        quantized = _int8_graph(opts, packed.runtime == "torch" and cpu == "int8", staged.onnx_path, step, log)
         parameters = {**export_parameters(opts, served, staged.tokenizer_dir, max_length, loaded, count, position),
                       **objective_parameters(loaded), **engine, **packed.parameters,
                       contract.PARAM_WEIGHTS_SHA256: weights_sha256(staged.onnx_path)}

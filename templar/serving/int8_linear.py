@@ -8,16 +8,25 @@ them) and scaled back to float32. The error is the two roundings' (measured on t
 the exact integer product adds none, and because every token is quantized on its own, a token's result does not
 depend on the other rows packed beside it.
 
+On a CPU without int8 dot-product instructions (no AVX-512 VNNI, AVX-VNNI or AMX: AVX2 machines, Skylake-SP Xeons),
+oneDNN computes the product with pairwise 16-bit sums that saturate for full-range operands (measured: off by up to
+1.3e5 of the exact sum), so the weights are rounded to 7 bits (-63..63) there, where the sums fit. Which case a
+machine is in is measured, not read from its flags (`int8_products_exact`): oneDNN's ISA can be capped
+(ONEDNN_MAX_CPU_ISA) below what the CPU reports.
+
 Rows go to the integer product in blocks of ROW_BLOCK: one [4096, 512] x [512, 2048] product measured 2.2x slower
 per row than the same rows in blocks of 1024 here (its int32 output leaves the cache).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 ROW_BLOCK = 512  # rows per integer product (see the module docstring)
 INT8_MAX = 127  # symmetric: -127..127, so that negating a value never overflows
+INT7_MAX = 63  # the weights' range where the CPU's int8 products saturate at 8 bits (see the module docstring)
 
 
 @torch.library.custom_op("templar::int8_mm", mutates_args=())
@@ -37,6 +46,21 @@ def _(rows: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     return rows.new_empty((rows.shape[0], weight_t.shape[1]), dtype=torch.int32)
 
 
+@functools.lru_cache(maxsize=1)
+def int8_products_exact() -> bool:
+    """Does `torch._int_mm` give the exact integer product for full-range int8 operands on this machine?"""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-INT8_MAX, INT8_MAX + 1, (16, 256), dtype=torch.int8, generator=generator)
+    b = torch.randint(-INT8_MAX, INT8_MAX + 1, (256, 32), dtype=torch.int8, generator=generator)
+    a[0], b[:, 0] = INT8_MAX, INT8_MAX  # the largest pairwise sums: where 16-bit sums saturate
+    return bool(torch.equal(torch._int_mm(a, b), a.int() @ b.int()))
+
+
+def weight_max() -> int:
+    """The weights' symmetric range here: 127, or 63 where full-range products are not exact."""
+    return INT8_MAX if int8_products_exact() else INT7_MAX
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] float -> ([M, K] int8, [M, 1] float32 scales): each row by its own largest magnitude."""
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / INT8_MAX
@@ -44,13 +68,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(torch.nn.Module):
-    """A float32 `nn.Linear` computed with int8 products: weight per output channel, activations per token."""
+    """A float32 `nn.Linear` computed with int8 products: weight per output channel (to +-`levels`: weight_max()),
+    activations per token."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, levels: int | None = None) -> None:
         super().__init__()
+        self.levels = levels or weight_max()
         weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
-        quantized = torch.round(weight / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / self.levels
+        quantized = torch.round(weight / scale[:, None]).clamp(-self.levels, self.levels).to(torch.int8)
         self.register_buffer("weight_t", quantized.t().contiguous())  # [in, out]: the layout _int_mm reads
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
@@ -66,16 +92,18 @@ class Int8Linear(torch.nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights +-{self.levels}"
 
 
-def quantize_linears(module: torch.nn.Module) -> int:
-    """Replace every `nn.Linear` under `module` by an Int8Linear, in place; returns how many."""
+def quantize_linears(module: torch.nn.Module, levels: int | None = None) -> int:
+    """Replace every `nn.Linear` under `module` by an Int8Linear (weights to +-`levels`, default weight_max()), in
+    place; returns how many."""
+    levels = levels or weight_max()
     replaced = 0
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, Int8Linear(child, levels))
             replaced += 1
         else:
-            replaced += quantize_linears(child)
+            replaced += quantize_linears(child, levels)
     return replaced

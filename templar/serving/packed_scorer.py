@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from templar import contract
 from templar.errors import PackedScorerUnsupported
 from templar.serving.cpu_precision import BF16_TOLERANCE, INT8_TOLERANCE
-from templar.serving.int8_linear import quantize_linears
+from templar.serving.int8_linear import INT8_MAX, quantize_linears, weight_max
 from templar.serving.prefix_packing import PackedLayout, pack_rows
 
 MODEL_FOLDER = contract.MODEL_FOLDER  # the RM's folder inside the version folder (config.json, weights, its code)
@@ -232,7 +232,11 @@ class PackedScorer:
         if precision == "bf16":
             backbone.to(torch.bfloat16)  # the head stays float32: the read hidden states are cast to it
         elif precision == "int8":  # the decoder layers' products; embeddings, norms and the head stay float32
-            self.int8_linears = sum(quantize_linears(layer) for layer in _decoder_layers(backbone))
+            levels = weight_max()
+            count = sum(quantize_linears(layer, levels) for layer in _decoder_layers(backbone))
+            log(f"int8 products in {count} linear layers, weights to +-{levels}" + (
+                "" if levels == INT8_MAX else " (7 bits: this machine's int8 products saturate with full-range "
+                "operands, no VNNI/AMX)"))
         elif precision != "fp32":
             raise ValueError(f"the packed scorer computes in fp32, bf16 or int8, not {precision!r}")
         if compile and os.environ.get(NO_COMPILE_ENV, "") == "1":
