@@ -122,8 +122,8 @@ def _setting(setting: str, environ: dict[str, str]) -> tuple[str, str]:
 
 def resolve(setting: str, *, runtime: str = "onnxruntime", flags: set[str] | None = None,
             environ: dict[str, str] | None = None, measure: Callable[[], float | None] | None = None) -> CpuPrecision:
-    """What a scorer of `runtime` configured with `setting` ("auto", "fp32", "bf16") runs here, and why. `measure`
-    answers bf16_speedup() (asked only by auto on a CPU with bf16 in hardware)."""
+    """What a scorer of `runtime` configured with `setting` ("auto", "fp32", "bf16", "int8") runs here, and why.
+    `measure` answers bf16_speedup() (asked only by auto on a CPU with bf16 in hardware)."""
     if runtime not in CPU_RUNTIMES:
         raise ValueError(f"cpu_runtime must be one of {', '.join(CPU_RUNTIMES)}, got {runtime!r}")
     setting, why = _setting(setting, os.environ if environ is None else environ)

@@ -67,9 +67,10 @@ class EntrySettings:
     packed_compile: bool = _knob(True, "scorer")
     intra_op_threads: int = _knob(0, "scorer")  # CPU scorer threads (torch / ONNX Runtime); 0 = one per physical core
     intra_op_spinning: bool = _knob(False, "scorer")  # busy-waiting burns CPU a trainer on the same cores could use
-    # What the CPU scorer computes in: "fp32" (ONNX Runtime), "bf16" (OpenVINO), or "auto": bf16 where the CPU has it
-    # in hardware (AMX or AVX-512 BF16; 2x fp32 there, docs/benchmarks.md), fp32 elsewhere. `templar export
-    # --precision` sets it; $TEMPLAR_CPU_PRECISION overrides "auto" on one machine (serving.cpu_precision).
+    # What the CPU scorer computes in: "fp32", "bf16" (the packed scorer in bf16; OpenVINO for the ONNX graph), "int8"
+    # (the packed scorer's int8 products; ONNX Runtime's quantized graph where the graph serves), or "auto": bf16 where
+    # a bf16 product measures at least 1.3x fp32 on the serving CPU, fp32 elsewhere. `templar export --precision` sets
+    # it; $TEMPLAR_CPU_PRECISION overrides "auto" on one machine (serving.cpu_precision).
     cpu_precision: str = _knob("auto", "scorer")
     gpu_fp16: bool = False  # GPU container: TensorRT execution accelerator in FP16 instead of CUDA FP32
     # Guards against hostile input (docs/reliability.md). A row past a limit gets a per-row error naming it; a request
