@@ -9,11 +9,11 @@ import signal
 
 import pytest
 import tritonclient.grpc as grpcclient
-from safetensors.torch import load_file
 
 from templar.trainer.metrics import read_metrics
 
-from test_trainer import metric_steps, small_run, start_train, templar_train, wait_until, without_timings
+from test_trainer import (assert_killed_and_resumed_equals_straight, metric_steps, small_run, start_train,
+                          templar_train, wait_until)
 
 pytestmark = pytest.mark.integration  # starts Triton and runs the trainer
 
@@ -98,26 +98,9 @@ def test_two_ranks_with_grpo_agree(triton, tiny_actor, tmp_path):
 
 
 def test_a_killed_grpo_run_resumes_at_its_step_and_equals_a_straight_one(triton, tiny_actor, tmp_path):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    interrupted = tmp_path / "interrupted"
     args = lambda out: small_run(out, tiny_actor, triton.grpc_url, *ESTIMATOR_RUNS["grpo"], steps=4)  # noqa: E731
-    result = templar_train(*args(straight))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = start_train(*args(interrupted))
-    try:
-        wait_until(lambda: (interrupted / "checkpoints" / "latest").is_file(), what="the step-2 checkpoint")
-    finally:
-        run.kill()  # SIGKILL
-        run.wait()
-    assert (interrupted / "checkpoints" / "latest").read_text() == "step-000002"
-    resumed = templar_train(*args(interrupted), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "continuing at step 3" in (interrupted / "train.log").read_text()
-    got, expected = read_metrics(interrupted / "metrics.jsonl"), read_metrics(straight / "metrics.jsonl")
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
-    assert without_timings(got) == without_timings(expected)
-    a = load_file(str(straight / "final" / "actor" / "model.safetensors"))
-    b = load_file(str(interrupted / "final" / "actor" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert_killed_and_resumed_equals_straight(args, tmp_path / "straight", interrupted, 4, ("actor",))
     # the same run resumed with a critic estimator: refused in one line, not a DeepSpeed stack trace
     wrong = templar_train(*small_run(interrupted, tiny_actor, triton.grpc_url, steps=6), "--resume")
     assert wrong.returncode == 2

@@ -256,11 +256,10 @@ def without_timings(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS and not k.startswith("time/")} for row in rows]
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one(triton, tiny_actor, tmp_path):
-    """Same seed; one run goes straight through, the other is killed (SIGKILL) after its step-2 checkpoint and
-    resumed. On the CPU everything is deterministic, so the metrics and the final weights agree bit for bit."""
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    args = lambda out: small_run(out, tiny_actor, triton.grpc_url, "ppo.ppo_epochs=2", steps=5)  # noqa: E731
+def assert_killed_and_resumed_equals_straight(args, straight: Path, interrupted: Path, steps: int,
+                                              engines: tuple[str, ...]) -> None:
+    """Run `args(straight)` through; run `args(interrupted)`, kill it (SIGKILL) once its step-2 checkpoint is written,
+    resume it: the metrics (timings aside) and the final weights of `engines` agree bit for bit."""
     result = templar_train(*args(straight))
     assert result.returncode == 0, result.stderr[-3000:]
     run = start_train(*args(interrupted))
@@ -274,12 +273,20 @@ def test_a_resumed_run_equals_an_uninterrupted_one(triton, tiny_actor, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing at step 3" in (interrupted / "train.log").read_text()
     expected, got = read_metrics(straight / "metrics.jsonl"), read_metrics(interrupted / "metrics.jsonl")
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
     assert without_timings(got) == without_timings(expected)  # exact: floats compared as written
-    for name in ("actor", "critic"):
+    for name in engines:
         a = load_file(str(straight / "final" / name / "model.safetensors"))
         b = load_file(str(interrupted / "final" / name / "model.safetensors"))
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(triton, tiny_actor, tmp_path):
+    """Same seed; one run goes straight through, the other is killed (SIGKILL) after its step-2 checkpoint and
+    resumed. On the CPU everything is deterministic, so the metrics and the final weights agree bit for bit."""
+    args = lambda out: small_run(out, tiny_actor, triton.grpc_url, "ppo.ppo_epochs=2", steps=5)  # noqa: E731
+    assert_killed_and_resumed_equals_straight(args, tmp_path / "straight", tmp_path / "interrupted", 5,
+                                              ("actor", "critic"))
 
 
 def test_adaptive_kl_and_reward_whitening_in_a_real_run(triton, tiny_actor, tmp_path):
