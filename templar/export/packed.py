@@ -77,8 +77,11 @@ def choose_packed_runtime(opts, *, cpu_precision: str, read_pad_id: int | None, 
     choice = PackedChoice("torch", "the packed scorer serves it (checked against the reference)", load.to_json(),
                           {"packed_max_abs_diff": f"{max_diff:.3e}"})
     if cpu_precision == "int8":
-        int8 = _parity(_score(Path(opts.model), load, read_pad_id, "int8", rows, pad_id, compiled, log), reference,
-                       parity_error)
+        try:
+            int8 = _parity(_score(Path(opts.model), load, read_pad_id, "int8", rows, pad_id, compiled, log), reference,
+                           parity_error)
+        except PackedScorerUnsupported as exc:
+            return PackedChoice("onnxruntime", f"the packed scorer cannot run int8 here ({exc})")
         log(f"      int8 products: max |int8 - {reference.name}| / max(1, |score|) = {int8:.2e} (tolerance "
             f"{int8_tolerance})")
         if not np.isfinite(int8) or int8 > int8_tolerance:

@@ -24,6 +24,8 @@ import functools
 
 import torch
 
+from templar.errors import PackedScorerUnsupported
+
 ROW_BLOCK = 512  # rows per integer product (see the module docstring)
 INT8_MAX = 127  # symmetric: -127..127, so that negating a value never overflows
 INT7_MAX = 63  # the weights' range where the CPU's int8 products saturate at 8 bits (see the module docstring)
@@ -53,7 +55,12 @@ def int8_products_exact() -> bool:
     a = torch.randint(-INT8_MAX, INT8_MAX + 1, (16, 256), dtype=torch.int8, generator=generator)
     b = torch.randint(-INT8_MAX, INT8_MAX + 1, (256, 32), dtype=torch.int8, generator=generator)
     a[0], b[:, 0] = INT8_MAX, INT8_MAX  # the largest pairwise sums: where 16-bit sums saturate
-    return bool(torch.equal(torch._int_mm(a, b), a.int() @ b.int()))
+    try:
+        product = torch._int_mm(a, b)
+    except (RuntimeError, NotImplementedError) as exc:  # a torch build or CPU without int8 products
+        raise PackedScorerUnsupported(f"torch has no int8 matrix product here ({str(exc).splitlines()[0][:160]})") \
+            from exc
+    return bool(torch.equal(product, a.int() @ b.int()))
 
 
 def weight_max() -> int:
