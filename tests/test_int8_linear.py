@@ -5,11 +5,11 @@ tests/test_cpu_precision.py."""
 
 from __future__ import annotations
 
-import torch
-
 import os
 import subprocess
 import sys
+
+import torch
 
 from templar.serving.int8_linear import (INT7_MAX, INT8_MAX, ROW_BLOCK, Int8Linear, int8_mm, quantize_linears,
                                          quantize_rows, weight_max)
@@ -37,10 +37,11 @@ def test_the_product_is_the_stated_scheme_computed_exactly():
         assert int8.weight_t.dtype == torch.int8 and int8.weight_t.shape == (96, 40)
         assert torch.equal(int8.weight_t.t().float(), w_q)
         torch.testing.assert_close(int8(x).double(), expected, rtol=1e-6, atol=1e-6)
-        # against the float product: the two roundings' error, a percent or two of the outputs' scale
+        # against the float product: the two roundings' error, a percent or two of the outputs' scale (twice that
+        # with 7-bit weights: measured up to 2.9% over 50 seeds with oneDNN held to AVX2)
         reference = linear(x)
         error = (int8(x) - reference).abs().amax(dim=1) / reference.abs().amax(dim=1)
-        assert error.max() < 0.03, error
+        assert error.max() < 0.03 * INT8_MAX / levels, error
 
 
 def test_the_integer_product_is_exact_here_for_the_weights_range_chosen_here():
