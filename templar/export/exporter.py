@@ -335,12 +335,18 @@ def _tolerance(opts: ExportOptions) -> float:
     return opts.tolerance if opts.tolerance is not None else TOLERANCES[opts.precision]
 
 
+def _float_tolerance(opts: ExportOptions) -> float:
+    """The tolerance of what stays float32 in the export: with --precision int8, --tolerance is int8's, and the
+    float32 graph and packed scorer are held to fp32's."""
+    return TOLERANCES["fp32"] if opts.precision == "int8" else _tolerance(opts)
+
+
 def _check_onnx(opts: ExportOptions, onnx_path: Path, reference: Reference, rows: list[list[int]], pad_id: int,
                 log: Log, quantized: bool = False) -> float:
     """Largest relative difference between ONNX Runtime and the reference over the sample rows in one right-padded
     batch (padded with the pad id, so padding must not move where a score is read), on the files where they are
     served; refuses a graph past the tolerance (int8's only where the graph was `quantized`)."""
-    tolerance = _tolerance(opts) if quantized or opts.precision != "int8" else TOLERANCES["fp32"]
+    tolerance = _tolerance(opts) if quantized else _float_tolerance(opts)
     ids, mask = right_pad(rows, pad_id)
     session = create_session(onnx_path, prepacking=False)  # no packed copy of the weights: one copy in memory
     if reference.objectives is None:
@@ -412,10 +418,8 @@ def _packed_scorer(opts: ExportOptions, cpu_precision: str, position: ScorePosit
                    rows: list[list[int]], pad_id: int, staged: StagedModel, step: Progress, log: Log):
     """Does the packed CPU scorer serve this RM (checked against the reference)? Its files are staged if so."""
     step(f"checking the packed CPU scorer against {reference.name} (templar.serving.packed_scorer)")
-    int8 = opts.precision == "int8"  # --tolerance is then int8's: the packed scorer's fp32 is held to fp32's
     packed = choose_packed_runtime(opts, cpu_precision=cpu_precision, read_pad_id=position.pad_id,
-                                   reference=reference, rows=rows, pad_id=pad_id,
-                                   tolerance=TOLERANCES["fp32"] if int8 else _tolerance(opts),
+                                   reference=reference, rows=rows, pad_id=pad_id, tolerance=_float_tolerance(opts),
                                    int8_tolerance=_tolerance(opts), log=log)
     log(f"      CPU runtime {packed.runtime}: {packed.reason}")
     if packed.runtime == "torch":

@@ -68,10 +68,11 @@ def weight_max() -> int:
     return INT8_MAX if int8_products_exact() else INT7_MAX
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] float -> ([M, K] int8, [M, 1] float32 scales): each row by its own largest magnitude."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / INT8_MAX
-    return torch.round(x / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+def quantize_rows(x: torch.Tensor, levels: int = INT8_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float -> ([M, K] int8 in -levels..levels, [M, 1] float32 scales): each row by its own largest
+    magnitude (an activation row: a token; a weight row: an output channel)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / levels
+    return torch.round(x / scale).clamp(-levels, levels).to(torch.int8), scale
 
 
 class Int8Linear(torch.nn.Module):
@@ -81,11 +82,9 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, levels: int | None = None) -> None:
         super().__init__()
         self.levels = levels or weight_max()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / self.levels
-        quantized = torch.round(weight / scale[:, None]).clamp(-self.levels, self.levels).to(torch.int8)
+        quantized, scale = quantize_rows(linear.weight.detach().float(), self.levels)
         self.register_buffer("weight_t", quantized.t().contiguous())  # [in, out]: the layout _int_mm reads
-        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_scale", scale[:, 0])
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
                                                                        requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
